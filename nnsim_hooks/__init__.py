@@ -1,0 +1,47 @@
+"""nnsim_hooks: input similarity from the neural network's perspective.
+
+Charpiat et al., NeurIPS 2019: two inputs are similar for a network when a parameter
+change that moves the output for one moves the output for the other too, i.e. the
+cosine between their per-sample parameter gradients.
+
+    >>> import nnsim_hooks
+    >>> with nnsim_hooks.attach(model.eval()) as h:
+    ...     sims = h.similarity(images)
+"""
+
+from .attach import Handle, attach
+from .errors import (
+    AttachError,
+    BatchCouplingError,
+    DataError,
+    ExtractionError,
+    IndexMismatchError,
+    InputError,
+    ModelError,
+    NnsimError,
+    NonFiniteGradientError,
+    OutputSpecError,
+    StoreError,
+)
+from .rules import LayerRule, add_rule, register_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach",
+    "Handle",
+    "LayerRule",
+    "register_rule",
+    "add_rule",
+    "NnsimError",
+    "InputError",
+    "OutputSpecError",
+    "AttachError",
+    "ModelError",
+    "BatchCouplingError",
+    "NonFiniteGradientError",
+    "IndexMismatchError",
+    "StoreError",
+    "ExtractionError",
+    "DataError",
+]

@@ -1,0 +1,290 @@
+"""``nnsim_hooks.attach(model)``: the one line that makes a model answer similarity queries."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import batching
+from .engine import Engine
+from .errors import AttachError, InputError
+from .kernels import kernel_from_gram, normalize_features
+from .outputs import OutputFn, make_output_spec
+from .sketch import SketchRecipe, Sketcher
+from .targets import CoverageReport, LayerSelector, find_targets
+from .validation import batch_size_of
+
+logger = logging.getLogger(__name__)
+
+# Which models have a live handle. Weak keys: nothing is kept alive or written on the model.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Handle]" = weakref.WeakKeyDictionary()
+
+DEFAULT_SKETCH_DIM = 1024
+DEFAULT_PARAM_DIM = 1024
+
+
+def attach(
+    model: nn.Module,
+    *,
+    output: Union[str, OutputFn] = "auto",
+    layers: LayerSelector = None,
+    sketch_dim: int = DEFAULT_SKETCH_DIM,
+    seed: int = 0,
+    param_dim: int = DEFAULT_PARAM_DIM,
+    batch_size: int = 64,
+) -> "Handle":
+    """Hook ``model`` for per-sample gradients, similarities and sketched features.
+
+    The model is not modified: parameter names, ``state_dict`` and outputs stay the
+    same, and nothing is stored on modules or parameters. Use the handle as a context
+    manager, or call :meth:`Handle.detach`, to remove every hook.
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision, MONAI, your own). Call
+            ``model.eval()`` first if it has BatchNorm layers.
+        output: what is differentiated, the paper's f: ``"auto"`` (contrast for
+            classifiers, sum otherwise), ``"contrast"``, ``"logit"``, ``"loss"``,
+            ``"sum"``, ``"full"`` or ``fn(outputs, targets) -> Tensor[B] | Tensor[B, d]``.
+            See :mod:`nnsim_hooks.outputs`.
+        layers: which modules' parameters count: None for all trainable ones, module
+            names or glob patterns (a name includes everything inside that module), or
+            ``fn(name, module) -> bool``.
+        sketch_dim: D, the dimension of sketched features per output.
+        seed: the sketch seed; the same seed gives the same features anywhere.
+        param_dim: the first-stage sketch size per parameter (see :mod:`nnsim_hooks.sketch`).
+        batch_size: how many samples go through the model at once when a method is given
+            more than that.
+    """
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+    if model in _ATTACHED:
+        raise AttachError(
+            f"this {type(model).__name__} is already attached; detach the first handle (handle.detach() "
+            "or leave its with-block) before attaching again"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, param_dim), batch_size)
+    _ATTACHED[model] = handle
+    return handle
+
+
+class Handle:
+    """What :func:`attach` returns. Also a context manager that detaches on exit."""
+
+    def __init__(self, model: nn.Module, output, layers: LayerSelector, recipe: SketchRecipe, batch_size: int):
+        targets, self._coverage = find_targets(model, layers)
+        self.model = model
+        self.recipe = recipe
+        self.batch_size = batch_size
+        self._layers = layers
+        self._engine: Optional[Engine] = Engine(model, targets, make_output_spec(output))
+        self._param_shapes = {
+            g: tuple(getattr(t.module, local).shape) for t in targets for local, g in t.param_names.items()
+        }
+        self._sketcher: Optional[Sketcher] = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Remove every hook. Safe to call twice."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+            if _ATTACHED.get(self.model) is self:
+                del _ATTACHED[self.model]
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise AttachError("this handle was detached; call nnsim_hooks.attach(model) again")
+        return self._engine
+
+    @property
+    def attached(self) -> bool:
+        return self._engine is not None
+
+    # -- introspection ------------------------------------------------------------------
+
+    @property
+    def coverage(self) -> CoverageReport:
+        """Which modules use a fast rule, which the torch.func fallback, which are excluded."""
+        return self._coverage
+
+    @property
+    def output_name(self) -> str:
+        """The resolved output function (``"auto"`` until the first batch has run)."""
+        return self.engine.output.name
+
+    @property
+    def parameter_names(self):
+        return list(self._param_shapes)
+
+    @property
+    def sketcher(self) -> Sketcher:
+        if self._sketcher is None:
+            self._sketcher = Sketcher(self.recipe, self._param_shapes)
+        return self._sketcher
+
+    # -- per-sample gradients -----------------------------------------------------------
+
+    def per_sample_gradients(self, inputs, targets=None) -> Dict[str, torch.Tensor]:
+        """Exact per-sample gradients of the differentiated output, one batch at once.
+
+        Returns a dict keyed by the model's own ``named_parameters()`` names with values
+        ``[B, *param.shape]``, or ``[B, d, *param.shape]`` when the output function gives
+        d values per sample.
+        """
+        engine = self.engine
+        return engine.grads(engine.backprop(inputs, targets))
+
+    # -- similarity ---------------------------------------------------------------------
+
+    def similarity(self, a, b=None, *, targets_a=None, targets_b=None, exact: bool = True) -> torch.Tensor:
+        """The paper's similarity between every sample of ``a`` and every sample of ``b``.
+
+        The cosine of per-sample gradients, or ``Tr(K_C)/d`` for d outputs; ``b=None``
+        compares ``a`` with itself. ``exact=True`` uses no sketch (ghost inner products
+        where the layer allows); ``exact=False`` uses the sketched features. A sample with
+        a zero gradient has NaN similarities (and a warning).
+
+        Returns ``Tensor[len(a), len(b)]`` (float64 when exact).
+        """
+        if not exact:
+            fa = self.features(a, targets_a)
+            fb = fa if b is None else self.features(b, targets_b)
+            return fa @ fb.T
+        n_a = batch_size_of(a)
+        if b is None:
+            inputs, targets, n_b = a, targets_a, 0
+        else:
+            n_b = batch_size_of(b)
+            try:
+                inputs = batching.concat(a, b)
+                targets = batching.concat(targets_a, targets_b)
+            except (RuntimeError, ValueError) as exc:
+                raise InputError(f"a and b must be batches of the same kind of input: {exc}") from exc
+        gram, d = self._exact_gram(inputs, targets, n_a + n_b)
+        rows = torch.arange(n_a, device=gram.device)
+        cols = rows if b is None else torch.arange(n_a, n_a + n_b, device=gram.device)
+        return kernel_from_gram(gram, d, rows, cols)
+
+    def _exact_gram(self, inputs, targets, n: int):
+        engine = self.engine
+        if n <= self.batch_size:
+            p = engine.backprop(inputs, targets)
+            return engine.gram(p), p.d
+        # Several passes: each pair of half-batches goes through the model together,
+        # so that memory stays bounded by batch_size.
+        half = max(1, self.batch_size // 2)
+        blocks = list(batching.chunks(n, half))
+        full = None
+        d = 1
+        for i, (s0, e0) in enumerate(blocks):
+            for s1, e1 in blocks[i:]:
+                idx = torch.cat([torch.arange(s0, e0), torch.arange(s1, e1)]) if s1 != s0 else torch.arange(s0, e0)
+                p = engine.backprop(batching.take(inputs, idx), batching.take(targets, idx))
+                d = p.d
+                if full is None:
+                    full = torch.zeros(n, d, n, d, dtype=torch.float64, device=p.values.device)
+                g = engine.gram(p).reshape(len(idx), d, len(idx), d)
+                full[idx[:, None], :, idx[None, :], :] = g.permute(0, 2, 1, 3)
+        return full.reshape(n * d, n * d), d
+
+    # -- sketched features --------------------------------------------------------------
+
+    @property
+    def feature_dim(self) -> Optional[int]:
+        """Width of :meth:`features` rows: ``sketch_dim`` for a scalar output, ``d*sketch_dim``
+        for d outputs (known once a batch has run for ``output="full"``)."""
+        return self._feature_dim if hasattr(self, "_feature_dim") else None
+
+    def features(self, inputs, targets=None) -> torch.Tensor:
+        """Sketched, unit-norm features ``[B, feature_dim]``: inner products of rows estimate
+        :meth:`similarity`. Rows of samples without a gradient direction are NaN."""
+        return self.extract(inputs, targets).features
+
+    def extract(self, inputs, targets=None) -> "FeatureBatch":
+        """Features plus what an index stores beside them (norms, outputs, predictions)."""
+        n = batch_size_of(inputs)
+        parts = []
+        for start, end in batching.chunks(n, self.batch_size):
+            idx = slice(start, end)
+            parts.append(self._extract_batch(batching.take(inputs, idx), batching.take(targets, idx)))
+        return FeatureBatch.join(parts)
+
+    def _extract_batch(self, inputs, targets) -> "FeatureBatch":
+        engine = self.engine
+        p = engine.backprop(inputs, targets)
+        sketched = engine.sketch(p, self.sketcher)
+        features, norms, undefined = normalize_features(sketched)
+        if bool(undefined.any()):
+            import warnings
+
+            warnings.warn(
+                f"nnsim_hooks: samples {undefined.nonzero().flatten()[:10].tolist()} of this batch have a zero or "
+                "degenerate gradient; their feature rows are NaN",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._feature_dim = features.shape[1]
+        outputs = p.outputs if torch.is_tensor(p.outputs) else None
+        return FeatureBatch(features, norms, undefined, outputs, p.values)
+
+    # -- index --------------------------------------------------------------------------
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What must match for a stored index to be reused with this handle."""
+        from .fingerprint import model_fingerprint
+
+        return {
+            "model": model_fingerprint(self.model, self.parameter_names),
+            "output": self.output_name,
+            "layers": sorted(self._param_shapes),
+            "sketch": self.recipe.to_dict(),
+        }
+
+    def build_index(self, data, path=None, **options):
+        """Extract features for a whole dataset into a FAISS index; see
+        :func:`nnsim_hooks.index.build_index` for ``data`` and ``options``."""
+        from .index import build_index
+
+        return build_index(self, data, path, **options)
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"<nnsim_hooks.Handle {state} to {type(self.model).__name__}: {self._coverage.summary()}>"
+
+
+class FeatureBatch:
+    """Features of a batch and what goes beside them in an index."""
+
+    def __init__(self, features, norms, undefined, outputs, values):
+        self.features = features  # [B, F]
+        self.norms = norms  # [B] estimated gradient norm
+        self.undefined = undefined  # [B] bool
+        self.outputs = outputs  # model outputs [B, ...] or None
+        self.values = values  # differentiated values [B, d]
+
+    @staticmethod
+    def join(parts) -> "FeatureBatch":
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda xs: None if any(x is None for x in xs) else torch.cat(xs)  # noqa: E731
+        return FeatureBatch(
+            cat([p.features for p in parts]),
+            cat([p.norms for p in parts]),
+            cat([p.undefined for p in parts]),
+            cat([p.outputs for p in parts]),
+            cat([p.values for p in parts]),
+        )

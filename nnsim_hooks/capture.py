@@ -1,0 +1,157 @@
+"""Forward hooks plus hooks on the modules' output tensors.
+
+Nothing is written onto the model: hook handles and captured tensors live in this
+module's side tables and are cleared after every batch. A tensor hook registered on a
+module's output fires with the gradient of that output *before* any later in-place
+op (``ReLU(inplace=True)``, ``out += identity``), which is what full backward module
+hooks cannot cope with on stock torchvision ResNets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import InputError
+
+
+@dataclass
+class LayerCall:
+    """One call of one hooked module during a captured forward pass."""
+
+    module_name: str
+    module: nn.Module
+    args: Tuple
+    kwargs: Dict
+    #: the output tensors that carry a gradient, in pytree order
+    out_leaves: List[torch.Tensor]
+    #: where each of out_leaves sits among the flattened outputs
+    out_positions: List[int]
+    #: version counters of the tensor inputs at forward time (in-place edits are caught)
+    versions: List[Tuple[torch.Tensor, int]]
+    #: grads[j][i]: gradient of output j with respect to out_leaves[i] (None: not reached)
+    grads: List[List[Optional[torch.Tensor]]] = field(default_factory=list)
+
+    @property
+    def activation(self) -> torch.Tensor:
+        for a in self.args:
+            if torch.is_tensor(a):
+                return a
+        raise InputError(f"module '{self.module_name}' was called without a tensor input")
+
+    def check_unchanged(self) -> None:
+        for tensor, version in self.versions:
+            if tensor._version != version:
+                raise InputError(
+                    f"the input of module '{self.module_name}' ({type(self.module).__name__}) was modified "
+                    "in place after the module used it, so its per-sample gradient cannot be computed; "
+                    "avoid in-place ops on that tensor (for example set inplace=False on the following activation)"
+                )
+
+    def backprops(self, d: int) -> torch.Tensor:
+        """The output gradients of a single-output module, stacked ``[d, *out.shape]``
+        (zeros for an output that did not reach this module)."""
+        out = self.out_leaves[0]
+        rows = []
+        for j in range(d):
+            g = self.grads[j][0] if j < len(self.grads) else None
+            rows.append(torch.zeros_like(out) if g is None else g)
+        return torch.stack(rows)
+
+
+class Capture:
+    """Installs hooks on the target modules; records :class:`LayerCall` s while active.
+
+    ``on_grad(call, j, leaf_index, grad)`` is called from inside backward for each
+    output gradient that arrives; by default it is stored in ``call.grads``.
+    """
+
+    def __init__(self, modules: Dict[str, nn.Module], check: Callable[[str, nn.Module], None]):
+        self.modules = modules
+        self._check = check
+        self._handles: List = []
+        self._tensor_handles: List = []
+        self.active = False
+        self.calls: List[LayerCall] = []
+        self.pass_index = 0
+        self.on_grad: Optional[Callable[[LayerCall, int, int, torch.Tensor], None]] = None
+
+    def install(self) -> None:
+        try:
+            for name, module in self.modules.items():
+                hook = self._make_forward_hook(name)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        self.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        for handle in self._tensor_handles:
+            handle.remove()
+        self._tensor_handles.clear()
+        self.calls = []
+        self.pass_index = 0
+
+    def _make_forward_hook(self, name: str):
+        def forward_hook(module, args, kwargs, output):
+            if not self.active:
+                return None
+            self._check(name, module)
+            leaves, _ = tree_flatten(output)
+            positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
+            out_leaves = [leaves[k] for k in positions]
+            in_leaves, _ = tree_flatten((args, kwargs))
+            versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
+            call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions)
+            self.calls.append(call)
+            for i, leaf in enumerate(out_leaves):
+                self._tensor_handles.append(leaf.register_hook(self._make_tensor_hook(call, i)))
+            return None
+
+        return forward_hook
+
+    def _make_tensor_hook(self, call: LayerCall, leaf_index: int):
+        def tensor_hook(grad):
+            j = self.pass_index
+            while len(call.grads) <= j:
+                call.grads.append([None] * len(call.out_leaves))
+            if self.on_grad is not None:
+                self.on_grad(call, j, leaf_index, grad)
+            else:
+                call.grads[j][leaf_index] = grad
+            return None
+
+        return tensor_hook
+
+    def grad_inputs(self) -> List[torch.Tensor]:
+        """Where backward may stop: each call's tensor inputs that require grad, or, for a
+        call whose inputs do not (the first layer), its trainable parameters. Stopping
+        there skips the weight gradients a plain ``backward()`` would compute."""
+        seen = set()
+        out: List[torch.Tensor] = []
+
+        def add(t):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+
+        for call in self.calls:
+            inputs = [t for t, _ in call.versions if t.requires_grad and t.is_floating_point()]
+            if inputs:
+                for t in inputs:
+                    add(t)
+            else:
+                for p in call.module.parameters(recurse=False):
+                    if p.requires_grad:
+                        add(p)
+        return out

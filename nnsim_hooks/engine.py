@@ -1,0 +1,229 @@
+"""One captured forward/backward pass and the three things computed from it.
+
+``backprop`` runs the model once with the hooks active and back-propagates each of the
+d differentiated outputs, stopping at the hooked modules' inputs so that no weight
+gradient is formed. From the captured calls:
+
+- :meth:`Engine.grads`: per-sample gradients, keyed by the model's parameter names;
+- :meth:`Engine.gram`: the Gram matrix of all per-sample gradients (ghost inner products
+  where the layer allows), one layer at a time;
+- :meth:`Engine.sketch`: sketched per-sample gradients, never materialised for layers
+  with a factored rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .capture import Capture, LayerCall
+from .errors import BatchCouplingError, ModelError, NonFiniteGradientError
+from .outputs import OutputSpec, check_no_mixing
+from .rules.base import gram_of_grads
+from .rules.fallback import fallback_grad_sample
+from .rules.norm import batch_coupling_message, uses_batch_statistics
+from .sketch import Sketcher
+from .targets import Target, shared_parameters
+from .validation import call_model, check_inputs, check_targets, model_device_dtype
+
+
+@dataclass
+class Pass:
+    """What one captured batch left behind."""
+
+    calls: List[LayerCall]
+    outputs: Any  # the model's outputs, detached
+    values: torch.Tensor  # the differentiated values, [B, d]
+    vector: bool  # True when the output function returned [B, d] rather than [B]
+    batch: int
+
+    @property
+    def d(self) -> int:
+        return self.values.shape[1]
+
+
+class Engine:
+    def __init__(self, model: nn.Module, targets: List[Target], output: OutputSpec):
+        self.model = model
+        self.targets = {t.name: t for t in targets}
+        self.output = output
+        self._by_module = {id(t.module): t for t in targets}
+        self._shared = shared_parameters(targets)
+        self._batchnorms = [
+            (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        self._dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        self.capture = Capture({t.name: t.module for t in targets}, self._check_module)
+        #: how the fallback ran for each module: "vmap" or "loop"
+        self.fallback_methods: Dict[str, str] = {}
+        self.capture.install()
+
+    # -- the captured pass -------------------------------------------------------------
+
+    def _check_module(self, name: str, module: nn.Module) -> None:
+        target = self.targets[name]
+        if target.rule is not None:
+            target.rule.check(module, name)
+
+    def _check_model_state(self) -> None:
+        for name, module in self._batchnorms:
+            if uses_batch_statistics(module):
+                raise BatchCouplingError(batch_coupling_message(name, module))
+        fallback_roots = [t.name for t in self.targets.values() if t.rule is None]
+        for name, module in self._dropouts:
+            if module.training and module.p > 0 and any(
+                r == "" or name == r or name.startswith(r + ".") for r in fallback_roots
+            ):
+                raise ModelError(
+                    f"dropout '{name}' is active (training mode) inside a module handled by the generic rule, "
+                    "which re-runs that module and would draw other dropout masks. Call model.eval()."
+                )
+
+    def backprop(self, inputs, targets=None) -> Pass:
+        batch = check_inputs(self.model, inputs)
+        device, _ = model_device_dtype(self.model)
+        targets = check_targets(targets, batch, device)
+        self._check_model_state()
+        capture = self.capture
+        capture.clear()
+        capture.active = True
+        try:
+            with torch.enable_grad():
+                outputs = call_model(self.model, inputs)
+                capture.active = False
+                if self.output.name == "auto":
+                    self.output = self.output.resolve(outputs)
+                values = self.output(outputs, targets, batch)
+                vector = values.dim() == 2
+                values = values if vector else values.unsqueeze(1)
+                check_no_mixing(self.output, outputs, targets, values if vector else values[:, 0])
+                if not bool(torch.isfinite(values).all()):
+                    bad = (~torch.isfinite(values)).any(1).nonzero().flatten()[:10].tolist()
+                    raise NonFiniteGradientError(f"the model's outputs are NaN or Inf for samples {bad}")
+                if not values.requires_grad:
+                    raise ModelError(
+                        "the differentiated output does not depend on any selected trainable parameter; "
+                        "check layers= and requires_grad"
+                    )
+                if not capture.calls:
+                    raise ModelError("none of the selected modules ran during the model's forward pass")
+                grad_inputs = capture.grad_inputs()
+                for j in range(values.shape[1]):
+                    capture.pass_index = j
+                    torch.autograd.grad(
+                        values[:, j].sum(), grad_inputs, retain_graph=j < values.shape[1] - 1, allow_unused=True
+                    )
+            calls = list(capture.calls)
+            for call in calls:
+                call.check_unchanged()
+        finally:
+            capture.active = False
+            capture.clear()
+        detached = outputs.detach() if torch.is_tensor(outputs) else outputs
+        return Pass(calls, detached, values.detach(), vector, batch)
+
+    # -- per-call results --------------------------------------------------------------
+
+    def _call_grads(self, call: LayerCall, d: int) -> Dict[str, torch.Tensor]:
+        """Per-sample gradients ``[B, d, *shape]`` of one call, keyed by local name."""
+        target = self._by_module[id(call.module)]
+        if target.rule is not None and len(call.out_leaves) == 1:
+            return target.rule.grad_sample(call.module, call.activation, call.backprops(d))
+        grads, method = fallback_grad_sample(call, d)
+        self.fallback_methods[target.name] = method
+        return grads
+
+    def _fast(self, call: LayerCall) -> bool:
+        target = self._by_module[id(call.module)]
+        return target.rule is not None and len(call.out_leaves) == 1
+
+    def _check_finite(self, results: List[Tuple[str, torch.Tensor]]) -> None:
+        if not results:
+            return
+        flags = torch.stack([torch.isfinite(r).all() for _, r in results])
+        if bool(flags.all()):
+            return
+        # Backward visits the modules in reverse; the first non-finite one from the output
+        # end is where the problem starts.
+        for (name, r), ok in reversed(list(zip(results, flags.tolist()))):
+            if not ok:
+                target = self.targets[name]
+                bad = (~torch.isfinite(r.reshape(r.shape[0], -1))).any(1).nonzero().flatten()[:10].tolist()
+                raise NonFiniteGradientError(
+                    f"the per-sample gradient of module '{name}' ({type(target.module).__name__}) is NaN or Inf "
+                    f"for samples {bad}; check the inputs for NaN/Inf and the model for overflow there"
+                )
+
+    def _global(self, call: LayerCall, local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        names = self._by_module[id(call.module)].param_names
+        return {names[k]: v for k, v in local.items()}
+
+    def grads(self, p: Pass) -> Dict[str, torch.Tensor]:
+        """Per-sample gradients keyed by ``model.named_parameters()`` names: ``[B, *shape]``
+        for a scalar output, ``[B, d, *shape]`` when the output function returns ``[B, d]``."""
+        total: Dict[str, torch.Tensor] = {}
+        checks = []
+        for call in p.calls:
+            for name, g in self._global(call, self._call_grads(call, p.d)).items():
+                total[name] = total[name] + g if name in total else g
+                checks.append((call.module_name, g))
+        self._check_finite(checks)
+        order = {n: i for i, (n, _) in enumerate(self.model.named_parameters())}
+        out = {n: total[n] for n in sorted(total, key=order.__getitem__)}
+        return out if p.vector else {n: g[:, 0] for n, g in out.items()}
+
+    def gram(self, p: Pass) -> torch.Tensor:
+        """``[B*d, B*d]`` float64 Gram matrix of all per-sample gradients (sample-major)."""
+        n = p.batch * p.d
+        total = torch.zeros(n, n, dtype=torch.float64, device=p.values.device)
+        counts: Dict[int, int] = {}
+        for call in p.calls:
+            counts[id(call.module)] = counts.get(id(call.module), 0) + 1
+        pending: Dict[str, torch.Tensor] = {}  # summed grads of modules called twice / tied weights
+        checks = []
+        for call in p.calls:
+            target = self._by_module[id(call.module)]
+            alone = counts[id(call.module)] == 1 and not (set(target.param_names.values()) & self._shared)
+            if alone and self._fast(call):
+                part = target.rule.gram(call.module, call.activation, call.backprops(p.d))
+                checks.append((call.module_name, part))
+                total += part
+                continue
+            grads = self._global(call, self._call_grads(call, p.d))
+            for name, g in grads.items():
+                checks.append((call.module_name, g))
+                if alone:
+                    total += gram_of_grads({name: g})
+                else:
+                    pending[name] = pending[name] + g if name in pending else g
+        if pending:
+            total += gram_of_grads(pending)
+        self._check_finite(checks)
+        return total
+
+    def sketch(self, p: Pass, sketcher: Sketcher) -> torch.Tensor:
+        """Sketched gradients ``[B, d, dim]`` (not normalised)."""
+        parts: Dict[str, torch.Tensor] = {}
+        checks = []
+        dtype = p.values.dtype
+        device = p.values.device
+        for call in p.calls:
+            target = self._by_module[id(call.module)]
+            sketches = sketcher.param_sketches(list(target.param_names.values()), device, dtype)
+            local = {k: sketches[g] for k, g in target.param_names.items()}
+            if self._fast(call):
+                result = target.rule.sketch(call.module, call.activation, call.backprops(p.d), local)
+            else:
+                grads = self._call_grads(call, p.d)
+                result = {k: local[k].project_gradients(g) for k, g in grads.items()}
+            for name, s in self._global(call, result).items():
+                checks.append((call.module_name, s))
+                parts[name] = parts[name] + s if name in parts else s
+        self._check_finite(checks)
+        return sketcher.combine(parts, p.batch, p.d, device, dtype)
+
+    def close(self) -> None:
+        self.capture.remove()

@@ -1,0 +1,1 @@
+"""Feature stores and FAISS indexes (see build_index)."""

@@ -1,0 +1,93 @@
+"""What a per-layer rule computes, and the generic paths every rule inherits.
+
+A rule turns what the hooks captured for one call of one module into per-sample
+quantities for that module's own trainable parameters:
+
+- ``activation``: the module's first positional input, ``[B, ...]``;
+- ``backprops``: the gradient of each differentiated output with respect to the
+  module's output, stacked as ``[d, B, ...]`` (d = 1 for a scalar output).
+
+From these a rule provides three things, each for all d outputs at once:
+
+- :meth:`LayerRule.grad_sample` materialises per-sample gradients ``[B, d, *shape]``;
+- :meth:`LayerRule.gram` gives the Gram matrix of those gradients, ``[B*d, B*d]``
+  (rows ordered sample-major), without materialising them where the layer allows
+  (ghost inner products);
+- :meth:`LayerRule.sketch` gives the randomly projected gradients ``[B, d, m]``,
+  where the layer allows without materialising them.
+
+Only :meth:`grad_sample` is required; the other two fall back to materialising.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Iterator, Tuple
+
+import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..sketch import ParamSketch
+
+Grads = Dict[str, torch.Tensor]
+
+
+def trainable(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """The module's own (non-recursive) parameters that require grad."""
+    for name, param in module.named_parameters(recurse=False):
+        if param.requires_grad:
+            yield name, param
+
+
+class LayerRule:
+    """Base class of the per-layer rules. Subclasses implement :meth:`grad_sample`."""
+
+    #: short name shown in the coverage report
+    name = "rule"
+
+    def supports(self, module: nn.Module) -> bool:
+        """False sends this module to the torch.func fallback (an unusual configuration)."""
+        return True
+
+    def check(self, module: nn.Module, module_name: str) -> None:
+        """Raise a :class:`~nnsim_hooks.errors.ModelError` if this module cannot be
+        handled in its current state (called on every captured forward)."""
+
+    def grad_sample(self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor) -> Grads:
+        raise NotImplementedError
+
+    def gram(self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+        grads = self.grad_sample(module, activation, backprops)
+        return gram_of_grads(grads)
+
+    def sketch(
+        self,
+        module: nn.Module,
+        activation: torch.Tensor,
+        backprops: torch.Tensor,
+        sketches: Dict[str, "ParamSketch"],
+    ) -> Grads:
+        grads = self.grad_sample(module, activation, backprops)
+        return {name: sketches[name].project_gradients(g) for name, g in grads.items()}
+
+
+def gram_of_grads(grads: Grads) -> torch.Tensor:
+    """Sum over parameters of the Gram matrices of flattened per-sample gradients.
+
+    ``grads`` values are ``[B, d, *shape]``; the result is ``[B*d, B*d]`` in float64.
+    """
+    total = None
+    for g in grads.values():
+        flat = g.reshape(g.shape[0] * g.shape[1], -1)
+        part = (flat @ flat.T).double()
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("no trainable parameters in this module")
+    return total
+
+
+def sum_to_batch(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """Sum ``x`` over every dimension except the first ``keep`` ones."""
+    if x.dim() == keep:
+        return x
+    return x.sum(dim=tuple(range(keep, x.dim())))

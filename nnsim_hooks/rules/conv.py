@@ -1,0 +1,188 @@
+"""Convolutions and transposed convolutions, 1-D to 3-D.
+
+The per-sample weight gradient of a convolution is ``sum_u delta_u a_u^T`` over output
+positions u, with ``a_u`` the input patch. Padding modes other than zeros and
+``padding='same'`` are handled by padding the input exactly as the layer does. Grouped
+convolutions are computed group by group, never as full cross-group products.
+
+For the sketch, ``S_col a_u`` over all positions is itself a convolution of the input
+with ``k`` filters (the rows of ``S_col``), so no patch matrix is formed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Grads, LayerRule, gram_of_grads
+from .factored import factored_grad_sample, factored_gram, factored_sketch_weight
+from .registry import register_rule
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def pad_like_layer(x: torch.Tensor, conv: nn.Module) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """The input padded the way ``conv`` pads it, and the padding still to apply.
+
+    Zero padding that is symmetric is left to the convolution itself (returned as the
+    second value); any other padding (reflect, replicate, circular, or the asymmetric
+    zero padding of ``padding='same'``) is applied here, leaving nothing.
+    """
+    n = x.dim() - 2
+    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        return x, tuple(conv.padding)
+    pads = conv._reversed_padding_repeated_twice
+    if conv.padding_mode == "zeros":
+        x = F.pad(x, pads)
+    else:
+        x = F.pad(x, pads, mode=conv.padding_mode)
+    return x, (0,) * n
+
+
+def unfold_nd(
+    x: torch.Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], dilation: Tuple[int, ...], padding: Tuple[int, ...]
+) -> torch.Tensor:
+    """Patches of ``x`` ``[B, C, *S]`` -> ``[B, C * prod(kernel), L]`` (im2col, any dimension)."""
+    n = len(kernel)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    for i in range(n):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])
+        if dilation[i] > 1:
+            x = x[..., :: dilation[i]]
+    # [B, C, *L, *k] -> [B, C, *k, *L]
+    b, c = x.shape[:2]
+    perm = [0, 1] + [2 + n + i for i in range(n)] + [2 + i for i in range(n)]
+    x = x.permute(perm)
+    return x.reshape(b, c * math.prod(kernel), -1)
+
+
+def _ndim(module: nn.Module) -> int:
+    return len(module.kernel_size)
+
+
+class _ConvBase(LayerRule):
+    def _patches(self, module, x: torch.Tensor) -> torch.Tensor:
+        x, padding = pad_like_layer(x, module)
+        return unfold_nd(x, module.kernel_size, module.stride, module.dilation, padding)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(_ConvBase):
+    name = "conv"
+
+    def _factors(self, module, activation, backprops):
+        """cols ``[B, G, c_g, L]`` (patches) and rows ``[d, B, G, r_g, L]`` (output grads)."""
+        groups = module.groups
+        x = activation.to(backprops.dtype)
+        cols = self._patches(module, x)
+        b, _, length = cols.shape
+        cols = cols.reshape(b, groups, -1, length)
+        d = backprops.shape[0]
+        rows = backprops.reshape(d, b, groups, -1, length)
+        return cols, rows
+
+    def grad_sample(self, module, activation, backprops) -> Grads:
+        out: Grads = {}
+        d, b = backprops.shape[:2]
+        if module.weight.requires_grad:
+            cols, rows = self._factors(module, activation, backprops)
+            g = torch.einsum("jbgrl,bgcl->bjgrc", rows, cols)
+            out["weight"] = g.reshape(b, d, *module.weight.shape)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = backprops.reshape(d, b, backprops.shape[2], -1).sum(-1).transpose(0, 1)
+        return out
+
+    def gram(self, module, activation, backprops) -> torch.Tensor:
+        if module.groups > 1:
+            return gram_of_grads(self.grad_sample(module, activation, backprops))
+        cols, rows = self._factors(module, activation, backprops)
+        return factored_gram(
+            cols[:, 0], rows[:, :, 0], module.weight.requires_grad,
+            module.bias is not None and module.bias.requires_grad,
+        )
+
+    def sketch(self, module, activation, backprops, sketches) -> Grads:
+        if module.groups > 1:
+            # Per-group weights are small (depthwise: k^n per channel): materialise them.
+            return super().sketch(module, activation, backprops, sketches)
+        out: Grads = {}
+        d, b = backprops.shape[:2]
+        if module.weight.requires_grad:
+            s = sketches["weight"]
+            rows = backprops.reshape(d, b, backprops.shape[2], -1)
+            x = activation.to(backprops.dtype)
+            if s.col_matrix is None:
+                cols = self._patches(module, x)
+            else:
+                x, padding = pad_like_layer(x, module)
+                filters = s.col_matrix.reshape(-1, *module.weight.shape[1:])
+                conv = _CONV_FN[_ndim(module)]
+                cols = conv(x, filters, None, module.stride, padding, module.dilation).reshape(b, filters.shape[0], -1)
+            out["weight"] = factored_sketch_weight(s.rows_of(rows, 2), cols)
+        if module.bias is not None and module.bias.requires_grad:
+            bias_grad = backprops.reshape(d, b, backprops.shape[2], -1).sum(-1).transpose(0, 1)
+            out["bias"] = sketches["bias"].project_gradients(bias_grad)
+        return out
+
+
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTransposeRule(_ConvBase):
+    """``conv_transpose(a, W)`` is the adjoint of ``conv(., W)``, so
+    ``<conv_transpose(a, W), delta> = <a, conv(delta, W)>``: the weight gradient is a
+    convolution's weight gradient with the input ``delta`` and the output gradient ``a``."""
+
+    name = "conv_transpose"
+
+    def _delta_patches(self, module, backprops: torch.Tensor) -> torch.Tensor:
+        d, b = backprops.shape[:2]
+        flat = backprops.reshape(d * b, *backprops.shape[2:])
+        patches = unfold_nd(flat, module.kernel_size, module.stride, module.dilation, tuple(module.padding))
+        return patches.reshape(d, b, module.groups, -1, patches.shape[-1])  # [d, B, G, c_g, L]
+
+    def _check_padding(self, module):
+        if module.padding_mode != "zeros":  # pragma: no cover - PyTorch itself refuses this
+            raise ValueError("ConvTranspose supports only zero padding")
+
+    def grad_sample(self, module, activation, backprops) -> Grads:
+        self._check_padding(module)
+        out: Grads = {}
+        d, b = backprops.shape[:2]
+        if module.weight.requires_grad:
+            patches = self._delta_patches(module, backprops)
+            a = activation.to(backprops.dtype).reshape(b, module.groups, -1, patches.shape[-1])
+            g = torch.einsum("bgrl,jbgcl->bjgrc", a, patches)
+            out["weight"] = g.reshape(b, d, *module.weight.shape)
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = backprops.reshape(d, b, backprops.shape[2], -1).sum(-1).transpose(0, 1)
+        return out
+
+    def sketch(self, module, activation, backprops, sketches) -> Grads:
+        self._check_padding(module)
+        if module.groups > 1:
+            return super().sketch(module, activation, backprops, sketches)
+        out: Grads = {}
+        d, b = backprops.shape[:2]
+        if module.weight.requires_grad:
+            s = sketches["weight"]
+            a = activation.to(backprops.dtype).reshape(b, module.in_channels, -1)  # [B, C_in, L]
+            flat = backprops.reshape(d * b, *backprops.shape[2:])
+            if s.col_matrix is None:
+                cols = unfold_nd(flat, module.kernel_size, module.stride, module.dilation, tuple(module.padding))
+            else:
+                filters = s.col_matrix.reshape(-1, *module.weight.shape[1:])
+                conv = _CONV_FN[_ndim(module)]
+                cols = conv(flat, filters, None, module.stride, module.padding, module.dilation)
+            cols = cols.reshape(d, b, cols.shape[1], -1)  # [d, B, k_c, L]
+            row_factor = s.rows_of(a, 1)  # [B, k_r, L]
+            y = torch.einsum("brl,jbcl->bjrc", row_factor, cols)
+            out["weight"] = y.reshape(b, d, -1)
+        if module.bias is not None and module.bias.requires_grad:
+            bias_grad = backprops.reshape(d, b, backprops.shape[2], -1).sum(-1).transpose(0, 1)
+            out["bias"] = sketches["bias"].project_gradients(bias_grad)
+        return out

@@ -1,0 +1,85 @@
+"""Shared maths of the layers whose weight gradient is ``sum_u delta_u a_u^T``.
+
+Linear layers (u = token), convolutions (u = output position, a_u = input patch) and
+transposed convolutions (roles swapped) all reduce to two factors per sample:
+
+- ``cols``: ``[B, c, L]``, what multiplies the weight's columns (activations, patches);
+- ``rows``: ``[d, B, r, L]``, the output gradient for each of the d outputs.
+
+From these this module gives the Gram matrix of the per-sample gradients (ghost inner
+products ``sum_{u,u'} (a_u . a'_u')(delta_u . delta'_u')`` when that is cheaper than
+materialising, as it is for few positions) and the Kronecker-factored sketch.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+# Above this many elements an intermediate is built in chunks (about 256 MB in float32).
+MAX_ELEMENTS = 1 << 26
+
+
+def _sample_major(rows: torch.Tensor) -> torch.Tensor:
+    """``[d, B, r, L]`` -> ``[B*d, r, L]`` with row index ``b*d + j``."""
+    d, b = rows.shape[:2]
+    return rows.transpose(0, 1).reshape(b * d, *rows.shape[2:])
+
+
+def factored_gram(cols: torch.Tensor, rows: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
+    """Gram ``[B*d, B*d]`` (float64) of the per-sample gradients of ``W`` (and ``b``)."""
+    d, batch, r, length = rows.shape
+    c = cols.shape[1]
+    n = batch * d
+    delta = _sample_major(rows)  # [n, r, L]
+    total = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
+    if bias:
+        s = delta.sum(-1)
+        total += (s @ s.T).double()
+    if not weight:
+        return total
+    ghost_cost = n * n * length * length * (r + c)
+    dense_cost = n * r * c * length + n * n * r * c
+    if ghost_cost <= dense_cost and n * n * length * length <= MAX_ELEMENTS:
+        act = cols.transpose(1, 2)  # [B, L, c]
+        aa = torch.einsum("buc,evc->beuv", act, act)  # [B, B, L, L]
+        aa = aa.repeat_interleave(d, 0).repeat_interleave(d, 1)  # -> [n, n, L, L]
+        dd = torch.einsum("nru,mrv->nmuv", delta, delta)
+        total += (aa * dd).sum((2, 3)).double()
+        return total
+    # Materialise W's per-sample gradient a block of rows at a time.
+    act = cols.repeat_interleave(d, 0)  # [n, c, L]
+    step = max(1, MAX_ELEMENTS // max(1, n * c))
+    for start in range(0, r, step):
+        g = torch.bmm(delta[:, start : start + step], act.transpose(1, 2)).reshape(n, -1)
+        total += (g @ g.T).double()
+    return total
+
+
+def factored_grad_sample(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients as matrices ``[B, d, r, c]``."""
+    return torch.einsum("jbru,bcu->bjrc", rows, cols)
+
+
+def factored_sketch_weight(row_factor: torch.Tensor, col_factor: torch.Tensor) -> torch.Tensor:
+    """Sketched weight gradients ``[B, d, k_r*k_c]`` from sketched factors
+    ``row_factor`` ``[d, B, k_r, L]`` (``S_row delta``) and ``col_factor`` ``[B, k_c, L]``
+    (``S_col a``)."""
+    d, batch, k_r, _ = row_factor.shape
+    out = torch.einsum("jbru,bcu->bjrc", row_factor, col_factor)
+    return out.reshape(batch, d, -1)
+
+
+def factored_sketch(module, cols, rows, sketches, col_sketch) -> Dict[str, torch.Tensor]:
+    """Sketch of W (and b) for a layer with factors ``cols`` ``[B, c, L]`` and ``rows``
+    ``[d, B, r, L]``; ``col_sketch(param_sketch, cols)`` applies S_col (a convolution can
+    do it on the unfolded input for free)."""
+    out: Dict[str, torch.Tensor] = {}
+    if module.weight.requires_grad:
+        s = sketches["weight"]
+        out["weight"] = factored_sketch_weight(s.rows_of(rows, 2), col_sketch(s, cols))
+    bias = getattr(module, "bias", None)
+    if bias is not None and bias.requires_grad:
+        out["bias"] = sketches["bias"].project_gradients(rows.sum(-1).transpose(0, 1))
+    return out

@@ -1,0 +1,119 @@
+"""The generic rule: torch.func on one module alone.
+
+Used for every module that holds trainable parameters but has no fast rule: bare
+``nn.Parameter`` uses (a ViT's ``cls_token`` and ``pos_embed`` live on the model
+itself), subclasses whose ``forward`` changes the maths (timm's ``StdConv2d``), and
+user modules. The module is re-run on its captured inputs, one sample at a time under
+``vmap``, differentiating only its *own* parameters; its children keep their own rules.
+If ``vmap`` cannot run the module, a per-sample loop is used instead: slower, same
+numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Tuple
+
+import torch
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..errors import ModelError
+from .base import Grads, trainable
+
+logger = logging.getLogger(__name__)
+
+
+def _batch_size(call) -> int:
+    for leaf in call.out_leaves:
+        if leaf.dim() > 0:
+            return leaf.shape[0]
+    raise ModelError(f"module '{call.module_name}' returned no tensor with a batch dimension")
+
+
+def _cotangents(call, d: int, batch: int) -> List[torch.Tensor]:
+    """Per output leaf: ``[B, d, *leaf.shape[1:]]`` (zeros where no gradient arrived)."""
+    out = []
+    for i, leaf in enumerate(call.out_leaves):
+        if leaf.dim() == 0 or leaf.shape[0] != batch:
+            raise ModelError(
+                f"module '{call.module_name}' ({type(call.module).__name__}) has an output of shape "
+                f"{tuple(leaf.shape)} whose first dimension is not the batch ({batch}); the generic rule "
+                "needs the batch first. Exclude the module with layers=... or register a rule for it."
+            )
+        rows = []
+        for j in range(d):
+            g = call.grads[j][i] if j < len(call.grads) else None
+            rows.append(torch.zeros_like(leaf) if g is None else g)
+        out.append(torch.stack(rows, dim=1))
+    return out
+
+
+def fallback_grad_sample(call, d: int) -> Tuple[Grads, str]:
+    """Per-sample gradients ``[B, d, *shape]`` of the module's own trainable parameters,
+    and which method produced them (``vmap`` or ``loop``)."""
+    module = call.module
+    named = list(trainable(module))
+    names = [n for n, _ in named]
+    params = [p.detach() for _, p in named]
+    batch = _batch_size(call)
+    cotangents = _cotangents(call, d, batch)
+    flat_inputs, spec = tree_flatten((call.args, call.kwargs))
+    batched = [torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == batch for t in flat_inputs]
+    positions = call.out_positions
+
+    def run(param_values, inputs):
+        args, kwargs = tree_unflatten(list(inputs), spec)
+        values = dict(zip(names, param_values))
+        out = functional_call(module, values, tuple(args), kwargs, strict=False)
+        leaves, _ = tree_flatten(out)
+        return tuple(leaves[k] for k in positions)
+
+    try:
+        grads = _vmapped(run, params, flat_inputs, batched, cotangents)
+        method = "vmap"
+    except Exception as exc:  # vmap lacks a batching rule, data-dependent control flow, ...
+        logger.debug("vmap failed on module %r (%s); using a per-sample loop", call.module_name, exc)
+        grads = _looped(run, params, flat_inputs, batched, cotangents, batch, d)
+        method = "loop"
+    return dict(zip(names, grads)), method
+
+
+def _vmapped(run, params, flat_inputs, batched, cotangents):
+    dims = [0 if b else None for b in batched]
+    # Non-tensor leaves cannot go through vmap: pass them via the closure.
+    tensor_slots = [i for i, t in enumerate(flat_inputs) if torch.is_tensor(t)]
+
+    def per_sample(tensor_inputs, cots):
+        inputs = list(flat_inputs)
+        for slot, value in zip(tensor_slots, tensor_inputs):
+            inputs[slot] = value.unsqueeze(0) if batched[slot] else value
+
+        def f(*p):
+            return tuple(leaf.squeeze(0) for leaf in run(p, inputs))
+
+        _, vjp_fn = vjp(f, *params)
+        return vmap(vjp_fn)(tuple(cots))  # over the d outputs
+
+    tensor_inputs = [flat_inputs[i] for i in tensor_slots]
+    in_dims = ([dims[i] for i in tensor_slots], [0] * len(cotangents))
+    with torch.no_grad():
+        return vmap(per_sample, in_dims=in_dims)(tensor_inputs, cotangents)
+
+
+def _looped(run, params, flat_inputs, batched, cotangents, batch, d):
+    results: List[List[torch.Tensor]] = [[] for _ in params]
+    with torch.enable_grad():
+        for b in range(batch):
+            leaves = [p.clone().requires_grad_(True) for p in params]
+            inputs = [t[b : b + 1] if is_b else t for t, is_b in zip(flat_inputs, batched)]
+            outs = run(leaves, inputs)
+            per_output: List[List[torch.Tensor]] = [[] for _ in params]
+            for j in range(d):
+                cots = [c[b : b + 1, j] for c in cotangents]
+                grads = torch.autograd.grad(outs, leaves, cots, retain_graph=j < d - 1, allow_unused=True)
+                for k, (g, p) in enumerate(zip(grads, leaves)):
+                    per_output[k].append(torch.zeros_like(p) if g is None else g)
+            for k in range(len(params)):
+                results[k].append(torch.stack(per_output[k]))
+    return [torch.stack(r) for r in results]

@@ -1,0 +1,198 @@
+"""Seeded random Gaussian sketches of per-sample gradients.
+
+Two stages (the idea of LoGra and Captum's TracInCPFastRandProj, then a dense stage):
+
+1. **Per parameter, Kronecker-factored.** A parameter is viewed as a matrix
+   ``rows x cols`` (``shape[0] x prod(shape[1:])``). Its per-sample gradient is
+   ``G = sum_u delta_u a_u^T`` for linear and conv layers, so the sketch
+   ``S_row G S_col^T = sum_u (S_row delta_u)(S_col a_u)^T`` is formed from the two
+   hook factors without ever forming ``G``. A side that is already small is kept
+   exactly (no matrix), and a parameter with at most ``param_dim`` entries is kept
+   whole, unprojected.
+2. **Dense Gaussian to ``dim``.** The per-parameter sketches (``M`` numbers in all)
+   are mapped to ``dim`` by one dense Gaussian matrix, stored as one block per
+   parameter. When ``M <= dim`` nothing is projected: the rows are padded with zeros
+   and the features are exact.
+
+Seed recipe (version 1), written into every index manifest: each matrix is drawn with
+``torch.randn(shape, generator=g, dtype=float32)`` on the CPU, where ``g`` is seeded
+with the first 8 bytes (little-endian, masked to 63 bits) of
+``sha256("nnsim_hooks/sketch/v1|{seed}|{parameter name}|{role}")`` and ``role`` is
+``row``, ``col`` or ``dense``; it is then scaled by ``1/sqrt(k)``, ``k`` the number of
+its rows. The same seed therefore gives the same matrices on any machine and device,
+and each matrix is independent of which other parameters are sketched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SketchRecipe:
+    """Everything that determines the random matrices; stored in index manifests."""
+
+    dim: int
+    seed: int = 0
+    param_dim: int = 1024
+    version: int = RECIPE_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seeded_gaussian(seed: int, name: str, role: str, shape: Sequence[int]) -> torch.Tensor:
+    """A CPU float32 matrix of iid N(0, 1/shape[0]) entries, drawn by the recipe above."""
+    digest = hashlib.sha256(f"nnsim_hooks/sketch/v{RECIPE_VERSION}|{seed}|{name}|{role}".encode()).digest()
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    matrix = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return matrix.div_(math.sqrt(shape[0]))
+
+
+def matrix_view(shape: Sequence[int]) -> Tuple[int, int]:
+    """How a parameter of this shape is seen as a matrix: (shape[0], rest)."""
+    if len(shape) == 0:
+        return 1, 1
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def factor_dims(rows: int, cols: int, budget: int) -> Tuple[int, int]:
+    """Sketch sizes (k_row, k_col) with k_row * k_col <= budget, balanced, capped by the sides."""
+    if rows * cols <= budget:
+        return rows, cols
+    k = max(1, math.isqrt(budget))
+    k_col = min(cols, k)
+    k_row = min(rows, max(1, budget // k_col))
+    if k_row == rows:
+        k_col = min(cols, max(1, budget // rows))
+    return k_row, k_col
+
+
+@dataclass
+class ParamSketch:
+    """The stage-1 sketch of one parameter: ``S_row G S_col^T`` (None = identity)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    rows: int
+    cols: int
+    row_matrix: Optional[torch.Tensor]  # [k_row, rows]
+    col_matrix: Optional[torch.Tensor]  # [k_col, cols]
+    _cache: Dict[Tuple[torch.device, torch.dtype], "ParamSketch"] = field(default_factory=dict, repr=False)
+
+    @property
+    def k_row(self) -> int:
+        return self.rows if self.row_matrix is None else self.row_matrix.shape[0]
+
+    @property
+    def k_col(self) -> int:
+        return self.cols if self.col_matrix is None else self.col_matrix.shape[0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.k_row * self.k_col
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "ParamSketch":
+        """This sketch with its matrices on ``device`` (cached)."""
+        key = (torch.device(device), dtype)
+        if key not in self._cache:
+            move = lambda m: None if m is None else m.to(device=device, dtype=dtype)  # noqa: E731
+            self._cache[key] = ParamSketch(
+                self.name, self.shape, self.rows, self.cols, move(self.row_matrix), move(self.col_matrix)
+            )
+        return self._cache[key]
+
+    def rows_of(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Apply S_row along ``dim`` of ``x`` (size ``rows`` there)."""
+        return _apply(self.row_matrix, x, dim)
+
+    def cols_of(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Apply S_col along ``dim`` of ``x`` (size ``cols`` there)."""
+        return _apply(self.col_matrix, x, dim)
+
+    def project_gradients(self, grads: torch.Tensor) -> torch.Tensor:
+        """Sketch materialised per-sample gradients ``[B, d, *shape]`` -> ``[B, d, out_dim]``."""
+        lead = grads.shape[:2]
+        g = grads.reshape(-1, self.rows, self.cols)
+        g = self.cols_of(self.rows_of(g, 1), 2)
+        return g.reshape(*lead, self.out_dim)
+
+    def project_factors(self, row_factor: torch.Tensor, col_factor: torch.Tensor) -> torch.Tensor:
+        """``sum_u row_factor[:, :, u] col_factor[:, :, u]^T`` for already-sketched factors
+        ``[N, k_row, L]`` and ``[N, k_col, L]`` -> ``[N, out_dim]``."""
+        out = torch.bmm(row_factor, col_factor.transpose(1, 2))
+        return out.reshape(out.shape[0], -1)
+
+
+def _apply(matrix: Optional[torch.Tensor], x: torch.Tensor, dim: int) -> torch.Tensor:
+    if matrix is None:
+        return x
+    x = x.movedim(dim, -1)
+    return (x @ matrix.T).movedim(-1, dim)
+
+
+class Sketcher:
+    """All the matrices of one recipe for one list of parameters (name -> shape)."""
+
+    def __init__(self, recipe: SketchRecipe, param_shapes: Dict[str, Tuple[int, ...]]):
+        if recipe.dim < 1 or recipe.param_dim < 1:
+            raise ValueError(f"sketch dimensions must be positive, got dim={recipe.dim}, param_dim={recipe.param_dim}")
+        self.recipe = recipe
+        self.params: Dict[str, ParamSketch] = {}
+        self.offsets: Dict[str, int] = {}
+        total = 0
+        for name, shape in param_shapes.items():
+            rows, cols = matrix_view(shape)
+            k_row, k_col = factor_dims(rows, cols, recipe.param_dim)
+            row_m = seeded_gaussian(recipe.seed, name, "row", (k_row, rows)) if k_row < rows else None
+            col_m = seeded_gaussian(recipe.seed, name, "col", (k_col, cols)) if k_col < cols else None
+            self.params[name] = ParamSketch(name, tuple(shape), rows, cols, row_m, col_m)
+            self.offsets[name] = total
+            total += k_row * k_col
+        #: total stage-1 dimension M
+        self.stage1_dim = total
+        #: True when stage 2 is a zero padding (the features are exact)
+        self.exact = total <= recipe.dim and all(
+            p.row_matrix is None and p.col_matrix is None for p in self.params.values()
+        )
+        self._dense: Dict[str, torch.Tensor] = {}
+        self._dense_cache: Dict[Tuple[torch.device, torch.dtype], Dict[str, torch.Tensor]] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.recipe.dim
+
+    def param_sketches(self, names: List[str], device, dtype) -> Dict[str, ParamSketch]:
+        return {n: self.params[n].to(device, dtype) for n in names}
+
+    def _dense_block(self, name: str, device, dtype) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        blocks = self._dense_cache.setdefault(key, {})
+        if name not in blocks:
+            if name not in self._dense:
+                m = self.params[name].out_dim
+                # [m, dim] with N(0, 1/dim) entries: drawn as [dim, m] then transposed, so
+                # that its scale follows the recipe (1/sqrt of the number of rows = dim).
+                self._dense[name] = seeded_gaussian(self.recipe.seed, name, "dense", (self.dim, m)).T.contiguous()
+            blocks[name] = self._dense[name].to(device=device, dtype=dtype)
+        return blocks[name]
+
+    def combine(self, parts: Dict[str, torch.Tensor], batch: int, d: int, device, dtype) -> torch.Tensor:
+        """Stage 2: per-parameter sketches ``[B, d, m_l]`` -> ``[B, d, dim]``."""
+        out = torch.zeros(batch, d, self.dim, device=device, dtype=dtype)
+        if self.stage1_dim <= self.dim:
+            for name, part in parts.items():
+                off = self.offsets[name]
+                out[:, :, off : off + part.shape[-1]] += part
+            return out
+        for name, part in parts.items():
+            out += part @ self._dense_block(name, device, dtype)
+        return out

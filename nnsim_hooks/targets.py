@@ -1,0 +1,159 @@
+"""Which modules are hooked, with which rule, and the coverage report.
+
+A module is a target when it holds trainable parameters of its own (not counting its
+children's) and is selected by ``layers=``. Its rule is the fast rule registered for
+its exact type, or the torch.func fallback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch.nn as nn
+
+from .errors import ModelError
+from .rules import LayerRule, rule_for
+
+LayerSelector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+FALLBACK = "fallback (torch.func)"
+
+
+@dataclass
+class Target:
+    """One hooked module: its rule (None = fallback) and its parameters' global names."""
+
+    name: str
+    module: nn.Module
+    rule: Optional[LayerRule]
+    #: local parameter name (as in module.named_parameters(recurse=False)) -> model-level name
+    param_names: Dict[str, str]
+
+    @property
+    def rule_name(self) -> str:
+        return FALLBACK if self.rule is None else self.rule.name
+
+
+@dataclass
+class CoverageRow:
+    module: str
+    type: str
+    parameters: int
+    rule: str
+    status: str  # "fast", "fallback" or "excluded: ..."
+
+
+class CoverageReport:
+    """Which modules use a fast rule, which the fallback, which are excluded."""
+
+    def __init__(self, rows: List[CoverageRow]):
+        self.rows = rows
+
+    def _names(self, status: str) -> List[str]:
+        return [r.module for r in self.rows if r.status.startswith(status)]
+
+    @property
+    def fast(self) -> List[str]:
+        return self._names("fast")
+
+    @property
+    def fallback(self) -> List[str]:
+        return self._names("fallback")
+
+    @property
+    def excluded(self) -> List[str]:
+        return self._names("excluded")
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame([r.__dict__ for r in self.rows])
+
+    def summary(self) -> str:
+        count = lambda s: sum(r.parameters for r in self.rows if r.status.startswith(s))  # noqa: E731
+        return (
+            f"{len(self.fast)} modules on fast rules ({count('fast'):,} parameters), "
+            f"{len(self.fallback)} on the torch.func fallback ({count('fallback'):,}), "
+            f"{len(self.excluded)} excluded ({count('excluded'):,})"
+        )
+
+    def __str__(self) -> str:
+        header = ("module", "type", "parameters", "rule", "status")
+        body = [(r.module or "<model>", r.type, f"{r.parameters:,}", r.rule, r.status) for r in self.rows]
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body] + [self.summary()])
+
+    def __repr__(self) -> str:
+        return f"CoverageReport({self.summary()})"
+
+
+def _selector(layers: LayerSelector) -> Callable[[str, nn.Module], bool]:
+    if layers is None:
+        return lambda name, module: True
+    if callable(layers):
+        return layers
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+
+    def selected(name: str, module: nn.Module) -> bool:
+        # A pattern selects the modules it names and everything inside them.
+        parts = name.split(".") if name else []
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))] or [""]
+        return any(fnmatch.fnmatchcase(p, pat) for pat in patterns for p in prefixes)
+
+    return selected
+
+
+def find_targets(model: nn.Module, layers: LayerSelector = None):
+    """The targets and the coverage report for ``model``."""
+    select = _selector(layers)
+    global_names = {}
+    for name, param in model.named_parameters():
+        global_names.setdefault(id(param), name)
+    targets: List[Target] = []
+    rows: List[CoverageRow] = []
+    matched_any = False
+    for mod_name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        count = sum(p.numel() for _, p in own)
+        kind = type(module).__name__
+        trainable = [(n, p) for n, p in own if p.requires_grad]
+        rule = rule_for(module)
+        if rule is not None and not rule.supports(module):
+            rule = None
+        rule_name = FALLBACK if rule is None else rule.name
+        if not select(mod_name, module):
+            rows.append(CoverageRow(mod_name, kind, count, rule_name, "excluded: not selected"))
+            continue
+        matched_any = True
+        if not trainable:
+            rows.append(CoverageRow(mod_name, kind, count, rule_name, "excluded: frozen (requires_grad=False)"))
+            continue
+        names = {n: global_names[id(p)] for n, p in trainable}
+        targets.append(Target(mod_name, module, rule, names))
+        rows.append(CoverageRow(mod_name, kind, sum(p.numel() for _, p in trainable), rule_name,
+                                "fallback" if rule is None else "fast"))
+    if layers is not None and not matched_any:
+        raise ModelError(
+            f"layers={layers!r} selects no module that holds parameters; module names look like "
+            f"{[r.module for r in rows[:5]]}"
+        )
+    if not targets:
+        raise ModelError(
+            "no trainable parameters to differentiate: every selected parameter has requires_grad=False. "
+            "Unfreeze the parameters you want (param.requires_grad_(True)) or select other layers."
+        )
+    return targets, CoverageReport(rows)
+
+
+def shared_parameters(targets: Iterable[Target]) -> set:
+    """Global names of parameters that more than one target holds (tied weights)."""
+    seen, shared = set(), set()
+    for t in targets:
+        for g in t.param_names.values():
+            (shared if g in seen else seen).add(g)
+    return shared
