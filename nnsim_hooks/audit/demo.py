@@ -174,3 +174,106 @@ def agreement(predictions, labels) -> float:
     """Share of samples whose prediction equals the label (NaN for no sample)."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     return float((predictions == labels).mean()) if len(labels) else math.nan
+
+
+# -- the embedded default run (``nnsim audit`` without data) -----------------------------
+
+
+def demo_config(noise: float, epochs: int, limit: Optional[int], seed: int, k: int, sketch_dim: int,
+                output: Optional[str], thresholds: Optional[dict]) -> dict:
+    """What identifies a demo run (an interrupted run resumes only with the same)."""
+    return {
+        "demo": "digits",
+        "noise": noise,
+        "epochs": epochs,
+        "limit": limit,
+        "seed": seed,
+        "k": k,
+        "sketch_dim": sketch_dim,
+        "output": output,
+        "thresholds": thresholds or {},
+    }
+
+
+def _load_or_train(folder, data: NoisyDigits, epochs: int, seed: int, progress: bool):
+    """The trained CNN, saved in ``folder/demo/model.pt`` so that a resumed run uses the
+    very same weights (the index refuses features of another model)."""
+    import io as _io
+    from pathlib import Path
+
+    from .io import write_bytes_atomic
+
+    model = small_cnn(seed=seed)
+    path = Path(folder) / "demo" / "model.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+        logger.info("reusing the CNN trained by the interrupted run (%s)", path)
+        return model, None
+    history = train(model, data.images, data.noisy_labels, epochs=epochs, seed=seed, progress=progress)
+    buf = _io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_bytes_atomic(path, buf.getvalue())
+    return model, history
+
+
+def run_demo(
+    out_dir,
+    *,
+    noise: float = DEFAULT_NOISE,
+    epochs: int = DEFAULT_EPOCHS,
+    limit: Optional[int] = None,
+    seed: int = 0,
+    k: int = 10,
+    sketch_dim: int = 1024,
+    output: Optional[str] = None,
+    thresholds: Optional[dict] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Digits with planted noise, a CNN trained on the fly, then the audit, saved in
+    ``out_dir``. Returns the :class:`~nnsim_hooks.audit.AuditResult`; its
+    ``summary["extra"]`` holds the truth the demo knows (agreements, planted noise,
+    precision and recall of the flags)."""
+    import time
+
+    from .checks import agreement as share_equal
+    from .io import prepare_out_dir
+    from .run import audit
+
+    if epochs < 1:
+        raise InputError(f"epochs must be at least 1, got {epochs}")
+    started = time.time()
+    config = demo_config(noise, epochs, limit, seed, k, sketch_dim, output, thresholds)
+    prepare_out_dir(out_dir, config, overwrite=overwrite)
+    data = noisy_digits(noise, seed=seed, limit=limit)
+    model, history = _load_or_train(out_dir, data, epochs, seed, progress)
+    predictions = predict_proba(model, data.images).argmax(1)
+    result = audit(
+        model,
+        data.dataset(),
+        out_dir=out_dir,
+        k=k,
+        sketch_dim=sketch_dim,
+        output=output,
+        thresholds=thresholds,
+        progress=progress,
+        seed=seed,
+        config=config,
+        save=False,
+        class_names=[str(c) for c in range(10)],
+    )
+    flagged = result.table["is_label_issue"].to_numpy(dtype=bool)
+    result.summary["extra"] = {
+        "dataset": f"scikit-learn digits, {len(data)} samples, 8x8",
+        "planted_noise_rate": float(data.flipped.mean()),
+        "planted_flips": int(data.flipped.sum()),
+        "training_epochs": epochs if history is None else history["epochs"],
+        "agreement_with_noisy_labels": share_equal(predictions, data.noisy_labels),
+        "agreement_with_true_labels": share_equal(predictions, data.true_labels),
+        "label_issue_precision": float(data.flipped[flagged].mean()) if flagged.any() else float("nan"),
+        "label_issue_recall": float(flagged[data.flipped].mean()) if data.flipped.any() else float("nan"),
+    }
+    result.summary["seconds"] = round(time.time() - started, 2)
+    result.save(out_dir, _finish=True)
+    return result
