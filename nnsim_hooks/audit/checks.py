@@ -177,11 +177,12 @@ def averaging_error_probability(n_eff: np.ndarray, noise_rate: float, num_classe
     Model: the prediction at x_i is the average of ``N_eff(x_i)`` independent labels
     (``N_eff`` clipped to >= 1), each wrong with probability ``noise_rate`` and then
     uniform over the other ``C - 1`` classes. The averaged indicator of the true class has
-    mean ``1 - p`` and that of another class ``p / (C - 1)``; with the normal
-    approximation of their difference and a union bound over the C - 1 other classes:
+    mean ``1 - p`` and that of another class ``q = p / (C - 1)``; with the normal
+    approximation of their difference (multinomial variances and covariance) and a union
+    bound over the C - 1 other classes:
 
         P(error_i) ~= min(1, (C - 1) * Q(margin / sd_i)),
-        margin = 1 - p - p / (C - 1),  sd_i^2 = ((1-p) p + q (1-q)) / N_eff_i,  q = p / (C - 1).
+        margin = 1 - p - q,  sd_i^2 = ((1-p) p + q (1-q) + 2 (1-p) q) / N_eff_i.
 
     Label-free: ``noise_rate`` is estimated by the audit's share of flagged labels. It
     counts only errors caused by label noise, not those of a network that is unsure for
@@ -194,7 +195,7 @@ def averaging_error_probability(n_eff: np.ndarray, noise_rate: float, num_classe
     p = float(np.clip(noise_rate, 0.0, 1.0)) if np.isfinite(noise_rate) else 0.0
     q = p / (c - 1)
     margin = 1.0 - p - q
-    sd = np.sqrt(((1.0 - p) * p + q * (1.0 - q)) / n)
+    sd = np.sqrt(((1.0 - p) * p + q * (1.0 - q) + 2.0 * (1.0 - p) * q) / n)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(sd > 0, margin / np.where(sd > 0, sd, 1.0), np.inf)
     return np.minimum(1.0, (c - 1) * norm.sf(z)) if margin > 0 else np.ones_like(n)

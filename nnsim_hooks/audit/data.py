@@ -61,9 +61,12 @@ def to_label(value: Any, where: str) -> int:
 
 def split_item(item: Any) -> Tuple[Any, Any, bool]:
     """``(input, label, has_label)`` from one dataset item: a pair ``(input, label)``
-    (tuple or list of two) or a bare input. Multi-input samples are ``((a, b), label)``."""
+    (tuple or list of two), a 1-tuple ``(input,)`` or a bare input. Multi-input samples
+    are ``((a, b), label)``."""
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1], True
+    if isinstance(item, (tuple, list)) and len(item) == 1:  # TensorDataset(inputs) gives 1-tuples
+        return item[0], None, False
     return item, None, False
 
 
