@@ -117,6 +117,8 @@ class AuditView(Dataset):
         self.dataset = dataset
         self.labels = labels
         self.positions = np.arange(len(dataset)) if positions is None else np.asarray(positions, dtype=np.int64)
+        #: set once the model's number of classes is known: larger labels are refused early
+        self.num_classes: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -134,7 +136,13 @@ class AuditView(Dataset):
         x, label, _ = split_item(item)
         if self.labels is not None:
             label = self.labels[position]
-        return x, to_label(label, f"sample {position}")
+        label = to_label(label, f"sample {position}")
+        if self.num_classes is not None and label >= self.num_classes:
+            raise DataError(
+                f"sample {position} has label {label} but the model has {self.num_classes} outputs (classes "
+                f"0..{self.num_classes - 1}); labels must index the model's outputs"
+            )
+        return x, label
 
 
 def check_dataset(dataset: Any) -> int:

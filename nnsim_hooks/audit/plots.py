@@ -75,7 +75,7 @@ def histogram(
             ax.spines[side].set_visible(False)
         if note:
             ax.text(0.99, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=7, color="#555")
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.17, top=0.89)  # fixed: tight_layout costs ~0.5 s
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
     finally:

@@ -193,6 +193,14 @@ def audit(
     try:
         probe = _probe(model, view)
         classifier = probe.dim() == 2 and probe.shape[1] >= 2
+        if classifier:
+            view.num_classes = int(probe.shape[1])
+            if user_labels is not None and (user_labels >= probe.shape[1]).any():
+                bad = np.flatnonzero(user_labels >= probe.shape[1])[:5]
+                raise DataError(
+                    f"labels {user_labels[bad].tolist()} (samples {bad.tolist()}) are not below the model's "
+                    f"{probe.shape[1]} classes; labels must index the model's outputs"
+                )
         fn = label_free_output(output, classifier)
         with attach(model, output=fn, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size) as handle:
             index = handle.build_index(
