@@ -37,6 +37,9 @@ def _thresholds(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
             out[name.strip()] = None if value.strip().lower() in ("none", "") else float(value)
         except ValueError as exc:
             raise CliError(f"--threshold {item!r}: {value!r} is not a number") from exc
+    from .audit.thresholds import Thresholds
+
+    Thresholds.make(out)  # fail now, not after training
     return out
 
 

@@ -128,3 +128,17 @@ def test_save_of_an_in_memory_result(small, tmp_path):
         result.save(tmp_path / "e")
     result.save(tmp_path / "e", overwrite=True)
     torch.manual_seed(0)
+
+
+def test_a_run_that_failed_before_storing_anything_does_not_block_the_next(small, tmp_path):
+    model, data = small
+    out = tmp_path / "f"
+
+    class Bad(Counting):
+        def __getitem__(self, i):
+            return "not a tensor", 0
+
+    with pytest.raises(Exception, match="needs tensors"):
+        run(model, Bad(data.images, data.noisy_labels), out)
+    result = run(model, Counting(data.images, data.noisy_labels), out)  # another configuration, accepted
+    assert result.summary["samples"] == 120

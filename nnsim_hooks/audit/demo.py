@@ -241,8 +241,15 @@ def run_demo(
     from .io import prepare_out_dir
     from .run import audit
 
+    from .thresholds import Thresholds
+
     if epochs < 1:
         raise InputError(f"epochs must be at least 1, got {epochs}")
+    if not 0 <= noise < 1:
+        raise InputError(f"noise must be a fraction in [0, 1), got {noise}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be at least 1, got {limit}")
+    Thresholds.make(thresholds)  # bad thresholds fail before the training
     started = time.time()
     config = demo_config(noise, epochs, limit, seed, k, sketch_dim, output, thresholds)
     prepare_out_dir(out_dir, config, overwrite=overwrite)

@@ -8,7 +8,8 @@ before anything else and updated when the audit finishes:
   the audit's own files (and only them);
 - a folder with an *unfinished* audit of the same configuration is resumed: the
   gradient index inside it continues where it stopped (Ctrl-C, crash);
-- an unfinished audit of another configuration is refused unless ``overwrite=True``;
+- an unfinished audit of another configuration is refused unless ``overwrite=True``
+  (or unless it stored nothing yet: a run that failed early is simply replaced);
 - a non-empty folder without the marker is never touched: choose another folder.
 """
 
@@ -138,9 +139,12 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
                 "nothing in it is deleted: choose a new or empty folder"
             )
         same = clean_json(marker.get("config")) == clean_json(config)
-        if marker.get("state") == "running" and same and not overwrite:
+        running = marker.get("state") == "running"
+        if running and same and not overwrite:
             logger.info("resuming the unfinished audit in %s", folder)
             return True
+        if running and not _holds_work(folder):
+            overwrite = True  # a run that failed before storing anything: nothing to lose
         if not overwrite:
             what = "a finished audit" if marker.get("state") == "done" else "an unfinished audit of another configuration"
             raise StoreError(
@@ -151,6 +155,17 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / MARKER, {"state": "running", "config": clean_json(config)})
     return False
+
+
+def _holds_work(folder: Path) -> bool:
+    """Whether an unfinished audit stored anything worth resuming (features, a trained model)."""
+    folder = Path(folder)
+    if (folder / "demo" / "model.pt").exists():
+        return True
+    try:
+        return int(json.loads((folder / "index" / "manifest.json").read_text()).get("count", 0)) > 0
+    except (OSError, ValueError):
+        return (folder / "index").exists()
 
 
 def remove_outputs(folder: Path) -> None:
