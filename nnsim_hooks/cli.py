@@ -192,7 +192,9 @@ def format_summary(result, out: Path) -> str:
 
 def cmd_audit(args) -> int:
     from .audit.demo import run_demo
+    from .audit.run import require_audit_extra
 
+    require_audit_extra()
     thresholds = _thresholds(args.threshold)
     out = Path(args.out)
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
@@ -225,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\ninterrupted: what was computed is kept in {getattr(args, 'out', '.')}; run the same command again "
               "to resume", file=sys.stderr)
         return 130
-    except (NnsimError, InputError) as exc:
+    except (NnsimError, InputError, ImportError) as exc:
         print(f"nnsim: error: {exc}", file=sys.stderr)
         return 1
     parser.print_help()

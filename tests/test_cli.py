@@ -173,3 +173,19 @@ def test_console_script_entry_point():
                           timeout=120)
     assert done.returncode == 0 and "--overwrite" in done.stdout and "--data" in done.stdout
     assert cli.main([]) == 2
+
+
+def test_missing_audit_extra_is_named(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert nnsim("--out", tmp_path / "x", "--no-progress") == 1
+    assert "pip install 'nnsim_hooks[audit]'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -192,7 +192,7 @@ def _class_table(result, names: _Names) -> str:
     pc = result.per_class
     head = ("<tr><th>class</th><th>samples</th><th>predicted as</th><th>agreement</th><th>label issues</th>"
             "<th>issue rate</th><th>outliers</th><th>in dup. groups</th><th>median N_eff</th>"
-            "<th>mean 1/N_eff</th><th>mean consistency</th></tr>")
+            "<th>median 1/N_eff</th><th>median consistency</th></tr>")
     rows = []
     overall = result.summary.get("label_issue_rate") or 0.0
     for r in pc.to_dict("records"):
@@ -206,11 +206,12 @@ def _class_table(result, names: _Names) -> str:
             f'<td>{_num(r["predicted_as"]) if r["predicted_as"] is not None and r["predicted_as"] == r["predicted_as"] else "–"}</td>'
             f'<td>{_pct(r["agreement"])}</td><td>{_num(r["label_issues"])}</td><td{hot}>{_pct(rate)}</td>'
             f'<td>{_num(r["outliers"])}</td><td>{_num(r["in_duplicate_groups"])}</td>'
-            f'<td>{_num(r["median_effective_neighbors"])}</td><td>{_num(r["mean_denoising_factor"])}</td>'
-            f'<td>{_num(r["mean_consistency"])}</td></tr>'
+            f'<td>{_num(r["median_effective_neighbors"])}</td><td>{_num(r["median_denoising_factor"])}</td>'
+            f'<td>{_num(r["median_consistency"])}</td></tr>'
         )
     return (f'<section><h2>Health per class</h2><p class="lead">By given label. <b>agreement</b>: predictions equal to the '
-            'label. <b>N_eff</b>: how many samples the network averages at each prediction (PAPER §3); '
+            'label. <b>N_eff</b>: how many samples the network averages at each prediction, so label-noise variance is '
+            'divided by N_eff there (PAPER §3; medians, as samples whose similarities cancel out have N_eff near 0); '
             '<b>consistency</b>: distance between a prediction and the kernel-weighted average of the others\' '
             f'predictions (0 = the averaging hypothesis holds exactly).</p><table class="data">{head}{"".join(rows)}'
             '</table></section>')

@@ -171,8 +171,9 @@ class AuditResult:
                     "outliers": int(sub["is_outlier"].sum()),
                     "in_duplicate_groups": int((sub["duplicate_group"] >= 0).sum()),
                     "median_effective_neighbors": _nanstat(np.median, sub["effective_neighbors"]),
+                    "median_denoising_factor": _nanstat(np.median, sub["denoising_factor"]),
                     "mean_denoising_factor": _nanstat(np.mean, sub["denoising_factor"]),
-                    "mean_consistency": _nanstat(np.mean, sub["consistency"]),
+                    "median_consistency": _nanstat(np.median, sub["consistency"]),
                 }
             )
         return pd.DataFrame(rows)

@@ -68,6 +68,21 @@ def label_free_output(output: Union[None, str, Callable], classifier: bool) -> C
     return _LABEL_FREE[output]
 
 
+def require_audit_extra() -> None:
+    """The audit's optional dependencies, with one message naming the extra."""
+    missing = []
+    for module in ("pandas", "matplotlib", "sklearn", "scipy", "PIL"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(
+            f"the audit needs {', '.join(missing)}: pip install 'nnsim_hooks[audit]' (pandas, pyarrow, matplotlib, "
+            "scikit-learn, pillow)"
+        )
+
+
 def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
     """Run the model on the first sample: checks input and model early, with context."""
     x, _ = view[0]
@@ -160,6 +175,7 @@ def audit(
     from .. import attach
 
     started = time.time()
+    require_audit_extra()
     if not isinstance(model, nn.Module):
         raise InputError(f"audit() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
