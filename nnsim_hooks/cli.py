@@ -72,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for the noise, the training and the sketch")
     opts = a.add_argument_group("audit options")
     opts.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per sample (default %(default)s)")
-    opts.add_argument("--sketch-dim", type=int, default=DEFAULT_SKETCH_DIM, help="feature dimension (default %(default)s)")
+    opts.add_argument("--sketch-dim", type=int, default=None,
+                      help=f"feature dimension per output (default: {DEFAULT_SKETCH_DIM}, or 2048/C for --output full)")
     opts.add_argument("--batch-size", type=int, default=64, help="samples per pass (default %(default)s)")
     opts.add_argument("--output", default=None, choices=["contrast", "full", "logit", "sum"],
-                      help="what is differentiated (default: the predicted class's contrast)")
+                      help="what is differentiated, never with the labels (default: full for classifiers with at "
+                      "most 16 classes, contrast of the predicted class above)")
     opts.add_argument("--threshold", action="append", metavar="NAME=VALUE",
                       help="change a threshold: label_issue, duplicate, duplicate_quantile, outlier_z, outlier_quantile")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -122,6 +124,9 @@ def _audit_folder(args, thresholds) -> Any:
     if not isinstance(model, nn.Module):
         raise CliError(f"integrations.load_model({args.model!r}) returned {type(info).__name__} without a model")
     dataset = integrations.load_dataset(args.data, info)
+    # A model without class logits (segmentation...) comes with a suggested label-free reduction.
+    suggested = getattr(info, "output", None)
+    output = args.output if args.output is not None or not callable(suggested) else suggested
     config = {
         "data": str(Path(args.data).resolve()),
         "model": args.model,
@@ -142,11 +147,11 @@ def _audit_folder(args, thresholds) -> Any:
         k=args.k,
         sketch_dim=args.sketch_dim,
         batch_size=args.batch_size,
-        output=args.output,
+        output=output,
         thresholds=thresholds,
         progress=not args.no_progress,
         seed=args.seed,
-        class_names=getattr(dataset, "classes", None),
+        class_names=getattr(dataset, "classes", None) or None,
         config=config,
     )
 

@@ -186,3 +186,24 @@ def test_inputs_without_labels():
     assert t["label"].isna().all() and t["label_issue_score"].isna().all() and not t["is_label_issue"].any()
     assert t["neighbor_1"].ge(0).all()
     assert result.summary["labelled"] == 0
+
+
+def test_default_outputs_full_for_neighbours_and_contrast_for_density():
+    """Up to 16 classes the neighbours use all outputs and density/N_eff the predicted
+    class's contrast (checked against an index built by hand); above, contrast alone."""
+    from nnsim_hooks.audit.run import contrast_predicted
+
+    model, data = trained_digits()
+    ds = torch.utils.data.TensorDataset(data.images[:80], torch.as_tensor(data.noisy_labels[:80]))
+    result = nnsim_hooks.audit(model, ds, progress=False, k=5)
+    assert result.summary["output"] == "full_outputs" and result.summary["denoising_output"] == "contrast_predicted"
+    assert result.index.dim == 10 * 204 and result.denoise_index.dim == 1024
+    with nnsim_hooks.attach(model, output=contrast_predicted, sketch_dim=1024) as h:
+        oracle = h.build_index(torch.utils.data.TensorDataset(data.images[:80]), progress=False)
+    np.testing.assert_allclose(result.table["density"], oracle.density(), rtol=1e-5)
+    np.testing.assert_allclose(result.table["effective_neighbors"], oracle.effective_neighbors(), rtol=1e-5)
+
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 20))
+    many = nnsim_hooks.audit(wide, ds, progress=False, k=5)
+    assert many.summary["output"] == "contrast_predicted" and many.denoise_index is None

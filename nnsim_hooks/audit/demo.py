@@ -197,7 +197,7 @@ def agreement(predictions, labels) -> float:
 # -- the embedded default run (``nnsim audit`` without data) -----------------------------
 
 
-def demo_config(noise: float, epochs: int, limit: Optional[int], seed: int, k: int, sketch_dim: int,
+def demo_config(noise: float, epochs: int, limit: Optional[int], seed: int, k: int, sketch_dim: Optional[int],
                 output: Optional[str], thresholds: Optional[dict]) -> dict:
     """What identifies a demo run (an interrupted run resumes only with the same)."""
     return {
@@ -251,7 +251,7 @@ def _run_demo(
     limit: Optional[int] = None,
     seed: int = 0,
     k: int = 10,
-    sketch_dim: int = 1024,
+    sketch_dim: Optional[int] = None,
     output: Optional[str] = None,
     thresholds: Optional[dict] = None,
     overwrite: bool = False,

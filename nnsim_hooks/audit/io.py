@@ -32,6 +32,7 @@ MARKER = "nnsim-audit.json"
 OUTPUTS = (
     MARKER,
     "index",
+    "index-denoising",
     "report.html",
     "table.csv",
     "table.parquet",

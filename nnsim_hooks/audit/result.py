@@ -7,7 +7,9 @@ Saved folder layout (``AuditResult.save(dir)``)::
     per_class.csv      the health summary per class
     summary.json       counts, thresholds, denoising, agreements (JSON)
     knn_graph.npz      the k-NN graph in cleanlab's format (scipy.sparse.save_npz)
-    index/             the gradient index (nnsim_hooks.index.load_index(dir / "index"))
+    index/             the gradient index of the neighbours (nnsim_hooks.index.load_index(dir / "index"))
+    index-denoising/   the predicted-class index of density and denoising, when the
+                       neighbours use another output (output="full", the default up to 16 classes)
     nnsim-audit.json   the folder's marker (state, configuration)
 
 Table columns: ``readable``, ``valid`` (the sample has a gradient direction), ``label``,
@@ -73,6 +75,7 @@ class AuditResult:
     thumbnail: Optional[Callable] = None
     class_names: Optional[List[str]] = None
     info: Dict[str, Any] = field(default_factory=dict, repr=False)
+    denoise_index: Any = None
 
     # -- construction ---------------------------------------------------------------------
 
@@ -262,6 +265,8 @@ class AuditResult:
                 prepare_out_dir(out, {"saved_result": True}, overwrite=overwrite)
         if self.index is not None:
             self.index.save(out / "index", overwrite=True)
+        if self.denoise_index is not None:
+            self.denoise_index.save(out / "index-denoising", overwrite=True)
         table = self.table
         write_text_atomic(out / "table.csv", table.to_csv())
         buf = io.BytesIO()
@@ -296,14 +301,13 @@ class AuditResult:
             per_class = pd.read_csv(out / "per_class.csv")
         except (OSError, ValueError) as exc:
             raise StoreError(f"{out} does not hold a complete saved audit: {exc}") from exc
-        index = None
-        if (out / "index").is_dir():
-            from ..index import load_index
+        from ..index import load_index
 
-            index = load_index(out / "index")
+        index = load_index(out / "index") if (out / "index").is_dir() else None
+        denoise_index = load_index(out / "index-denoising") if (out / "index-denoising").is_dir() else None
         thresholds = {k: v for k, v in summary.get("thresholds", {}).items() if k in Thresholds.__dataclass_fields__}
         return cls(table=table, summary=summary, per_class=per_class, thresholds=Thresholds(**thresholds),
-                   index=index, k=int(summary.get("k", 10)))
+                   index=index, k=int(summary.get("k", 10)), denoise_index=denoise_index)
 
     def __repr__(self) -> str:
         s = self.summary

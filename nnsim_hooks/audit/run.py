@@ -23,8 +23,17 @@ logger = logging.getLogger(__name__)
 
 #: Neighbours kept per sample (the label vote, the galleries, the cleanlab graph).
 DEFAULT_K = 10
-#: Sketch dimension of the audit's features.
+#: Sketch dimension of the audit's features for a scalar output.
 DEFAULT_SKETCH_DIM = 1024
+#: Classifiers with at most this many classes use output="full" by default (see audit()).
+MAX_FULL_CLASSES = 16
+#: With output="full" and no sketch_dim given, each of the C outputs gets
+#: max(MIN_FULL_SKETCH_DIM, FULL_FEATURE_BUDGET // C) dimensions.
+FULL_FEATURE_BUDGET = 2048
+MIN_FULL_SKETCH_DIM = 128
+#: Folder (inside out_dir) of the second index, for density and denoising, when the
+#: neighbours come from another output than the predicted class's contrast.
+DENOISING_INDEX = "index-denoising"
 #: Output functions the audit accepts by name: all of them ignore labels.
 OUTPUTS = ("contrast", "full", "logit", "sum")
 
@@ -50,6 +59,20 @@ def sum_outputs(outputs: torch.Tensor, targets: Optional[torch.Tensor] = None) -
 
 
 _LABEL_FREE = {"contrast": contrast_predicted, "full": full_outputs, "logit": logit_predicted, "sum": sum_outputs}
+
+
+def default_output(classifier: bool, num_classes: Optional[int]) -> str:
+    """``"full"`` for classifiers with at most :data:`MAX_FULL_CLASSES` classes,
+    ``"contrast"`` for larger ones, ``"sum"`` for other models."""
+    if not classifier:
+        return "sum"
+    return "full" if num_classes is not None and num_classes <= MAX_FULL_CLASSES else "contrast"
+
+
+def default_sketch_dim(output_name: str, num_classes: Optional[int]) -> int:
+    if output_name == "full" and num_classes:
+        return max(MIN_FULL_SKETCH_DIM, FULL_FEATURE_BUDGET // num_classes)
+    return DEFAULT_SKETCH_DIM
 
 
 def label_free_output(output: Union[None, str, Callable], classifier: bool) -> Callable:
@@ -109,7 +132,7 @@ def audit(
     *,
     labels: Optional[Sequence] = None,
     output: Union[None, str, Callable] = None,
-    sketch_dim: int = DEFAULT_SKETCH_DIM,
+    sketch_dim: Optional[int] = None,
     k: int = DEFAULT_K,
     out_dir: Optional[Union[str, Path]] = None,
     progress: bool = True,
@@ -144,10 +167,19 @@ def audit(
             label-issue score and do not vote. Image folders with unreadable files: the
             files are skipped and counted (``readable=False`` rows).
         labels: one label per sample, overriding the dataset's (same missing markers).
-        output: what is differentiated: ``None`` (the predicted class's contrast for
-            classifiers), ``"contrast"``, ``"full"`` (all C outputs, whitened: better on
-            small C, C times the cost), ``"logit"``, ``"sum"`` or a callable that ignores targets.
-        sketch_dim: feature dimension per output (see :func:`nnsim_hooks.attach`).
+        output: what is differentiated, never with the labels:
+
+            - ``None`` (default): ``"full"`` for classifiers with at most 16 classes,
+              ``"contrast"`` above, ``"sum"`` for other models;
+            - ``"full"``: all C outputs, whitened (the paper's Tr(K_C)/d): the similarity
+              of two inputs over every class, C backward passes per batch;
+            - ``"contrast"``: the authors' scalar for the predicted class, one backward
+              pass. Neighbours then mostly share the predicted class, so once a network
+              has memorised its noisy labels they share the label too and wrong labels
+              hide (measured in ``benchmarks/results/label_issues.md``);
+            - ``"logit"``, ``"sum"`` or a callable ``fn(outputs, targets)`` that ignores targets.
+        sketch_dim: feature dimension per output (see :func:`nnsim_hooks.attach`); None:
+            1024, or ``max(128, 2048 // C)`` per output for ``"full"``.
         k: neighbours per sample.
         out_dir: a folder for everything (index store, table, report). The index is built
             inside it, so an interrupted audit resumes when called again with the same
@@ -209,6 +241,11 @@ def audit(
     try:
         probe = _probe(model, view)
         classifier = probe.dim() == 2 and probe.shape[1] >= 2
+        num_classes = int(probe.shape[1]) if classifier else None
+        if output is None:
+            output = default_output(classifier, num_classes)
+        if sketch_dim is None:
+            sketch_dim = default_sketch_dim(output if isinstance(output, str) else "", num_classes)
         if classifier:
             view.num_classes = int(probe.shape[1])
             if user_labels is not None and (user_labels >= probe.shape[1]).any():
@@ -218,19 +255,24 @@ def audit(
                     f"{probe.shape[1]} classes; labels must index the model's outputs"
                 )
         fn = label_free_output(output, classifier)
+        task = "classification" if classifier else "auto"
         with attach(model, output=fn, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size) as handle:
-            index = handle.build_index(
-                view,
-                None if out_path is None else out_path / "index",
-                batch_size=batch_size,
-                progress=progress,
-                task="classification" if classifier else "auto",
-            )
+            index = handle.build_index(view, None if out_path is None else out_path / "index",
+                                       batch_size=batch_size, progress=progress, task=task)
             output_name = handle.output_name
+        denoise_index = None
+        if classifier and fn is not contrast_predicted:
+            # The paper's density and denoising are defined for the classifier's scalar
+            # (the predicted class's contrast): with all C outputs, every pair of inputs is
+            # similar (ReLU features have positive cosines) and N_eff would approach N.
+            with attach(model, output=contrast_predicted, sketch_dim=DEFAULT_SKETCH_DIM, seed=seed,
+                        batch_size=batch_size) as handle:
+                denoise_index = handle.build_index(
+                    view, None if out_path is None else out_path / DENOISING_INDEX,
+                    batch_size=batch_size, progress=progress, task=task)
     finally:
         model.train(was_training)
 
-    num_classes = int(probe.shape[1]) if classifier else None
     result = analyse(
         index,
         positions=positions,
@@ -239,6 +281,7 @@ def audit(
         thresholds=limits,
         num_classes=num_classes,
         progress=progress,
+        denoise_index=denoise_index,
     )
     result.dataset = dataset
     result.thumbnail = thumbnail
@@ -248,6 +291,7 @@ def audit(
             "model": type(model).__name__,
             "output": output_name,
             "sketch_dim": int(sketch_dim),
+            "denoising_output": "contrast_predicted" if denoise_index is not None else output_name,
             "seconds": round(time.time() - started, 2),
         }
     )
@@ -267,11 +311,14 @@ def analyse(
     thresholds: Optional[Thresholds] = None,
     num_classes: Optional[int] = None,
     progress: bool = False,
+    denoise_index=None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
     ``positions[i]`` is the dataset position of the index's sample ``i`` (default: the
     same); ``n_total`` the dataset's length (rows not in the index are unreadable).
+    ``denoise_index`` (same samples, another output) gives the density, N_eff and
+    consistency columns instead of ``index``.
     """
     import pandas as pd
 
@@ -319,11 +366,14 @@ def analyse(
     preference = np.nan_to_num(vote.score, nan=0.0) - 1e-3 * np.nan_to_num(local, nan=0.0)
     representative = checks.group_representatives(groups, preference)
 
-    density = np.asarray(index.density(), dtype=np.float64) if n else np.zeros(0)
-    n_eff = np.asarray(index.effective_neighbors(), dtype=np.float64)
-    denoise = np.asarray(index.denoising_factor(), dtype=np.float64)
+    paper = index if denoise_index is None else denoise_index
+    if len(paper) != n:
+        raise DataError(f"denoise_index holds {len(paper)} samples but the index {n}; build both from the same data")
+    density = np.asarray(paper.density(), dtype=np.float64)
+    n_eff = np.asarray(paper.effective_neighbors(), dtype=np.float64)
+    denoise = np.asarray(paper.denoising_factor(), dtype=np.float64)
     try:
-        consistency = np.asarray(index.consistency(), dtype=np.float64)
+        consistency = np.asarray(paper.consistency(), dtype=np.float64)
     except DataError:
         consistency = np.full(n, np.nan)
 
@@ -377,4 +427,6 @@ def analyse(
         "outlier_threshold": out_threshold,
         "top1_similarity": top1,
     }
-    return AuditResult.build(table, index=index, thresholds=limits, k=k, num_classes=num_classes, info=info)
+    result = AuditResult.build(table, index=index, thresholds=limits, k=k, num_classes=num_classes, info=info)
+    result.denoise_index = denoise_index
+    return result
