@@ -9,11 +9,11 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
-from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError, StoreError
+from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
 from .data import Batch, BatchSource, to_device
 from .gradient_index import GradientIndex, finish
 from .manifest import check_fingerprint, new_manifest
-from .store import ColumnSpec, Store, is_store, prepare_folder
+from .store import ColumnSpec, Store, is_store, remove_store_files
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,19 @@ def build_index(
     source = BatchSource(data, batch_size or handle.batch_size, num_workers)
     if source.total == 0:
         raise DataError(f"the dataset is empty ({source.describe()} of length 0): there is nothing to index")
+    folder_existed = path is not None and Path(path).exists()
     store = _open_store(handle, path, overwrite, source)
     try:
         if not store.manifest.get("extraction_complete"):
-            _extract(handle, source, store, progress, store_outputs, task)
+            try:
+                _extract(handle, source, store, progress, store_outputs, task)
+            except DataError:
+                if store.on_disk and store.count == 0:  # nothing to resume: leave no empty index behind
+                    store.close()
+                    remove_store_files(store.path)
+                    if not folder_existed:
+                        _remove_if_empty(store.path)
+                raise
         elif source.total is not None and source.total != store.count:
             raise IndexMismatchError(
                 f"the index at '{path}' holds {store.count} samples but the data has {source.total}: it was built "
@@ -90,6 +99,13 @@ def build_index(
     finally:
         store.close()
     return finish(store, index, index_options, gpu=gpu, progress=progress)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _open_store(handle, path, overwrite: bool, source: BatchSource) -> Store:
@@ -112,7 +128,7 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
     from tqdm.auto import tqdm
 
     device = next(iter(handle.model.parameters()), torch.empty(0)).device
-    where = f"the index folder '{store.path}'" if store.on_disk else "the in-memory index"
+    where = f"The index folder '{store.path}'" if store.on_disk else "The in-memory index"
     first = True
     next_number = None  # number of the batch being loaded, once one has been seen
     batches = source.batches(store.count)

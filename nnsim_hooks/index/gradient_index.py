@@ -35,7 +35,7 @@ from .checks import (
     first_k_not_excluded,
 )
 from .manifest import MANIFEST, check_fingerprint, new_manifest, now, read_manifest
-from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, prepare_folder, write_column
+from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, write_column
 
 logger = logging.getLogger(__name__)
 
