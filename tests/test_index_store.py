@@ -9,7 +9,7 @@ import pytest
 
 from index_synthetic import clustered_rows, softmax
 from nnsim_hooks import load_index
-from nnsim_hooks.errors import IndexMismatchError, StoreError
+from nnsim_hooks.errors import IndexMismatchError, InputError, StoreError
 from nnsim_hooks.index import GradientIndex
 from nnsim_hooks.index.atomic import write_json_atomic
 from nnsim_hooks.index.manifest import check_fingerprint, fingerprint_differences
@@ -138,3 +138,21 @@ def test_fingerprint_differences_say_what_differs():
     with pytest.raises(IndexMismatchError, match="model.weights"):
         check_fingerprint(stored, current, "here")
     check_fingerprint(dict(stored, output="sum"), dict(stored, output="auto"), "here", unresolved_output=True)
+
+
+def test_from_features_reads_a_memmap_block_by_block_and_cleans_up_on_bad_rows(tmp_path, monkeypatch):
+    import nnsim_hooks.index.gradient_index as gi
+
+    monkeypatch.setattr(gi, "BLOCK_BYTES", 16 * D * 4)  # blocks of 16 rows
+    rows = clustered_rows(N, D, seed=2)
+    raw = np.memmap(tmp_path / "raw.f32", dtype=np.float32, mode="w+", shape=(N, D))
+    raw[:] = rows
+    raw.flush()
+    idx = GradientIndex.from_features(np.memmap(tmp_path / "raw.f32", dtype=np.float32, mode="r", shape=(N, D)),
+                                      path=tmp_path / "ix")
+    np.testing.assert_array_equal(idx.features, rows)
+    bad = rows.copy()
+    bad[N - 1] *= 3  # in the last block: found after the first blocks were written
+    with pytest.raises(InputError, match=f"row {N - 1} has norm 3"):
+        GradientIndex.from_features(bad, path=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
