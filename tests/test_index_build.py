@@ -369,3 +369,15 @@ def test_disk_full_while_writing_the_faiss_index(handle, xy, tmp_path, monkeypat
     assert not _manifest(tmp_path / "ix")["complete"]
     idx = handle.build_index(Items(x, y, fail_at=set(range(N))), tmp_path / "ix", index="hnsw", progress=False)
     assert idx.kind == "hnsw" and len(idx) == N  # features were kept: no re-extraction
+
+
+def test_multi_output_features_agree_with_the_handle(xy):
+    """output="full" (d = 3 whitened outputs): the index's density is the row sum of the
+    handle's own sketched similarity matrix."""
+    x, _ = xy
+    with nnsim_hooks.attach(make_model(), output="full", sketch_dim=DIM) as h:
+        idx = h.build_index(x[:40], progress=False, task="classification")
+        assert idx.dim == CLASSES * DIM and idx.probabilities.shape == (40, CLASSES)
+        sims = h.similarity(x[:40], exact=False).detach().double().numpy()
+    np.testing.assert_allclose(idx.density(), sims.sum(1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(idx.soft_counts(2, progress=False), (np.clip(sims, 0, None) ** 2).sum(1), rtol=1e-4)
