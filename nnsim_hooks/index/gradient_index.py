@@ -43,6 +43,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 KERNELS = ("cosine", "raw")
 # Rows of input features read at once by from_features().
 BLOCK_BYTES = 64 << 20
+# Largest moment matrix kept between calls (C is D x D float64: 8 MB at D = 1024).
+_MAX_CACHED_BYTES = 256 << 20
 # Results per FAISS range-search call: bounds its memory (12 bytes per result).
 _RANGE_RESULTS_PER_CALL = 5_000_000
 
@@ -262,12 +264,16 @@ class GradientIndex:
     # -- density (PAPER §2) ----------------------------------------------------------------
 
     def _moment(self, name: str, kernel: str) -> np.ndarray:
+        """``S`` (name "sum") or ``C`` ("second") for a kernel, cached unless C is large."""
         key = (name, kernel)
-        if key not in self._cache:
-            w = self._weights(kernel)
-            f = self.features
-            self._cache[key] = moments.weighted_sum(f, w) if name == "sum" else moments.second_moment(f, w)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        w = self._weights(kernel)
+        f = self.features
+        value = moments.weighted_sum(f, w) if name == "sum" else moments.second_moment(f, w)
+        if value.nbytes <= _MAX_CACHED_BYTES:
+            self._cache[key] = value
+        return value
 
     def _weights(self, kernel: str) -> Optional[np.ndarray]:
         if kernel not in KERNELS:
