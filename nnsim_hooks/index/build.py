@@ -73,7 +73,7 @@ def build_index(
         raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
     if task not in ("auto", "classification", "regression"):
         raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
-    source = BatchSource(data, batch_size or handle.batch_size, num_workers)
+    source = BatchSource(data, handle.batch_size if batch_size is None else batch_size, num_workers)
     if source.total == 0:
         raise DataError(f"the dataset is empty ({source.describe()} of length 0): there is nothing to index")
     folder_existed = path is not None and Path(path).exists()
