@@ -135,7 +135,9 @@ def markdown(results, args, command: str) -> str:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), faiss {faiss.__version__}, numpy {np.__version__}. "
-        f"Date: {time.strftime('%Y-%m-%d')}. Peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB.",
+        f"Date: {time.strftime('%Y-%m-%d')}. Peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB. "
+        f"Load average (1 min) at start / end: {args.load_start:.1f} / {os.getloadavg()[0]:.1f} (other jobs shared "
+        "the cores: compare ratios within the run, not seconds across runs).",
         "",
         f"Synthetic unit vectors, D = {args.dim}, {args.clusters} clusters, noise {args.noise} (same-cluster cosine "
         f"about {1 / (1 + args.noise ** 2):.2f}, otherwise about 0). "
@@ -184,6 +186,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     sizes = list(args.sizes) + ([1_000_000] if args.large and 1_000_000 not in args.sizes else [])
     command = "python benchmarks/bench_index.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.load_start = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="bench_index_", dir=args.workdir))
     try:
         results = [bench_size(n, args, workdir) for n in sizes]
