@@ -128,6 +128,15 @@ def test_every_data_form_gives_the_same_index(handle, xy, reference, form):
     assert_matches_reference(idx, reference, xy, labels=with_labels)
 
 
+def test_label_free_features_still_store_labels(handle, xy, reference, tmp_path):
+    x, y = xy
+    idx = handle.build_index(TensorDataset(x, y), tmp_path / "ix", batch_size=BS, progress=False, use_targets=False)
+    np.testing.assert_allclose(idx.features, reference["unlabelled"], atol=2e-6)
+    np.testing.assert_array_equal(idx.labels, y.numpy())
+    with pytest.raises(IndexMismatchError, match="use_targets=False"):
+        handle.build_index(TensorDataset(x, y), tmp_path / "ix", progress=False)
+
+
 def test_regression_outputs_are_stored(xy, tmp_path):
     x, _ = xy
     torch.manual_seed(0)
