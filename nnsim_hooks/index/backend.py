@@ -219,11 +219,12 @@ class FaissIndex:
         if unknown:
             raise InputError(f"unknown search option(s) {sorted(unknown)}; known: {sorted(SEARCH_OPTIONS)}")
         names = {"nprobe": "nprobe", "ef_search": "efSearch"}
+        space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
         for name, value in options.items():
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
             try:
-                faiss.ParameterSpace().set_index_parameter(self._index, names[name], int(value))
+                space.set_index_parameter(self._index, names[name], int(value))
             except RuntimeError as exc:
                 raise InputError(f"the '{self.spec.kind}' index has no option {name}") from exc
             self.spec.options[name] = int(value)

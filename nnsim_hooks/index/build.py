@@ -9,11 +9,11 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
-from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError, StoreError
+from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
 from .data import Batch, BatchSource, to_device
 from .gradient_index import GradientIndex, finish
 from .manifest import check_fingerprint, new_manifest
-from .store import ColumnSpec, Store, is_store, prepare_folder
+from .store import ColumnSpec, Store, is_store, remove_store_files
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def build_index(
     store_outputs: Union[bool, str] = "auto",
     task: str = "auto",
     num_workers: int = 0,
+    use_targets: bool = True,
 ) -> GradientIndex:
     """Extract features of every sample of ``data`` with ``handle`` and index them.
 
@@ -61,6 +62,9 @@ def build_index(
         task: ``"classification"``, ``"regression"`` or ``"auto"`` (classification when
             the handle differentiates a classifier output: contrast, logit or loss).
         num_workers: DataLoader workers when ``data`` is a Dataset.
+        use_targets: pass the targets to the handle's output function (``"contrast"`` and
+            ``"loss"`` then use the label). False keeps the features label-free (the
+            predicted class), for auditing possibly noisy labels; labels are stored either way.
 
     Raises:
         IndexMismatchError: ``path`` holds an index of another model, output or recipe.
@@ -73,13 +77,22 @@ def build_index(
         raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
     if task not in ("auto", "classification", "regression"):
         raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
-    source = BatchSource(data, batch_size or handle.batch_size, num_workers)
+    source = BatchSource(data, handle.batch_size if batch_size is None else batch_size, num_workers)
     if source.total == 0:
         raise DataError(f"the dataset is empty ({source.describe()} of length 0): there is nothing to index")
-    store = _open_store(handle, path, overwrite, source)
+    folder_existed = path is not None and Path(path).exists()
+    store = _open_store(handle, path, overwrite, source, use_targets)
     try:
         if not store.manifest.get("extraction_complete"):
-            _extract(handle, source, store, progress, store_outputs, task)
+            try:
+                _extract(handle, source, store, progress, store_outputs, task, use_targets)
+            except DataError:
+                if store.on_disk and store.count == 0:  # nothing to resume: leave no empty index behind
+                    store.close()
+                    remove_store_files(store.path)
+                    if not folder_existed:
+                        _remove_if_empty(store.path)
+                raise
         elif source.total is not None and source.total != store.count:
             raise IndexMismatchError(
                 f"the index at '{path}' holds {store.count} samples but the data has {source.total}: it was built "
@@ -92,7 +105,14 @@ def build_index(
     return finish(store, index, index_options, gpu=gpu, progress=progress)
 
 
-def _open_store(handle, path, overwrite: bool, source: BatchSource) -> Store:
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _open_store(handle, path, overwrite: bool, source: BatchSource, use_targets: bool) -> Store:
     fingerprint = handle.fingerprint()
     if path is not None:
         path = Path(path)
@@ -100,19 +120,27 @@ def _open_store(handle, path, overwrite: bool, source: BatchSource) -> Store:
             store = Store.reopen(path)
             check_fingerprint(store.manifest.get("fingerprint"), fingerprint, path,
                               unresolved_output=fingerprint.get("output") == "auto")
+            stored = store.manifest.get("source", {}).get("use_targets", True)
+            if stored != use_targets:
+                raise IndexMismatchError(
+                    f"the index at '{path}' was built with use_targets={stored}, now use_targets={use_targets}: the "
+                    "features would differ. Use the same setting, or build a new index (another path, or overwrite=True)"
+                )
             if store.count:
                 logger.info("resuming the index at %s from sample %d", path, store.count)
             return store
-    manifest = new_manifest(fingerprint, {"data": source.describe(), "batch_size": source.batch_size})
+    manifest = new_manifest(fingerprint, {"data": source.describe(), "batch_size": source.batch_size,
+                                          "use_targets": use_targets})
     manifest["fingerprint"] = None  # set from the first batch, once the output is resolved
     return Store.create(path, manifest, overwrite=overwrite)
 
 
-def _extract(handle, source: BatchSource, store: Store, progress: bool, store_outputs, task: str) -> None:
+def _extract(handle, source: BatchSource, store: Store, progress: bool, store_outputs, task: str,
+             use_targets: bool) -> None:
     from tqdm.auto import tqdm
 
     device = next(iter(handle.model.parameters()), torch.empty(0)).device
-    where = f"the index folder '{store.path}'" if store.on_disk else "the in-memory index"
+    where = f"The index folder '{store.path}'" if store.on_disk else "The in-memory index"
     first = True
     next_number = None  # number of the batch being loaded, once one has been seen
     batches = source.batches(store.count)
@@ -135,7 +163,7 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
             next_number = batch.number + 1
             if batch.size == 0:
                 continue
-            rows = _extract_batch(handle, batch, device, store, where, first, store_outputs, task)
+            rows = _extract_batch(handle, batch, device, store, where, first, store_outputs, task, use_targets)
             first = False
             store.append(rows)
             store.commit()
@@ -147,11 +175,13 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
     store.commit(extraction_complete=True)
 
 
-def _extract_batch(handle, batch: Batch, device, store: Store, where: str, first: bool, store_outputs, task) -> Dict[str, np.ndarray]:
+def _extract_batch(handle, batch: Batch, device, store: Store, where: str, first: bool, store_outputs, task,
+                   use_targets: bool) -> Dict[str, np.ndarray]:
     n = batch.size
     name = f"batch {batch.number} (samples {batch.start} to {batch.start + n - 1})"
     try:
-        fb = handle.extract(to_device(batch.inputs, device), to_device(batch.targets, device))
+        targets = to_device(batch.targets, device) if use_targets else None
+        fb = handle.extract(to_device(batch.inputs, device), targets)
     except Exception as exc:
         raise ExtractionError(
             f"{name} failed: {type(exc).__name__}: {exc}. {where} keeps the {store.count} samples before it; fix "

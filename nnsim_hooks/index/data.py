@@ -2,6 +2,7 @@
 
 ``data`` may be:
 
+- a tensor ``[N, ...]``: its rows are the samples (no targets);
 - a ``torch.utils.data.Dataset`` (map-style) of ``(input, target)`` pairs or bare inputs:
   batched here in index order with ``default_collate``; resuming jumps straight to the
   first missing sample;
@@ -103,12 +104,29 @@ def check_loader_order(loader: DataLoader) -> None:
         )
 
 
+class _Rows(Dataset):
+    """A tensor seen as a dataset of its rows."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    def __getitem__(self, i):
+        return self.tensor[i]
+
+
 class BatchSource:
     """The batches of ``data`` from a given sample on; see the module docstring."""
 
     def __init__(self, data: Any, batch_size: int, num_workers: int = 0):
         if isinstance(data, (str, bytes)) or data is None:
             raise DataError(f"data must be a Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}")
+        if torch.is_tensor(data):
+            if data.dim() == 0:
+                raise DataError("data is a 0-d tensor; give a batch of samples [N, ...] or a Dataset")
+            data = _Rows(data)
         if isinstance(data, DataLoader):
             check_loader_order(data)
         elif not (_is_map_dataset(data) or isinstance(data, IterableDataset) or hasattr(data, "__iter__")):
@@ -123,7 +141,7 @@ class BatchSource:
         self.num_workers = num_workers
 
     def describe(self) -> str:
-        return type(self.data).__name__
+        return "Tensor" if isinstance(self.data, _Rows) else type(self.data).__name__
 
     @property
     def total(self) -> Optional[int]:

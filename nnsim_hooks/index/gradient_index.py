@@ -35,12 +35,16 @@ from .checks import (
     first_k_not_excluded,
 )
 from .manifest import MANIFEST, check_fingerprint, new_manifest, now, read_manifest
-from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, prepare_folder, write_column
+from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, remove_store_files, write_column
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 KERNELS = ("cosine", "raw")
+# Rows of input features read at once by from_features().
+BLOCK_BYTES = 64 << 20
+# Largest moment matrix kept between calls (C is D x D float64: 8 MB at D = 1024).
+_MAX_CACHED_BYTES = 256 << 20
 # Results per FAISS range-search call: bounds its memory (12 bytes per result).
 _RANGE_RESULTS_PER_CALL = 5_000_000
 
@@ -56,6 +60,8 @@ class GradientIndex:
 
     def __init__(self, columns: Dict[str, np.ndarray], manifest: Dict[str, Any], path: Optional[Path] = None,
                  *, gpu: Optional[bool] = None, backend: Optional[FaissIndex] = None):
+        if gpu and not gpu_available():
+            raise InputError("gpu=True but this FAISS has no GPU support: install faiss-gpu (conda) or pass gpu=False")
         self._columns = columns
         self.manifest = manifest
         self.path = Path(path) if path is not None else None
@@ -150,11 +156,7 @@ class GradientIndex:
         return self._backend
 
     def _move_to_gpu(self) -> None:
-        if self._gpu is False:
-            return
-        if self._gpu and not gpu_available():
-            raise InputError("gpu=True but this FAISS has no GPU support: install faiss-gpu (conda) or pass gpu=False")
-        if gpu_available():
+        if self._gpu is not False and gpu_available():
             self._backend.to_gpu()
 
     @property
@@ -173,6 +175,7 @@ class GradientIndex:
         """Replace the FAISS index by another type (same stored features); written to the
         folder when the index has one."""
         spec = make_spec(index, self.n_valid, options)
+        self._backend = None  # release the old one first: both may not fit in memory
         backend = FaissIndex.build(self.features, self.valid, spec, progress=progress)
         if self.path is not None:
             if not spec.exact:
@@ -261,12 +264,16 @@ class GradientIndex:
     # -- density (PAPER §2) ----------------------------------------------------------------
 
     def _moment(self, name: str, kernel: str) -> np.ndarray:
+        """``S`` (name "sum") or ``C`` ("second") for a kernel, cached unless C is large."""
         key = (name, kernel)
-        if key not in self._cache:
-            w = self._weights(kernel)
-            f = self.features
-            self._cache[key] = moments.weighted_sum(f, w) if name == "sum" else moments.second_moment(f, w)
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        w = self._weights(kernel)
+        f = self.features
+        value = moments.weighted_sum(f, w) if name == "sum" else moments.second_moment(f, w)
+        if value.nbytes <= _MAX_CACHED_BYTES:
+            self._cache[key] = value
+        return value
 
     def _weights(self, kernel: str) -> Optional[np.ndarray]:
         if kernel not in KERNELS:
@@ -491,27 +498,13 @@ class GradientIndex:
         argmax), ``norms`` ([N], default 1: then the raw kernel equals the cosine) and
         ``outputs`` ([N, d]) are stored beside them. Written to the folder ``path`` if given.
         """
-        feats = as_float32_rows(features, None, "features")
+        feats = as_float32_rows(features, None, "features")  # a memmap stays a memmap
         n = len(feats)
         if n == 0:
             raise DataError("from_features() got no rows: an index needs at least one sample")
-        valid = defined_rows(feats)
-        feats = np.where(valid[:, None], feats, np.float32(0))
-        lengths = np.linalg.norm(feats[valid], axis=1)
-        if normalize:
-            feats[valid] /= lengths[:, None]
-        elif len(lengths) and np.abs(lengths - 1).max() > UNIT_TOLERANCE:
-            worst = int(np.flatnonzero(valid)[np.abs(lengths - 1).argmax()])
-            raise InputError(
-                f"feature rows must have unit norm (row {worst} has norm {np.linalg.norm(feats[worst]):.4g}); "
-                "pass normalize=True, or features from handle.features()"
-            )
-        columns: Dict[str, np.ndarray] = {
-            "features": feats.astype(np.float32, copy=False),
-            "ids": np.arange(n, dtype=np.int64),
-            "valid": valid,
-            "norms": _column(norms, n, "norms", np.float32) if norms is not None else valid.astype(np.float32),
-        }
+        columns: Dict[str, np.ndarray] = {"ids": np.arange(n, dtype=np.int64)}
+        if norms is not None:
+            columns["norms"] = _column(norms, n, "norms", np.float32)
         if labels is not None:
             columns["labels"] = _column(labels, n, "labels", np.int64)
         if probabilities is not None:
@@ -523,17 +516,53 @@ class GradientIndex:
         if outputs is not None:
             columns["outputs"] = _column(outputs, n, "outputs", np.float32, ndim=2)
         manifest = new_manifest(None, {"data": "from_features"})
-        task = "classification" if probabilities is not None or predictions is not None else (
-            "regression" if outputs is not None else None)
+        task = "classification" if predictions is not None else ("regression" if outputs is not None else None)
         manifest.update(feature_dim=int(feats.shape[1]), task=task)
-        store = Store.create(Path(path) if path is not None else None, manifest, overwrite=overwrite)
-        store.define_columns([ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in columns.items()])
-        block = max(1, (64 << 20) // max(1, feats[:1].nbytes))
-        for start in range(0, n, block):
-            store.append({k: v[start : start + block] for k, v in columns.items()})
-        store.commit(extraction_complete=True)
+        specs = [ColumnSpec("features", "float32", feats.shape[1:]), ColumnSpec("valid", "bool")]
+        specs += [ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in columns.items()]
+        if norms is None:
+            specs.append(ColumnSpec("norms", "float32"))
+        folder = Path(path) if path is not None else None
+        existed = folder is not None and folder.exists()
+        store = Store.create(folder, manifest, overwrite=overwrite)
+        store.define_columns(specs)
+        try:
+            # block by block, so that a memory-mapped [N, D] input is never loaded whole
+            block = max(1, BLOCK_BYTES // max(1, feats[:1].nbytes))
+            for start in range(0, n, block):
+                rows = _unit_rows(np.array(feats[start : start + block]), start, normalize)
+                valid = defined_rows(rows)
+                chunk = {k: v[start : start + block] for k, v in columns.items()}
+                chunk.update(features=rows, valid=valid)
+                if norms is None:
+                    chunk["norms"] = valid.astype(np.float32)  # unit norms: the raw kernel is the cosine
+                store.append(chunk)
+            store.commit(extraction_complete=True)
+        except BaseException:
+            store.close()
+            if folder is not None:  # leave no half-written folder
+                remove_store_files(folder)
+                if not existed:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
         store.close()
         return finish(store, index, index_options, gpu=gpu, progress=progress)
+
+
+def _unit_rows(rows: np.ndarray, offset: int, normalize: bool) -> np.ndarray:
+    """Zero the undefined rows (NaN or zero) and check (or make) unit norms of the others."""
+    valid = defined_rows(rows)
+    rows[~valid] = 0.0
+    lengths = np.linalg.norm(rows[valid], axis=1)
+    if normalize:
+        rows[valid] /= lengths[:, None]
+    elif len(lengths) and np.abs(lengths - 1).max() > UNIT_TOLERANCE:
+        worst = int(np.flatnonzero(valid)[np.abs(lengths - 1).argmax()])
+        raise InputError(
+            f"feature rows must have unit norm (row {offset + worst} has norm {np.linalg.norm(rows[worst]):.4g}); "
+            "pass normalize=True, or use features from handle.features()"
+        )
+    return rows
 
 
 class _OneHot:
@@ -599,11 +628,13 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
     )
     backend = None
     if not reuse:
-        backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
-        if file is not None and not spec.exact:
-            backend.write(file)
+        if not spec.exact:  # built now, to be saved; a flat index is built on first search
+            backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
+            if file is not None:
+                backend.write(file)
         elif file is not None:
-            file.unlink(missing_ok=True)
+            with store_errors("deleting", file):
+                file.unlink(missing_ok=True)
         store.commit(index=spec.to_dict(), complete=True)
     else:
         spec = IndexSpec.from_dict(stored)
