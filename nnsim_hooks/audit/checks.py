@@ -114,13 +114,12 @@ def duplicate_groups(ids: np.ndarray, sims: np.ndarray, threshold: float) -> np.
     groups = np.full(n, -1, dtype=np.int64)
     if n == 0:
         return groups
-    uniq, first, counts = np.unique(roots, return_index=True, return_counts=True)
-    multi = counts >= 2
-    order = sorted(range(int(multi.sum())), key=lambda g: (-counts[multi][g], first[multi][g]))
-    numbering = {int(uniq[multi][g]): new for new, g in enumerate(order)}
-    for root, new in numbering.items():
-        groups[roots == root] = new
-    return groups
+    uniq, first, inverse, counts = np.unique(roots, return_index=True, return_inverse=True, return_counts=True)
+    multi = np.flatnonzero(counts >= 2)
+    order = multi[np.lexsort((first[multi], -counts[multi]))]  # by size, then smallest member
+    numbering = np.full(len(uniq), -1, dtype=np.int64)
+    numbering[order] = np.arange(len(order))
+    return numbering[inverse.reshape(-1)]
 
 
 def group_representatives(groups: np.ndarray, preference: np.ndarray) -> np.ndarray:
@@ -128,9 +127,11 @@ def group_representatives(groups: np.ndarray, preference: np.ndarray) -> np.ndar
     ``preference`` (ties: the smallest id)."""
     keep = np.zeros(len(groups), dtype=bool)
     pref = np.nan_to_num(np.asarray(preference, dtype=np.float64), nan=np.inf)
-    for g in np.unique(groups[groups >= 0]):
-        members = np.nonzero(groups == g)[0]
-        keep[members[np.lexsort((members, pref[members]))[0]]] = True
+    members = np.flatnonzero(groups >= 0)
+    if members.size:
+        ordered = members[np.lexsort((members, pref[members], groups[members]))]
+        first = np.r_[True, groups[ordered][1:] != groups[ordered][:-1]]
+        keep[ordered[first]] = True
     return keep
 
 

@@ -222,22 +222,20 @@ class AuditResult:
         ids, sims = self.neighbor_arrays()
         n = len(ids)
         k = min(ids.shape[1], max(n - 1, 0))
-        data = np.empty((n, k), dtype=np.float64)
-        cols = np.empty((n, k), dtype=np.int64)
-        for i in range(n):
-            ok = (ids[i, :k] >= 0) & np.isfinite(sims[i, :k])
-            row_ids = list(ids[i, :k][ok])
-            row_d = list(np.clip(1.0 - sims[i, :k][ok], 0.0, 2.0))
+        ids, sims = ids[:, :k], sims[:, :k]
+        ok = (ids >= 0) & np.isfinite(sims)
+        data = np.clip(1.0 - np.where(ok, sims, -1.0), 0.0, 2.0)  # rows are sorted by similarity already
+        cols = ids.copy()
+        for i in np.flatnonzero(~ok.all(1)):  # rare: rows with missing neighbours
+            row_ids = list(ids[i][ok[i]])
             taken = set(row_ids) | {i}
-            candidate = 0
-            while len(row_ids) < k:
-                if candidate not in taken:
-                    row_ids.append(candidate)
-                    row_d.append(FILLER_DISTANCE)
-                    taken.add(candidate)
-                candidate += 1
+            filler = (c for c in range(n) if c not in taken)
+            row_ids += [next(filler) for _ in range(k - len(row_ids))]
+            row_d = list(data[i][ok[i]]) + [FILLER_DISTANCE] * (k - int(ok[i].sum()))
             order = np.argsort(row_d, kind="stable")
             data[i], cols[i] = np.asarray(row_d)[order], np.asarray(row_ids)[order]
+        order = np.argsort(data, axis=1, kind="stable")  # approximate indexes may return rows out of order
+        data, cols = np.take_along_axis(data, order, 1), np.take_along_axis(cols, order, 1)
         indptr = np.arange(0, n * k + 1, k) if k else np.zeros(n + 1, dtype=np.int64)
         return csr_matrix((data.reshape(-1), cols.reshape(-1), indptr), shape=(n, n))
 

@@ -177,7 +177,7 @@ def audit(
               pass. Neighbours then mostly share the predicted class, so once a network
               has memorised its noisy labels they share the label too and wrong labels
               hide (measured in ``benchmarks/results/label_issues.md``);
-            - ``"logit"``, ``"sum"`` or a callable ``fn(outputs, targets)`` that ignores targets.
+            - ``"logit"``, ``"sum"`` or a callable ``fn(outputs, targets)`` (it gets ``targets=None``).
         sketch_dim: feature dimension per output (see :func:`nnsim_hooks.attach`); None:
             1024, or ``max(128, 2048 // C)`` per output for ``"full"``.
         k: neighbours per sample.
@@ -258,7 +258,7 @@ def audit(
         task = "classification" if classifier else "auto"
         with attach(model, output=fn, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size) as handle:
             index = handle.build_index(view, None if out_path is None else out_path / "index",
-                                       batch_size=batch_size, progress=progress, task=task)
+                                       batch_size=batch_size, progress=progress, task=task, use_targets=False)
             output_name = handle.output_name
         denoise_index = None
         if classifier and fn is not contrast_predicted:
@@ -269,7 +269,7 @@ def audit(
                         batch_size=batch_size) as handle:
                 denoise_index = handle.build_index(
                     view, None if out_path is None else out_path / DENOISING_INDEX,
-                    batch_size=batch_size, progress=progress, task=task)
+                    batch_size=batch_size, progress=progress, task=task, use_targets=False)
     finally:
         model.train(was_training)
 
