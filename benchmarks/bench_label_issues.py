@@ -24,7 +24,8 @@ Methods, each scoring every sample (AUROC against the planted flips) and flaggin
 - cleanlab, 5-fold CV: the same on out-of-fold probabilities from 5 more models trained
   with the same recipe (cleanlab's recommended use; 5 extra trainings).
 
-Prints a table and writes it, with the command and the environment, as Markdown.
+Prints a table and writes it, with the command and the environment, as Markdown (and
+every seed's row as CSV next to it).
 """
 
 from __future__ import annotations
@@ -146,7 +147,10 @@ def table(rows) -> str:
 
             def ms(col, digits=3):
                 v = sub[col].to_numpy(dtype=float)
-                return f"{np.nanmean(v):.{digits}f} ± {np.nanstd(v):.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
+                v = v[np.isfinite(v)]
+                if len(v) == 0:
+                    return "– (no flag)"
+                return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
             lines.append(f"| {regime} | {method} | {ms('auroc', 4)} | {ms('precision')} | {ms('recall')} | "
                          f"{sub['flagged'].mean():.0f} | {sub['seconds'].mean():.0f} |")
@@ -168,6 +172,9 @@ def main(argv=None):
     md = table(rows)
     import cleanlab
     import pandas as pd
+
+    Path(args.out).with_suffix(".csv").parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(Path(args.out).with_suffix(".csv"), index=False)  # every seed, for re-reading
     import sklearn
 
     text = f"""# Label issues: nnsim_hooks.audit vs cleanlab

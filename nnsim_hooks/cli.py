@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what is differentiated, never with the labels (default: full for classifiers with at "
                       "most 16 classes, contrast of the predicted class above)")
     opts.add_argument("--threshold", action="append", metavar="NAME=VALUE",
-                      help="change a threshold: label_issue, duplicate, duplicate_quantile, outlier_z, outlier_quantile")
+                      help="change a threshold: label_issue, duplicate, duplicate_quantile, outlier_z, outlier_min_gap, "
+                      "outlier_quantile (see nnsim_hooks.audit.Thresholds)")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser

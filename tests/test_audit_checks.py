@@ -95,6 +95,10 @@ def test_knn_similarity_and_outlier_threshold():
     assert thr == pytest.approx(med - 3.0 * 1.4826 * mad)
     assert checks.flag_below(v, thr).tolist() == [False] * 6 + [True, False]
     assert checks.outlier_threshold(v, 3.0, 0.5) == pytest.approx(np.quantile(v[:7], 0.5))
+    # concentrated values: the minimum gap keeps tiny differences from being outliers
+    tight = np.array([0.994, 0.9941, 0.9939, 0.994, 0.986, 0.9861])
+    assert checks.outlier_threshold(tight, 3.0, None, min_gap=0.02) == pytest.approx(np.median(tight) - 0.02)
+    assert not checks.flag_below(tight, checks.outlier_threshold(tight, 3.0, None, min_gap=0.02)).any()
 
 
 def test_averaging_error_probability_against_simulation():

@@ -152,8 +152,9 @@ def knn_similarity(ids: np.ndarray, sims: np.ndarray) -> np.ndarray:
     return np.divide(total, count, out=np.full(len(ids), np.nan), where=count > 0)
 
 
-def outlier_threshold(values: np.ndarray, z: float, quantile: Optional[float]) -> float:
-    """Flag values below this: ``median - z * 1.4826 * MAD`` or the given low quantile."""
+def outlier_threshold(values: np.ndarray, z: float, quantile: Optional[float], min_gap: float = 0.0) -> float:
+    """Flag values below this: ``median - max(z * 1.4826 * MAD, min_gap)``, or the given
+    low quantile."""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return float("nan")
@@ -161,7 +162,7 @@ def outlier_threshold(values: np.ndarray, z: float, quantile: Optional[float]) -
         return float(np.quantile(finite, quantile))
     median = float(np.median(finite))
     mad = float(np.median(np.abs(finite - median)))
-    return median - z * MAD_TO_STD * mad
+    return median - max(z * MAD_TO_STD * mad, min_gap)
 
 
 def flag_below(values: np.ndarray, threshold: float) -> np.ndarray:

@@ -45,10 +45,11 @@ def histogram(
         v = v[v > 0]
     if v.size == 0:
         return None
+    log_x = log_x and v.max() > 10 * v.min()  # a log axis only helps over more than a decade
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 2.9), dpi=110)
     try:
-        if log_x and v.max() > v.min():
+        if log_x:
             edges = np.geomspace(v.min(), v.max(), bins + 1)
             ax.set_xscale("log")
         else:
@@ -61,7 +62,11 @@ def histogram(
             edges = np.linspace(lo, hi, bins + 1)
         ax.hist(v, bins=edges, color=BAR_COLOUR, edgecolor="white", linewidth=0.4)
         if log_y:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         for value, label, colour in markers:
             if value is not None and np.isfinite(value):
                 ax.axvline(value, color=colour, linestyle="--", linewidth=1.6, label=label)

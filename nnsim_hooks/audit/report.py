@@ -332,6 +332,7 @@ def _thresholds(result) -> str:
         ("duplicate_quantile", thr.get("duplicate_quantile"), "if set: use this quantile of nearest-neighbour "
          "similarities instead"),
         ("outlier_z", thr.get("outlier_z"), "outliers: robust z-score of the mean neighbour similarity below the median"),
+        ("outlier_min_gap", thr.get("outlier_min_gap"), "outliers must also lie this far below the median similarity"),
         ("outlier_quantile", thr.get("outlier_quantile"), "if set: flag this share of samples instead"),
     ]
     body = "".join(f"<tr><td><code>{_e(n)}</code></td><td>{_e('–' if v is None else v)}</td><td style='text-align:left'>"

@@ -361,7 +361,7 @@ def analyse(
     dup_threshold = checks.duplicate_threshold(top1, limits.duplicate, limits.duplicate_quantile)
     groups = checks.duplicate_groups(ids, sims, dup_threshold)
     local = checks.knn_similarity(ids, sims)
-    out_threshold = checks.outlier_threshold(local, limits.outlier_z, limits.outlier_quantile)
+    out_threshold = checks.outlier_threshold(local, limits.outlier_z, limits.outlier_quantile, limits.outlier_min_gap)
     is_outlier = checks.flag_below(local, out_threshold)
     preference = np.nan_to_num(vote.score, nan=0.0) - 1e-3 * np.nan_to_num(local, nan=0.0)
     representative = checks.group_representatives(groups, preference)

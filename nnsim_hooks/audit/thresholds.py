@@ -34,6 +34,10 @@ class Thresholds:
             standard deviations (1.4826 x MAD) below the median.
         outlier_quantile: if set (e.g. 0.01), flag instead that share of samples with the
             lowest mean neighbour similarity.
+        outlier_min_gap: with ``outlier_z``, a sample must also lie at least this far (in
+            cosine) below the median: when similarities are very concentrated (an
+            untrained network, near-identical images) the MAD is tiny and differences of
+            0.01 are not outliers.
     """
 
     label_issue: float = 0.5
@@ -41,6 +45,7 @@ class Thresholds:
     duplicate_quantile: Optional[float] = None
     outlier_z: float = 3.5
     outlier_quantile: Optional[float] = None
+    outlier_min_gap: float = 0.02
 
     def __post_init__(self):
         def check(name, value, low, high):
@@ -51,6 +56,8 @@ class Thresholds:
         check("duplicate", self.duplicate, -1.0, 1.0)
         check("duplicate_quantile", self.duplicate_quantile, 0.0, 1.0)
         check("outlier_quantile", self.outlier_quantile, 0.0, 1.0)
+        if not 0 <= self.outlier_min_gap <= 2:
+            raise InputError(f"Thresholds.outlier_min_gap must lie in [0, 2], got {self.outlier_min_gap}")
         if self.outlier_z <= 0:
             raise InputError(f"Thresholds.outlier_z must be positive, got {self.outlier_z}")
 
