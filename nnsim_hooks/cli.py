@@ -46,7 +46,7 @@ def _thresholds(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .audit.demo import DEFAULT_EPOCHS, DEFAULT_NOISE
-    from .audit.run import DEFAULT_K, DEFAULT_SKETCH_DIM
+    from .audit.outputs import DEFAULT_K, DEFAULT_SKETCH_DIM
 
     parser = argparse.ArgumentParser(prog="nnsim", description="Input similarity from the neural network's perspective.")
     parser.add_argument("--version", action="version", version=f"nnsim_hooks {__version__}")

@@ -12,7 +12,8 @@ unreadable files), :mod:`.io` (output folders), :mod:`.demo` (the embedded defau
 """
 
 from .result import AuditResult
-from .run import analyse, audit
+from .analysis import analyse
+from .run import audit
 from .thresholds import Thresholds
 from .thumbnails import default_thumbnailer, register_thumbnailer, unregister_thumbnailer
 
