@@ -71,7 +71,7 @@ class Capture:
     """
 
     def __init__(self, modules: Dict[str, nn.Module], check: Callable[[str, nn.Module], None]):
-        self.modules = modules
+        self.modules: Dict[str, nn.Module] = {}
         self._check = check
         self._handles: List = []
         self._tensor_handles: List = []
@@ -79,15 +79,13 @@ class Capture:
         self.calls: List[LayerCall] = []
         self.pass_index = 0
         self.on_grad: Optional[Callable[[LayerCall, int, int, torch.Tensor], None]] = None
+        for name, module in modules.items():
+            self.add(name, module)
 
-    def install(self) -> None:
-        try:
-            for name, module in self.modules.items():
-                hook = self._make_forward_hook(name)
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        except Exception:
-            self.remove()
-            raise
+    def add(self, name: str, module: nn.Module) -> None:
+        """Hook one more module."""
+        self.modules[name] = module
+        self._handles.append(module.register_forward_hook(self._make_forward_hook(name), with_kwargs=True))
 
     def remove(self) -> None:
         self.clear()

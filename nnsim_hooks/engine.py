@@ -14,7 +14,7 @@ gradient is formed. From the captured calls:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,8 @@ from .rules.base import gram_of_grads
 from .rules.fallback import fallback_grad_sample
 from .rules.norm import batch_coupling_message, uses_batch_statistics
 from .sketch import Sketcher
-from .targets import Target, shared_parameters
+from .targets import CoverageReport, Target, promote, shared_parameters
+from .uses import ModuleStack, StrayUseDetector
 from .validation import call_model, check_inputs, check_targets, model_device_dtype
 
 
@@ -46,20 +47,36 @@ class Pass:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, targets: List[Target], output: OutputSpec):
+    def __init__(self, model: nn.Module, targets: List[Target], output: OutputSpec, coverage: CoverageReport):
         self.model = model
-        self.targets = {t.name: t for t in targets}
         self.output = output
-        self._by_module = {id(t.module): t for t in targets}
-        self._shared = shared_parameters(targets)
+        self.coverage = coverage
         self._batchnorms = [
             (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self._dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        self.capture = Capture({t.name: t.module for t in targets}, self._check_module)
         #: how the fallback ran for each module: "vmap" or "loop"
         self.fallback_methods: Dict[str, str] = {}
-        self.capture.install()
+        self.capture = Capture({}, self._check_module)
+        self._stack: Optional[ModuleStack] = None
+        try:
+            self._set_targets(targets)
+            self._stack = ModuleStack(model)
+        except Exception:
+            self.close()
+            raise
+
+    def _set_targets(self, targets: List[Target]) -> None:
+        self.targets = {t.name: t for t in targets}
+        self._by_module = {id(t.module): t for t in targets}
+        self._shared = shared_parameters(targets)
+        self._holders: Dict[int, set] = {}
+        for t in targets:
+            for local in t.param_names:
+                self._holders.setdefault(id(t.module.get_parameter(local)), set()).add(id(t.module))
+        for t in targets:
+            if t.name not in self.capture.modules:
+                self.capture.add(t.name, t.module)
 
     # -- the captured pass -------------------------------------------------------------
 
@@ -87,12 +104,38 @@ class Engine:
         device, _ = model_device_dtype(self.model)
         targets = check_targets(targets, batch, device)
         self._check_model_state()
+        # A parameter used outside its module's forward hands the module that used it
+        # to the generic rule; the pass is then run again with the new plan.
+        for _ in range(len(self.targets) + 1):
+            try:
+                return self._backprop(inputs, targets, batch)
+            except _Replan:
+                continue
+        raise ModelError("the set of modules using parameters keeps changing between passes")  # pragma: no cover
+
+    def _forward(self, inputs):
+        detector = StrayUseDetector(self._holders, self._stack)
+        self._stack.stack.clear()
+        self._stack.active = True
+        try:
+            with detector:
+                outputs = call_model(self.model, inputs)
+        finally:
+            self._stack.active = False
+            self._stack.stack.clear()
+        if detector.strays:
+            targets = promote(self.model, list(self.targets.values()), detector.strays, self.coverage)
+            self._set_targets(targets)
+            raise _Replan()
+        return outputs
+
+    def _backprop(self, inputs, targets, batch: int) -> Pass:
         capture = self.capture
         capture.clear()
         capture.active = True
         try:
             with torch.enable_grad():
-                outputs = call_model(self.model, inputs)
+                outputs = self._forward(inputs)
                 capture.active = False
                 if self.output.name == "auto":
                     self.output = self.output.resolve(outputs)
@@ -132,7 +175,7 @@ class Engine:
         target = self._by_module[id(call.module)]
         if target.rule is not None and len(call.out_leaves) == 1:
             return target.rule.grad_sample(call.module, call.activation, call.backprops(d))
-        grads, method = fallback_grad_sample(call, d)
+        grads, method = fallback_grad_sample(call, d, list(target.param_names))
         self.fallback_methods[target.name] = method
         return grads
 
@@ -171,6 +214,13 @@ class Engine:
                 total[name] = total[name] + g if name in total else g
                 checks.append((call.module_name, g))
         self._check_finite(checks)
+        # Parameters no call reached (an unused branch) have zero gradients.
+        lead = (p.batch, p.d)
+        for t in self.targets.values():
+            for local, name in t.param_names.items():
+                if name not in total:
+                    param = t.module.get_parameter(local)
+                    total[name] = torch.zeros(*lead, *param.shape, dtype=p.values.dtype, device=p.values.device)
         order = {n: i for i, (n, _) in enumerate(self.model.named_parameters())}
         out = {n: total[n] for n in sorted(total, key=order.__getitem__)}
         return out if p.vector else {n: g[:, 0] for n, g in out.items()}
@@ -227,3 +277,10 @@ class Engine:
 
     def close(self) -> None:
         self.capture.remove()
+        if self._stack is not None:
+            self._stack.remove()
+            self._stack = None
+
+
+class _Replan(Exception):
+    """Raised inside a pass when the plan changed and the pass must be run again."""

@@ -19,7 +19,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ModelError
-from .base import Grads, trainable
+from .base import Grads
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +49,12 @@ def _cotangents(call, d: int, batch: int) -> List[torch.Tensor]:
     return out
 
 
-def fallback_grad_sample(call, d: int) -> Tuple[Grads, str]:
-    """Per-sample gradients ``[B, d, *shape]`` of the module's own trainable parameters,
-    and which method produced them (``vmap`` or ``loop``)."""
+def fallback_grad_sample(call, d: int, names: List[str]) -> Tuple[Grads, str]:
+    """Per-sample gradients ``[B, d, *shape]`` of the parameters ``names`` (relative to
+    the module: its own, or a child's that it uses directly), and which method produced
+    them (``vmap`` or ``loop``)."""
     module = call.module
-    named = list(trainable(module))
-    names = [n for n, _ in named]
-    params = [p.detach() for _, p in named]
+    params = [module.get_parameter(n).detach() for n in names]
     batch = _batch_size(call)
     cotangents = _cotangents(call, d, batch)
     flat_inputs, spec = tree_flatten((call.args, call.kwargs))
