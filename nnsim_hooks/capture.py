@@ -79,6 +79,10 @@ class Capture:
         self.calls: List[LayerCall] = []
         self.pass_index = 0
         self.on_grad: Optional[Callable[[LayerCall, int, int, torch.Tensor], None]] = None
+        #: decides whether a call ran on the batch; an unbatched call is reported to
+        #: ``on_unbatched(module)`` and not recorded
+        self.on_batch: Callable[[Tuple, Dict], bool] = lambda args, kwargs: True
+        self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
         for name, module in modules.items():
             self.add(name, module)
 
@@ -106,6 +110,10 @@ class Capture:
                 return None
             self._check(name, module)
             leaves, _ = tree_flatten(output)
+            batch_first = all(t.dim() > 0 for t in leaves if torch.is_tensor(t))
+            if not (batch_first and self.on_batch(args, kwargs)):
+                self.on_unbatched(module)
+                return None
             positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
             out_leaves = [leaves[k] for k in positions]
             in_leaves, _ = tree_flatten((args, kwargs))
