@@ -23,6 +23,7 @@ from .errors import (
     OutputSpecError,
     StoreError,
 )
+from .index import GradientIndex, load_index
 from .rules import LayerRule, add_rule, register_rule
 
 __version__ = "0.1.0"
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attach",
     "Handle",
+    "load_index",
+    "GradientIndex",
     "LayerRule",
     "register_rule",
     "add_rule",
