@@ -128,6 +128,13 @@ class Handle:
         return self.engine.output.name
 
     @property
+    def wants_targets(self) -> bool:
+        """Whether the output function needs targets: ``"loss"`` and user callables do; the
+        other built-in outputs work label-free (predicted class)."""
+        output = self.engine.output
+        return output.name == "loss" or not output.builtin
+
+    @property
     def parameter_names(self):
         return list(self._param_shapes)
 
@@ -240,7 +247,7 @@ class Handle:
             )
         self._feature_dim = features.shape[1]
         outputs = p.outputs if torch.is_tensor(p.outputs) else None
-        return FeatureBatch(features, norms, undefined, outputs, p.values)
+        return FeatureBatch(features.detach(), norms.detach(), undefined, outputs, p.values)
 
     # -- index --------------------------------------------------------------------------
 

@@ -260,6 +260,7 @@ class Engine:
                     f"for samples {bad}; check the inputs for NaN/Inf and the model for overflow there"
                 )
 
+    @torch.no_grad()
     def grads(self, p: Pass) -> Grads:
         """Per-sample gradients keyed by ``model.named_parameters()`` names: ``[B, *shape]``
         for a scalar output, ``[B, d, *shape]`` when the output function returns ``[B, d]``."""
@@ -281,6 +282,7 @@ class Engine:
         out = {n: total[n] for n in sorted(total, key=order.__getitem__)}
         return out if p.vector else {n: g[:, 0] for n, g in out.items()}
 
+    @torch.no_grad()
     def gram(self, p: Pass) -> torch.Tensor:
         """``[B*d, B*d]`` float64 Gram matrix of all per-sample gradients (sample-major)."""
         n = p.batch * p.d
@@ -310,6 +312,7 @@ class Engine:
         self._check_finite(checks)
         return total
 
+    @torch.no_grad()
     def sketch(self, p: Pass, sketcher: Sketcher) -> torch.Tensor:
         """Sketched gradients ``[B, d, dim]`` (not normalised)."""
         parts: Grads = {}
