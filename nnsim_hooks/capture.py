@@ -10,7 +10,7 @@ hooks cannot cope with on stock torchvision ResNets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,9 @@ class LayerCall:
     versions: List[Tuple[torch.Tensor, int]]
     #: grads[j][i]: gradient of output j with respect to out_leaves[i] (None: not reached)
     grads: List[List[Optional[torch.Tensor]]] = field(default_factory=list)
+    #: local names of parameters whose gradient a running generic-rule ancestor already
+    #: accounts for (it re-runs this call): they are left out here
+    skip: Set[str] = field(default_factory=set)
 
     @property
     def activation(self) -> torch.Tensor:
@@ -83,6 +86,8 @@ class Capture:
         #: ``on_unbatched(module)`` and not recorded
         self.on_batch: Callable[[Tuple, Dict], bool] = lambda args, kwargs: True
         self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
+        #: local names of the module's parameters already covered by a running ancestor
+        self.covered: Callable[[nn.Module], Set[str]] = lambda module: set()
         for name, module in modules.items():
             self.add(name, module)
 
@@ -118,7 +123,7 @@ class Capture:
             out_leaves = [leaves[k] for k in positions]
             in_leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
-            call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions)
+            call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions, skip=self.covered(module))
             self.calls.append(call)
             for i, leaf in enumerate(out_leaves):
                 self._tensor_handles.append(leaf.register_hook(self._make_tensor_hook(call, i)))

@@ -19,6 +19,7 @@ least two samples, and only then trusts it (see ``Engine._fallback``).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -69,7 +70,8 @@ def use_grads(use: DirectUse, d: int, batch: int) -> Optional[torch.Tensor]:
             _, vjp_fn = vjp(f, param)
             return vmap(vjp_fn)(cot)[0]
 
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             return vmap(per_sample)([flat[i] for i in batched], cotangents)
 
     # No batched argument: mask the output gradient to one sample at a time.

@@ -139,6 +139,7 @@ class Engine:
         recorder.mark_batch(inputs)
         capture.on_batch = lambda args, kwargs: recorder.on_batch(args, kwargs)
         capture.on_unbatched = lambda module: recorder.unbatched_call(module, self._params_of(module))
+        capture.covered = self._covered
         capture.active = True
         self._stack.clear()
         self._stack.recorder = recorder
@@ -190,6 +191,16 @@ class Engine:
         detached = outputs.detach() if torch.is_tensor(outputs) else outputs
         return Pass(calls, detached, values.detach(), vector, batch, recorder.uses, recorder.unsplittable)
 
+    def _covered(self, module: nn.Module) -> Set[str]:
+        """Parameters of ``module`` that a running generic-rule ancestor also holds: its
+        re-run includes this call, so counting them here too would count them twice."""
+        target = self._by_module[id(module)]
+        running = [m for m in self._stack.stack if m is not module and id(m) in self._generic]
+        if not running:
+            return set()
+        ids = {id(m) for m in running}
+        return {local for local in target.param_names if self._holders[id(module.get_parameter(local))] & ids}
+
     def _params_of(self, module: nn.Module) -> List[nn.Parameter]:
         target = self._by_module[id(module)]
         return [module.get_parameter(local) for local in target.param_names]
@@ -216,13 +227,18 @@ class Engine:
         """Per-sample gradients ``[B, d, *shape]`` keyed by local parameter name."""
         if len(calls) == 1 and self._fast(calls[0]):
             call = calls[0]
-            return target.rule.grad_sample(call.module, call.activation, call.backprops(p.d))
+            grads = target.rule.grad_sample(call.module, call.activation, call.backprops(p.d))
+            return {k: v for k, v in grads.items() if k not in call.skip}
         return self._fallback(target, calls, p)
 
     def _fallback(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
         names = list(target.param_names)
         params = {n: target.module.get_parameter(n) for n in names}
-        splittable = target.rule is None and not any(id(q) in p.unsplittable for q in params.values())
+        splittable = (
+            target.rule is None
+            and not any(id(q) in p.unsplittable for q in params.values())
+            and not any(call.skip for call in calls)
+        )
         checked = self._split_checked.get(target.name)
         if splittable and checked:
             split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
@@ -231,7 +247,10 @@ class Engine:
                 return split
         out: Grads = {}
         for call in calls:
-            grads, method = fallback_grad_sample(call, p.d, names)
+            wanted = [n for n in names if n not in call.skip]
+            if not wanted:
+                continue
+            grads, method = fallback_grad_sample(call, p.d, wanted)
             self.fallback_methods[target.name] = method
             for n, g in grads.items():
                 out[n] = out[n] + g if n in out else g
@@ -294,7 +313,7 @@ class Engine:
         checks = []
         for target, calls in self._units(p):
             alone = counts[id(target.module)] == 1 and not (set(target.param_names.values()) & self._shared)
-            if alone and len(calls) == 1 and self._fast(calls[0]):
+            if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
                 call = calls[0]
                 part = target.rule.gram(call.module, call.activation, call.backprops(p.d))
                 checks.append((target.name, part))
@@ -324,6 +343,7 @@ class Engine:
             if len(calls) == 1 and self._fast(calls[0]):
                 call = calls[0]
                 result = target.rule.sketch(call.module, call.activation, call.backprops(p.d), local)
+                result = {k: v for k, v in result.items() if k not in call.skip}
             else:
                 grads = self._unit_grads(target, calls, p)
                 result = {k: local[k].project_gradients(g) for k, g in grads.items()}

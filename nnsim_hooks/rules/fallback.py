@@ -12,6 +12,7 @@ numbers.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -96,7 +97,10 @@ def _vmapped(run, params, flat_inputs, batched, cotangents):
 
     tensor_inputs = [flat_inputs[i] for i in tensor_slots]
     in_dims = ([dims[i] for i in tensor_slots], [0] * len(cotangents))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Ops without a batching rule (fused attention) run one sample at a time inside
+        # vmap: slower, same numbers. PyTorch warns each time; the coverage report says it.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
         return vmap(per_sample, in_dims=in_dims)(tensor_inputs, cotangents)
 
 
