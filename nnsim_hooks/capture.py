@@ -81,6 +81,8 @@ class Capture:
         self.active = False
         self.calls: List[LayerCall] = []
         self.pass_index = 0
+        #: the batch size of the current pass
+        self.batch = 0
         self.on_grad: Optional[Callable[[LayerCall, int, int, torch.Tensor], None]] = None
         #: decides whether a call ran on the batch; an unbatched call is reported to
         #: ``on_unbatched(module)`` and not recorded
@@ -115,11 +117,15 @@ class Capture:
                 return None
             self._check(name, module)
             leaves, _ = tree_flatten(output)
-            batch_first = all(t.dim() > 0 for t in leaves if torch.is_tensor(t))
+            positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
+            if not positions:
+                return None  # ran without gradient (torch.no_grad inside the model): contributes nothing
+            batch_first = all(leaves[k].dim() > 0 and leaves[k].shape[0] == self.batch for k in positions)
             if not (batch_first and self.on_batch(args, kwargs)):
+                # Shared by all samples (a table), or another layout (windows folded into
+                # the batch, sequence first): the module that mixes it in takes it.
                 self.on_unbatched(module)
                 return None
-            positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
             out_leaves = [leaves[k] for k in positions]
             in_leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]

@@ -135,6 +135,7 @@ class Engine:
     def _backprop(self, inputs, targets, batch: int) -> Pass:
         capture = self.capture
         capture.clear()
+        capture.batch = batch
         recorder = ParamUseRecorder(self._holders, self._generic, self._stack, lambda: capture.pass_index, batch)
         recorder.mark_batch(inputs)
         capture.on_batch = lambda args, kwargs: recorder.on_batch(args, kwargs)
