@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Handle]" = weakref.WeakKeyDictionary()
 
 DEFAULT_SKETCH_DIM = 1024
-DEFAULT_PARAM_DIM = 1024
+DEFAULT_STAGE1_DIM = 16384
 
 
 def attach(
@@ -34,7 +34,7 @@ def attach(
     layers: LayerSelector = None,
     sketch_dim: int = DEFAULT_SKETCH_DIM,
     seed: int = 0,
-    param_dim: int = DEFAULT_PARAM_DIM,
+    stage1_dim: int = DEFAULT_STAGE1_DIM,
     batch_size: int = 64,
 ) -> "Handle":
     """Hook ``model`` for per-sample gradients, similarities and sketched features.
@@ -55,7 +55,8 @@ def attach(
             ``fn(name, module) -> bool``.
         sketch_dim: D, the dimension of sketched features per output.
         seed: the sketch seed; the same seed gives the same features anywhere.
-        param_dim: the first-stage sketch size per parameter (see :mod:`nnsim_hooks.sketch`).
+        stage1_dim: the first-stage sketch size shared by the large parameters (see
+            :mod:`nnsim_hooks.sketch`); more is more accurate and slower.
         batch_size: how many samples go through the model at once when a method is given
             more than that.
     """
@@ -68,7 +69,7 @@ def attach(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, param_dim), batch_size)
+    handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, stage1_dim), batch_size)
     _ATTACHED[model] = handle
     return handle
 
@@ -82,7 +83,7 @@ class Handle:
         self.recipe = recipe
         self.batch_size = batch_size
         self._layers = layers
-        self._engine: Optional[Engine] = Engine(model, targets, make_output_spec(output))
+        self._engine: Optional[Engine] = Engine(model, targets, make_output_spec(output), self._coverage)
         self._param_shapes = {
             g: tuple(getattr(t.module, local).shape) for t in targets for local, g in t.param_names.items()
         }
@@ -125,6 +126,13 @@ class Handle:
     def output_name(self) -> str:
         """The resolved output function (``"auto"`` until the first batch has run)."""
         return self.engine.output.name
+
+    @property
+    def wants_targets(self) -> bool:
+        """Whether the output function needs targets: ``"loss"`` and user callables do; the
+        other built-in outputs work label-free (predicted class)."""
+        output = self.engine.output
+        return output.name == "loss" or not output.builtin
 
     @property
     def parameter_names(self):
@@ -239,7 +247,7 @@ class Handle:
             )
         self._feature_dim = features.shape[1]
         outputs = p.outputs if torch.is_tensor(p.outputs) else None
-        return FeatureBatch(features, norms, undefined, outputs, p.values)
+        return FeatureBatch(features.detach(), norms.detach(), undefined, outputs, p.values)
 
     # -- index --------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ hooks cannot cope with on stock torchvision ResNets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,9 @@ class LayerCall:
     versions: List[Tuple[torch.Tensor, int]]
     #: grads[j][i]: gradient of output j with respect to out_leaves[i] (None: not reached)
     grads: List[List[Optional[torch.Tensor]]] = field(default_factory=list)
+    #: local names of parameters whose gradient a running generic-rule ancestor already
+    #: accounts for (it re-runs this call): they are left out here
+    skip: Set[str] = field(default_factory=set)
 
     @property
     def activation(self) -> torch.Tensor:
@@ -71,23 +74,29 @@ class Capture:
     """
 
     def __init__(self, modules: Dict[str, nn.Module], check: Callable[[str, nn.Module], None]):
-        self.modules = modules
+        self.modules: Dict[str, nn.Module] = {}
         self._check = check
         self._handles: List = []
         self._tensor_handles: List = []
         self.active = False
         self.calls: List[LayerCall] = []
         self.pass_index = 0
+        #: the batch size of the current pass
+        self.batch = 0
         self.on_grad: Optional[Callable[[LayerCall, int, int, torch.Tensor], None]] = None
+        #: decides whether a call ran on the batch; an unbatched call is reported to
+        #: ``on_unbatched(module)`` and not recorded
+        self.on_batch: Callable[[Tuple, Dict], bool] = lambda args, kwargs: True
+        self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
+        #: local names of the module's parameters already covered by a running ancestor
+        self.covered: Callable[[nn.Module], Set[str]] = lambda module: set()
+        for name, module in modules.items():
+            self.add(name, module)
 
-    def install(self) -> None:
-        try:
-            for name, module in self.modules.items():
-                hook = self._make_forward_hook(name)
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        except Exception:
-            self.remove()
-            raise
+    def add(self, name: str, module: nn.Module) -> None:
+        """Hook one more module."""
+        self.modules[name] = module
+        self._handles.append(module.register_forward_hook(self._make_forward_hook(name), with_kwargs=True))
 
     def remove(self) -> None:
         self.clear()
@@ -109,10 +118,18 @@ class Capture:
             self._check(name, module)
             leaves, _ = tree_flatten(output)
             positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
+            if not positions:
+                return None  # ran without gradient (torch.no_grad inside the model): contributes nothing
+            batch_first = all(leaves[k].dim() > 0 and leaves[k].shape[0] == self.batch for k in positions)
+            if not (batch_first and self.on_batch(args, kwargs)):
+                # Shared by all samples (a table), or another layout (windows folded into
+                # the batch, sequence first): the module that mixes it in takes it.
+                self.on_unbatched(module)
+                return None
             out_leaves = [leaves[k] for k in positions]
             in_leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
-            call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions)
+            call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions, skip=self.covered(module))
             self.calls.append(call)
             for i, leaf in enumerate(out_leaves):
                 self._tensor_handles.append(leaf.register_hook(self._make_tensor_hook(call, i)))

@@ -1,33 +1,44 @@
 """One captured forward/backward pass and the three things computed from it.
 
-``backprop`` runs the model once with the hooks active and back-propagates each of the
-d differentiated outputs, stopping at the hooked modules' inputs so that no weight
-gradient is formed. From the captured calls:
+:meth:`Engine.backprop` runs the model once with the hooks active and back-propagates
+each of the d differentiated outputs, stopping at the hooked modules' inputs so that no
+weight gradient is formed. From what was captured:
 
 - :meth:`Engine.grads`: per-sample gradients, keyed by the model's parameter names;
 - :meth:`Engine.gram`: the Gram matrix of all per-sample gradients (ghost inner products
   where the layer allows), one layer at a time;
 - :meth:`Engine.sketch`: sketched per-sample gradients, never materialised for layers
   with a factored rule.
+
+Modules with a fast rule are handled call by call. Modules on the generic rule are
+handled whole: from the direct uses of their parameters when that split has been
+checked (:mod:`nnsim_hooks.direct`), else by re-running them under torch.func.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 
 from .capture import Capture, LayerCall
+from .direct import split_grads
 from .errors import BatchCouplingError, ModelError, NonFiniteGradientError
 from .outputs import OutputSpec, check_no_mixing
 from .rules.base import gram_of_grads
 from .rules.fallback import fallback_grad_sample
 from .rules.norm import batch_coupling_message, uses_batch_statistics
 from .sketch import Sketcher
-from .targets import Target, shared_parameters
+from .targets import CoverageReport, Target, promote, shared_parameters
+from .uses import DirectUse, ModuleStack, ParamUseRecorder
 from .validation import call_model, check_inputs, check_targets, model_device_dtype
+
+logger = logging.getLogger(__name__)
+
+Grads = Dict[str, torch.Tensor]
 
 
 @dataclass
@@ -39,27 +50,52 @@ class Pass:
     values: torch.Tensor  # the differentiated values, [B, d]
     vector: bool  # True when the output function returned [B, d] rather than [B]
     batch: int
+    uses: List[DirectUse] = field(default_factory=list)
+    unsplittable: Set[int] = field(default_factory=set)
 
     @property
     def d(self) -> int:
         return self.values.shape[1]
 
 
+class _Replan(Exception):
+    """Raised inside a pass when the plan changed and the pass must be run again."""
+
+
 class Engine:
-    def __init__(self, model: nn.Module, targets: List[Target], output: OutputSpec):
+    def __init__(self, model: nn.Module, targets: List[Target], output: OutputSpec, coverage: CoverageReport):
         self.model = model
-        self.targets = {t.name: t for t in targets}
         self.output = output
-        self._by_module = {id(t.module): t for t in targets}
-        self._shared = shared_parameters(targets)
+        self.coverage = coverage
         self._batchnorms = [
             (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         self._dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        self.capture = Capture({t.name: t.module for t in targets}, self._check_module)
-        #: how the fallback ran for each module: "vmap" or "loop"
+        #: how the generic rule ran for each module: "vmap", "loop" or "direct uses"
         self.fallback_methods: Dict[str, str] = {}
-        self.capture.install()
+        #: per generic-rule module: True once its direct-use split matched a full re-run
+        self._split_checked: Dict[str, bool] = {}
+        self.capture = Capture({}, self._check_module)
+        self._stack: Optional[ModuleStack] = None
+        try:
+            self._set_targets(targets)
+            self._stack = ModuleStack(model)
+        except Exception:
+            self.close()
+            raise
+
+    def _set_targets(self, targets: List[Target]) -> None:
+        self.targets = {t.name: t for t in targets}
+        self._by_module = {id(t.module): t for t in targets}
+        self._shared = shared_parameters(targets)
+        self._generic = {id(t.module) for t in targets if t.rule is None}
+        self._holders: Dict[int, set] = {}
+        for t in targets:
+            for local in t.param_names:
+                self._holders.setdefault(id(t.module.get_parameter(local)), set()).add(id(t.module))
+        for t in targets:
+            if t.name not in self.capture.modules:
+                self.capture.add(t.name, t.module)
 
     # -- the captured pass -------------------------------------------------------------
 
@@ -72,13 +108,13 @@ class Engine:
         for name, module in self._batchnorms:
             if uses_batch_statistics(module):
                 raise BatchCouplingError(batch_coupling_message(name, module))
-        fallback_roots = [t.name for t in self.targets.values() if t.rule is None]
+        generic_roots = [t.name for t in self.targets.values() if t.rule is None]
         for name, module in self._dropouts:
             if module.training and module.p > 0 and any(
-                r == "" or name == r or name.startswith(r + ".") for r in fallback_roots
+                r == "" or name == r or name.startswith(r + ".") for r in generic_roots
             ):
                 raise ModelError(
-                    f"dropout '{name}' is active (training mode) inside a module handled by the generic rule, "
+                    f"dropout '{name}' is active (training mode) inside module handled by the generic rule, "
                     "which re-runs that module and would draw other dropout masks. Call model.eval()."
                 )
 
@@ -87,13 +123,37 @@ class Engine:
         device, _ = model_device_dtype(self.model)
         targets = check_targets(targets, batch, device)
         self._check_model_state()
+        # A parameter used outside its module's forward hands the module that used it
+        # to the generic rule; the pass is then run again with the new plan.
+        for _ in range(len(self.targets) + 2):
+            try:
+                return self._backprop(inputs, targets, batch)
+            except _Replan:
+                continue
+        raise ModelError("the set of modules using parameters keeps changing between passes")  # pragma: no cover
+
+    def _backprop(self, inputs, targets, batch: int) -> Pass:
         capture = self.capture
         capture.clear()
+        capture.batch = batch
+        recorder = ParamUseRecorder(self._holders, self._generic, self._stack, lambda: capture.pass_index, batch)
+        recorder.mark_batch(inputs)
+        capture.on_batch = lambda args, kwargs: recorder.on_batch(args, kwargs)
+        capture.on_unbatched = lambda module: recorder.unbatched_call(module, self._params_of(module))
+        capture.covered = self._covered
         capture.active = True
+        self._stack.clear()
+        self._stack.recorder = recorder
+        self._stack.active = True
         try:
             with torch.enable_grad():
-                outputs = call_model(self.model, inputs)
+                with recorder:
+                    outputs = call_model(self.model, inputs)
                 capture.active = False
+                self._stack.active = False
+                if recorder.strays:
+                    self._set_targets(promote(self.model, list(self.targets.values()), recorder.strays, self.coverage))
+                    raise _Replan()
                 if self.output.name == "auto":
                     self.output = self.output.resolve(outputs)
                 values = self.output(outputs, targets, batch)
@@ -111,6 +171,9 @@ class Engine:
                 if not capture.calls:
                     raise ModelError("none of the selected modules ran during the model's forward pass")
                 grad_inputs = capture.grad_inputs()
+                seen = {id(t) for t in grad_inputs}
+                # Reach the ops that use generic-rule parameters directly, too.
+                grad_inputs += [u.param for u in recorder.uses if id(u.param) not in seen and not seen.add(id(u.param))]
                 for j in range(values.shape[1]):
                     capture.pass_index = j
                     torch.autograd.grad(
@@ -121,24 +184,84 @@ class Engine:
                 call.check_unchanged()
         finally:
             capture.active = False
+            self._stack.active = False
+            self._stack.clear()
+            self._stack.recorder = None
+            recorder.remove_hooks()
             capture.clear()
         detached = outputs.detach() if torch.is_tensor(outputs) else outputs
-        return Pass(calls, detached, values.detach(), vector, batch)
+        return Pass(calls, detached, values.detach(), vector, batch, recorder.uses, recorder.unsplittable)
 
-    # -- per-call results --------------------------------------------------------------
+    def _covered(self, module: nn.Module) -> Set[str]:
+        """Parameters of ``module`` that a running generic-rule ancestor also holds: its
+        re-run includes this call, so counting them here too would count them twice."""
+        target = self._by_module[id(module)]
+        running = [m for m in self._stack.stack if m is not module and id(m) in self._generic]
+        if not running:
+            return set()
+        ids = {id(m) for m in running}
+        return {local for local in target.param_names if self._holders[id(module.get_parameter(local))] & ids}
 
-    def _call_grads(self, call: LayerCall, d: int) -> Dict[str, torch.Tensor]:
-        """Per-sample gradients ``[B, d, *shape]`` of one call, keyed by local name."""
-        target = self._by_module[id(call.module)]
-        if target.rule is not None and len(call.out_leaves) == 1:
-            return target.rule.grad_sample(call.module, call.activation, call.backprops(d))
-        grads, method = fallback_grad_sample(call, d)
-        self.fallback_methods[target.name] = method
-        return grads
+    def _params_of(self, module: nn.Module) -> List[nn.Parameter]:
+        target = self._by_module[id(module)]
+        return [module.get_parameter(local) for local in target.param_names]
+
+    # -- per-target results ------------------------------------------------------------
 
     def _fast(self, call: LayerCall) -> bool:
         target = self._by_module[id(call.module)]
         return target.rule is not None and len(call.out_leaves) == 1
+
+    def _units(self, p: Pass) -> Iterator[Tuple[Target, List[LayerCall]]]:
+        """Fast-rule calls one by one, then each generic-rule module with all its calls."""
+        generic: Dict[str, List[LayerCall]] = {}
+        for call in p.calls:
+            target = self._by_module[id(call.module)]
+            if self._fast(call):
+                yield target, [call]
+            else:
+                generic.setdefault(target.name, []).append(call)
+        for name, calls in generic.items():
+            yield self.targets[name], calls
+
+    def _unit_grads(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
+        """Per-sample gradients ``[B, d, *shape]`` keyed by local parameter name."""
+        if len(calls) == 1 and self._fast(calls[0]):
+            call = calls[0]
+            grads = target.rule.grad_sample(call.module, call.activation, call.backprops(p.d))
+            return {k: v for k, v in grads.items() if k not in call.skip}
+        return self._fallback(target, calls, p)
+
+    def _fallback(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
+        names = list(target.param_names)
+        params = {n: target.module.get_parameter(n) for n in names}
+        splittable = (
+            target.rule is None
+            and not any(id(q) in p.unsplittable for q in params.values())
+            and not any(call.skip for call in calls)
+        )
+        checked = self._split_checked.get(target.name)
+        if splittable and checked:
+            split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
+            if split is not None:
+                self.fallback_methods[target.name] = "direct uses"
+                return split
+        out: Grads = {}
+        for call in calls:
+            wanted = [n for n in names if n not in call.skip]
+            if not wanted:
+                continue
+            grads, method = fallback_grad_sample(call, p.d, wanted)
+            self.fallback_methods[target.name] = method
+            for n, g in grads.items():
+                out[n] = out[n] + g if n in out else g
+        if splittable and checked is None and p.batch >= 2:
+            split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
+            if split is not None:
+                ok = all(_close(split[n], out[n]) for n in out)
+                self._split_checked[target.name] = ok
+                logger.debug("direct-use split for %r %s the full re-run", target.name, "matches" if ok else "differs from")
+        return out
 
     def _check_finite(self, results: List[Tuple[str, torch.Tensor]]) -> None:
         if not results:
@@ -157,24 +280,29 @@ class Engine:
                     f"for samples {bad}; check the inputs for NaN/Inf and the model for overflow there"
                 )
 
-    def _global(self, call: LayerCall, local: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        names = self._by_module[id(call.module)].param_names
-        return {names[k]: v for k, v in local.items()}
-
-    def grads(self, p: Pass) -> Dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def grads(self, p: Pass) -> Grads:
         """Per-sample gradients keyed by ``model.named_parameters()`` names: ``[B, *shape]``
         for a scalar output, ``[B, d, *shape]`` when the output function returns ``[B, d]``."""
-        total: Dict[str, torch.Tensor] = {}
+        total: Grads = {}
         checks = []
-        for call in p.calls:
-            for name, g in self._global(call, self._call_grads(call, p.d)).items():
+        for target, calls in self._units(p):
+            for local, g in self._unit_grads(target, calls, p).items():
+                name = target.param_names[local]
                 total[name] = total[name] + g if name in total else g
-                checks.append((call.module_name, g))
+                checks.append((target.name, g))
         self._check_finite(checks)
+        # Parameters no call reached (an unused branch) have zero gradients.
+        for t in self.targets.values():
+            for local, name in t.param_names.items():
+                if name not in total:
+                    param = t.module.get_parameter(local)
+                    total[name] = torch.zeros(p.batch, p.d, *param.shape, dtype=p.values.dtype, device=p.values.device)
         order = {n: i for i, (n, _) in enumerate(self.model.named_parameters())}
         out = {n: total[n] for n in sorted(total, key=order.__getitem__)}
         return out if p.vector else {n: g[:, 0] for n, g in out.items()}
 
+    @torch.no_grad()
     def gram(self, p: Pass) -> torch.Tensor:
         """``[B*d, B*d]`` float64 Gram matrix of all per-sample gradients (sample-major)."""
         n = p.batch * p.d
@@ -182,20 +310,20 @@ class Engine:
         counts: Dict[int, int] = {}
         for call in p.calls:
             counts[id(call.module)] = counts.get(id(call.module), 0) + 1
-        pending: Dict[str, torch.Tensor] = {}  # summed grads of modules called twice / tied weights
+        pending: Grads = {}  # summed gradients of modules called twice / tied weights
         checks = []
-        for call in p.calls:
-            target = self._by_module[id(call.module)]
-            alone = counts[id(call.module)] == 1 and not (set(target.param_names.values()) & self._shared)
-            if alone and self._fast(call):
+        for target, calls in self._units(p):
+            alone = counts[id(target.module)] == 1 and not (set(target.param_names.values()) & self._shared)
+            if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
+                call = calls[0]
                 part = target.rule.gram(call.module, call.activation, call.backprops(p.d))
-                checks.append((call.module_name, part))
+                checks.append((target.name, part))
                 total += part
                 continue
-            grads = self._global(call, self._call_grads(call, p.d))
-            for name, g in grads.items():
-                checks.append((call.module_name, g))
-                if alone:
+            for local, g in self._unit_grads(target, calls, p).items():
+                name = target.param_names[local]
+                checks.append((target.name, g))
+                if alone or target.rule is None and name not in self._shared:
                     total += gram_of_grads({name: g})
                 else:
                     pending[name] = pending[name] + g if name in pending else g
@@ -204,26 +332,36 @@ class Engine:
         self._check_finite(checks)
         return total
 
+    @torch.no_grad()
     def sketch(self, p: Pass, sketcher: Sketcher) -> torch.Tensor:
         """Sketched gradients ``[B, d, dim]`` (not normalised)."""
-        parts: Dict[str, torch.Tensor] = {}
+        parts: Grads = {}
         checks = []
-        dtype = p.values.dtype
-        device = p.values.device
-        for call in p.calls:
-            target = self._by_module[id(call.module)]
+        dtype, device = p.values.dtype, p.values.device
+        for target, calls in self._units(p):
             sketches = sketcher.param_sketches(list(target.param_names.values()), device, dtype)
             local = {k: sketches[g] for k, g in target.param_names.items()}
-            if self._fast(call):
+            if len(calls) == 1 and self._fast(calls[0]):
+                call = calls[0]
                 result = target.rule.sketch(call.module, call.activation, call.backprops(p.d), local)
+                result = {k: v for k, v in result.items() if k not in call.skip}
             else:
-                grads = self._call_grads(call, p.d)
+                grads = self._unit_grads(target, calls, p)
                 result = {k: local[k].project_gradients(g) for k, g in grads.items()}
-            for name, s in self._global(call, result).items():
-                checks.append((call.module_name, s))
+            for k, s in result.items():
+                name = target.param_names[k]
+                checks.append((target.name, s))
                 parts[name] = parts[name] + s if name in parts else s
         self._check_finite(checks)
         return sketcher.combine(parts, p.batch, p.d, device, dtype)
 
     def close(self) -> None:
         self.capture.remove()
+        if self._stack is not None:
+            self._stack.remove()
+            self._stack = None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = b.abs().max().item() if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5 * max(scale, 1e-12) + 1e-12))

@@ -58,7 +58,8 @@ def check_per_sample_gradients(
 
     with attach(model, output=output, layers=layers) as handle:
         hooked = handle.per_sample_gradients(inputs, targets)
-    reference = per_sample_loop(model, inputs, targets, output=output, names=set(hooked))
+        names = set(handle.parameter_names)
+    reference = per_sample_loop(model, inputs, targets, output=output, names=names)
     errors: Dict[str, float] = {}
     bad = []
     for name, ref in reference.items():

@@ -103,6 +103,8 @@ class OutputSpec:
 
     name: str
     fn: Optional[OutputFn]
+    #: False for a user's callable
+    builtin: bool = True
 
     def resolve(self, outputs) -> "OutputSpec":
         """Settle ``"auto"`` on the first batch's outputs."""
@@ -119,7 +121,7 @@ class OutputSpec:
 
 def make_output_spec(output: Union[str, OutputFn]) -> OutputSpec:
     if callable(output):
-        return OutputSpec(getattr(output, "__name__", "callable"), output)
+        return OutputSpec(getattr(output, "__name__", "callable"), output, builtin=False)
     if output == "auto":
         return OutputSpec("auto", None)
     if output in BUILTIN:

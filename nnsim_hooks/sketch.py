@@ -41,20 +41,27 @@ class SketchRecipe:
 
     dim: int
     seed: int = 0
-    param_dim: int = 1024
+    #: total first-stage size shared by the parameters that are projected
+    stage1_dim: int = 16384
+    #: parameters with at most this many entries are kept whole (exact)
+    exact_limit: int = 8192
+    #: no projected parameter gets fewer first-stage dimensions than this
+    min_param_dim: int = 256
+    #: side of the Kronecker blocks (see factor_dims)
+    block: int = 4
     version: int = RECIPE_VERSION
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def seeded_gaussian(seed: int, name: str, role: str, shape: Sequence[int]) -> torch.Tensor:
-    """A CPU float32 matrix of iid N(0, 1/shape[0]) entries, drawn by the recipe above."""
+def seeded_gaussian(seed: int, name: str, role: str, shape: Sequence[int], std: float) -> torch.Tensor:
+    """A CPU float32 matrix of iid N(0, std^2) entries, drawn by the recipe above."""
     digest = hashlib.sha256(f"nnsim_hooks/sketch/v{RECIPE_VERSION}|{seed}|{name}|{role}".encode()).digest()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     matrix = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-    return matrix.div_(math.sqrt(shape[0]))
+    return matrix.mul_(std)
 
 
 def matrix_view(shape: Sequence[int]) -> Tuple[int, int]:
@@ -64,41 +71,69 @@ def matrix_view(shape: Sequence[int]) -> Tuple[int, int]:
     return int(shape[0]), int(math.prod(shape[1:]))
 
 
-def factor_dims(rows: int, cols: int, budget: int) -> Tuple[int, int]:
-    """Sketch sizes (k_row, k_col) with k_row * k_col <= budget, balanced, capped by the sides."""
+def factor_dims(rows: int, cols: int, budget: int, k: int) -> Tuple[int, int, int]:
+    """(repeats, k_row, k_col) for a ``rows x cols`` parameter and a first-stage budget.
+
+    Small parameters are kept whole. A side of at most ``k`` is kept exactly and the
+    other side gets the whole budget. Otherwise the budget is spent on independent
+    ``k x k`` Kronecker blocks: for the same size, many small blocks estimate inner
+    products of low-rank gradients (few positions, as late conv layers have) with far
+    less variance than one large block.
+    """
     if rows * cols <= budget:
-        return rows, cols
-    k = max(1, math.isqrt(budget))
-    k_col = min(cols, k)
-    k_row = min(rows, max(1, budget // k_col))
-    if k_row == rows:
-        k_col = min(cols, max(1, budget // rows))
-    return k_row, k_col
+        return 1, rows, cols
+    if rows <= k:
+        return 1, rows, max(1, min(cols, budget // rows))
+    if cols <= k:
+        return 1, max(1, min(rows, budget // cols)), cols
+    return max(1, budget // (k * k)), k, k
+
+
+def split_budget(recipe: "SketchRecipe", param_shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, int]:
+    """First-stage size per parameter: whole for small ones, an even share of
+    ``stage1_dim`` (at least ``min_param_dim``) for the others."""
+    sizes = {n: int(math.prod(s)) for n, s in param_shapes.items()}
+    big = [n for n, p in sizes.items() if p > recipe.exact_limit]
+    out = {n: p for n, p in sizes.items() if p <= recipe.exact_limit}
+    for n in big:
+        out[n] = max(recipe.min_param_dim, recipe.stage1_dim // len(big))
+    return out
 
 
 @dataclass
 class ParamSketch:
-    """The stage-1 sketch of one parameter: ``S_row G S_col^T`` (None = identity)."""
+    """The stage-1 sketch of one parameter.
+
+    ``repeats`` independent Kronecker blocks ``S_row^q G S_col^q^T`` (q = 1..repeats),
+    stacked as ``row_matrix`` ``[repeats*k_row, rows]`` and ``col_matrix``
+    ``[repeats*k_col, cols]``; None means that side is kept exactly (then repeats = 1).
+    The row matrix carries the ``1/sqrt(repeats)`` that averages the blocks.
+    """
 
     name: str
     shape: Tuple[int, ...]
     rows: int
     cols: int
-    row_matrix: Optional[torch.Tensor]  # [k_row, rows]
-    col_matrix: Optional[torch.Tensor]  # [k_col, cols]
+    repeats: int
+    row_matrix: Optional[torch.Tensor]
+    col_matrix: Optional[torch.Tensor]
     _cache: Dict[Tuple[torch.device, torch.dtype], "ParamSketch"] = field(default_factory=dict, repr=False)
 
     @property
     def k_row(self) -> int:
-        return self.rows if self.row_matrix is None else self.row_matrix.shape[0]
+        return self.rows if self.row_matrix is None else self.row_matrix.shape[0] // self.repeats
 
     @property
     def k_col(self) -> int:
-        return self.cols if self.col_matrix is None else self.col_matrix.shape[0]
+        return self.cols if self.col_matrix is None else self.col_matrix.shape[0] // self.repeats
 
     @property
     def out_dim(self) -> int:
-        return self.k_row * self.k_col
+        return self.repeats * self.k_row * self.k_col
+
+    @property
+    def projected(self) -> bool:
+        return self.row_matrix is not None or self.col_matrix is not None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "ParamSketch":
         """This sketch with its matrices on ``device`` (cached)."""
@@ -106,30 +141,41 @@ class ParamSketch:
         if key not in self._cache:
             move = lambda m: None if m is None else m.to(device=device, dtype=dtype)  # noqa: E731
             self._cache[key] = ParamSketch(
-                self.name, self.shape, self.rows, self.cols, move(self.row_matrix), move(self.col_matrix)
+                self.name, self.shape, self.rows, self.cols, self.repeats, move(self.row_matrix), move(self.col_matrix)
             )
         return self._cache[key]
 
     def rows_of(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """Apply S_row along ``dim`` of ``x`` (size ``rows`` there)."""
+        """Apply the stacked S_row along ``dim`` of ``x`` (size ``rows`` there)."""
         return _apply(self.row_matrix, x, dim)
 
     def cols_of(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """Apply S_col along ``dim`` of ``x`` (size ``cols`` there)."""
+        """Apply the stacked S_col along ``dim`` of ``x`` (size ``cols`` there)."""
         return _apply(self.col_matrix, x, dim)
+
+    def combine_factors(self, row_factor: torch.Tensor, col_factor: torch.Tensor) -> torch.Tensor:
+        """``sum_u (S_row delta_u)(S_col a_u)^T`` block by block.
+
+        ``row_factor`` is ``[d_r, B, repeats*k_row, L]`` and ``col_factor``
+        ``[d_c, B, repeats*k_col, L]`` with ``d_r, d_c`` in ``{1, d}``; returns
+        ``[B, d, out_dim]``.
+        """
+        d = max(row_factor.shape[0], col_factor.shape[0])
+        b, length = row_factor.shape[1], row_factor.shape[-1]
+        p = row_factor.reshape(row_factor.shape[0], b, self.repeats, self.k_row, length).expand(d, -1, -1, -1, -1)
+        q = col_factor.reshape(col_factor.shape[0], b, self.repeats, self.k_col, length).expand(d, -1, -1, -1, -1)
+        out = torch.einsum("jbqrl,jbqcl->bjqrc", p, q)
+        return out.reshape(b, d, self.out_dim)
 
     def project_gradients(self, grads: torch.Tensor) -> torch.Tensor:
         """Sketch materialised per-sample gradients ``[B, d, *shape]`` -> ``[B, d, out_dim]``."""
         lead = grads.shape[:2]
-        g = grads.reshape(-1, self.rows, self.cols)
-        g = self.cols_of(self.rows_of(g, 1), 2)
+        g = self.rows_of(grads.reshape(-1, self.rows, self.cols), 1)  # [N, R*k_row, cols]
+        if self.col_matrix is not None:
+            g = g.reshape(g.shape[0], self.repeats, self.k_row, self.cols)
+            cols = self.col_matrix.reshape(self.repeats, self.k_col, self.cols)
+            g = torch.einsum("nqrc,qkc->nqrk", g, cols)
         return g.reshape(*lead, self.out_dim)
-
-    def project_factors(self, row_factor: torch.Tensor, col_factor: torch.Tensor) -> torch.Tensor:
-        """``sum_u row_factor[:, :, u] col_factor[:, :, u]^T`` for already-sketched factors
-        ``[N, k_row, L]`` and ``[N, k_col, L]`` -> ``[N, out_dim]``."""
-        out = torch.bmm(row_factor, col_factor.transpose(1, 2))
-        return out.reshape(out.shape[0], -1)
 
 
 def _apply(matrix: Optional[torch.Tensor], x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -143,26 +189,29 @@ class Sketcher:
     """All the matrices of one recipe for one list of parameters (name -> shape)."""
 
     def __init__(self, recipe: SketchRecipe, param_shapes: Dict[str, Tuple[int, ...]]):
-        if recipe.dim < 1 or recipe.param_dim < 1:
-            raise ValueError(f"sketch dimensions must be positive, got dim={recipe.dim}, param_dim={recipe.param_dim}")
+        if recipe.dim < 1 or recipe.stage1_dim < 1:
+            raise ValueError(f"sketch dimensions must be positive, got dim={recipe.dim}, stage1_dim={recipe.stage1_dim}")
         self.recipe = recipe
         self.params: Dict[str, ParamSketch] = {}
         self.offsets: Dict[str, int] = {}
+        budgets = split_budget(recipe, param_shapes)
         total = 0
         for name, shape in param_shapes.items():
             rows, cols = matrix_view(shape)
-            k_row, k_col = factor_dims(rows, cols, recipe.param_dim)
-            row_m = seeded_gaussian(recipe.seed, name, "row", (k_row, rows)) if k_row < rows else None
-            col_m = seeded_gaussian(recipe.seed, name, "col", (k_col, cols)) if k_col < cols else None
-            self.params[name] = ParamSketch(name, tuple(shape), rows, cols, row_m, col_m)
+            repeats, k_row, k_col = factor_dims(rows, cols, budgets[name], recipe.block)
+            row_m = col_m = None
+            if k_row < rows:
+                std = 1.0 / math.sqrt(k_row * repeats)
+                row_m = seeded_gaussian(recipe.seed, name, "row", (repeats * k_row, rows), std)
+            if k_col < cols:
+                col_m = seeded_gaussian(recipe.seed, name, "col", (repeats * k_col, cols), 1.0 / math.sqrt(k_col))
+            self.params[name] = ParamSketch(name, tuple(shape), rows, cols, repeats, row_m, col_m)
             self.offsets[name] = total
-            total += k_row * k_col
+            total += self.params[name].out_dim
         #: total stage-1 dimension M
         self.stage1_dim = total
         #: True when stage 2 is a zero padding (the features are exact)
-        self.exact = total <= recipe.dim and all(
-            p.row_matrix is None and p.col_matrix is None for p in self.params.values()
-        )
+        self.exact = total <= recipe.dim and not any(p.projected for p in self.params.values())
         self._dense: Dict[str, torch.Tensor] = {}
         self._dense_cache: Dict[Tuple[torch.device, torch.dtype], Dict[str, torch.Tensor]] = {}
 
@@ -181,7 +230,9 @@ class Sketcher:
                 m = self.params[name].out_dim
                 # [m, dim] with N(0, 1/dim) entries: drawn as [dim, m] then transposed, so
                 # that its scale follows the recipe (1/sqrt of the number of rows = dim).
-                self._dense[name] = seeded_gaussian(self.recipe.seed, name, "dense", (self.dim, m)).T.contiguous()
+                self._dense[name] = seeded_gaussian(
+                    self.recipe.seed, name, "dense", (self.dim, m), 1.0 / math.sqrt(self.dim)
+                ).T.contiguous()
             blocks[name] = self._dense[name].to(device=device, dtype=dtype)
         return blocks[name]
 

@@ -43,6 +43,7 @@ class CoverageRow:
     parameters: int
     rule: str
     status: str  # "fast", "fallback" or "excluded: ..."
+    note: str = ""
 
 
 class CoverageReport:
@@ -80,8 +81,8 @@ class CoverageReport:
         )
 
     def __str__(self) -> str:
-        header = ("module", "type", "parameters", "rule", "status")
-        body = [(r.module or "<model>", r.type, f"{r.parameters:,}", r.rule, r.status) for r in self.rows]
+        header = ("module", "type", "parameters", "rule", "status", "note")
+        body = [(r.module or "<model>", r.type, f"{r.parameters:,}", r.rule, r.status, r.note) for r in self.rows]
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body] + [self.summary()])
@@ -157,3 +158,42 @@ def shared_parameters(targets: Iterable[Target]) -> set:
         for g in t.param_names.values():
             (shared if g in seen else seen).add(g)
     return shared
+
+
+def promote(model: nn.Module, targets: List[Target], strays, coverage: CoverageReport) -> List[Target]:
+    """Hand each module that used a parameter outside its holder's forward to the
+    generic rule, with that parameter (``strays``: ``{(id(param), id(module)): module}``).
+    The coverage report is updated in place."""
+    names = {id(m): n for n, m in model.named_modules()}
+    by_module = {id(t.module): t for t in targets}
+    global_names = {}
+    for t in targets:
+        for local, g in t.param_names.items():
+            global_names[id(t.module.get_parameter(local))] = g
+    out = list(targets)
+    for (param_id, module_id), module in strays.items():
+        relative = {id(p): n for n, p in module.named_parameters()}
+        if param_id not in relative:
+            raise ModelError(
+                f"parameter '{global_names[param_id]}' is used by module '{names.get(module_id, '?')}' "
+                f"({type(module).__name__}), which does not hold it among its parameters, so its per-sample "
+                "gradient cannot be computed from hooks. Register the module that owns it as a submodule of "
+                "the one that uses it, or exclude the parameter with layers=..."
+            )
+        local = relative[param_id]
+        target = by_module.get(module_id)
+        if target is None:
+            target = Target(names[module_id], module, None, {})
+            by_module[module_id] = target
+            out.append(target)
+        target.rule = None
+        target.param_names[local] = global_names[param_id]
+        note = f"uses {local} directly"
+        for row in coverage.rows:
+            if row.module == target.name:
+                row.rule, row.status = FALLBACK, "fallback"
+                row.note = "; ".join(x for x in (row.note, note) if x and note not in row.note)
+                break
+        else:
+            coverage.rows.append(CoverageRow(target.name, type(module).__name__, 0, FALLBACK, "fallback", note))
+    return out

@@ -57,9 +57,9 @@ def assert_matches_reference(idx, reference, xy, labels=True):
     x, y = xy
     assert len(idx) == N
     np.testing.assert_array_equal(idx.ids, np.arange(N))
-    key = "" if labels else "unlabelled_"
-    np.testing.assert_allclose(idx.features, reference[(key or "features") if labels else "unlabelled"], atol=2e-6)
-    np.testing.assert_allclose(idx.norms, reference[f"{key}norms"], rtol=1e-5)
+    # the built-in outputs stay label-free by default (use_targets=None): predicted class
+    np.testing.assert_allclose(idx.features, reference["unlabelled"], atol=2e-6)
+    np.testing.assert_allclose(idx.norms, reference["unlabelled_norms"], rtol=1e-5)
     assert idx.valid.all()
     np.testing.assert_array_equal(idx.predictions, reference["logits"].argmax(1).numpy())
     np.testing.assert_allclose(idx.probabilities, torch.softmax(reference["logits"], 1).numpy(), atol=1e-6)
@@ -134,7 +134,14 @@ def test_label_free_features_still_store_labels(handle, xy, reference, tmp_path)
     np.testing.assert_allclose(idx.features, reference["unlabelled"], atol=2e-6)
     np.testing.assert_array_equal(idx.labels, y.numpy())
     with pytest.raises(IndexMismatchError, match="use_targets=False"):
-        handle.build_index(TensorDataset(x, y), tmp_path / "ix", progress=False)
+        handle.build_index(TensorDataset(x, y), tmp_path / "ix", progress=False, use_targets=True)
+
+
+def test_targets_are_used_only_when_asked(handle, xy, reference, tmp_path):
+    x, y = xy
+    idx = handle.build_index(TensorDataset(x, y), batch_size=BS, progress=False, use_targets=True)
+    np.testing.assert_allclose(idx.features, reference["features"], atol=2e-6)
+    np.testing.assert_allclose(idx.norms, reference["norms"], rtol=1e-5)
 
 
 def test_regression_outputs_are_stored(xy, tmp_path):

@@ -120,7 +120,43 @@ def _faiss():
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a core dependency
         raise ImportError("nnsim_hooks.index needs FAISS: pip install faiss-cpu (or faiss-gpu)") from exc
+    _warn_two_builds()
     return faiss
+
+
+_CHECKED_BUILDS = False
+
+
+def installed_faiss_builds() -> list:
+    """The FAISS distributions pip installed (``faiss-cpu``, ``faiss-gpu``, ``faiss-gpu-cu12``...)."""
+    from importlib import metadata
+
+    names = set()
+    for dist in metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower()
+        if name.startswith("faiss-cpu") or name.startswith("faiss-gpu") or name == "faiss-cuda":
+            names.add(name)
+    return sorted(names)
+
+
+def _warn_two_builds() -> None:
+    """Two FAISS builds share one ``faiss`` package folder: whichever was installed last
+    wins file by file, which can break both. Say how to keep one."""
+    global _CHECKED_BUILDS
+    if _CHECKED_BUILDS:
+        return
+    _CHECKED_BUILDS = True
+    builds = installed_faiss_builds()
+    if len(builds) > 1:
+        import warnings
+
+        gpu = next((b for b in builds if b != "faiss-cpu"), builds[-1])
+        warnings.warn(
+            f"nnsim_hooks: several FAISS builds are installed ({', '.join(builds)}); they overwrite each other's "
+            f"files. Keep one: pip uninstall -y {' '.join(builds)} && pip install --no-deps {gpu}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def gpu_available() -> bool:

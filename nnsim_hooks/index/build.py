@@ -36,7 +36,7 @@ def build_index(
     store_outputs: Union[bool, str] = "auto",
     task: str = "auto",
     num_workers: int = 0,
-    use_targets: bool = True,
+    use_targets: Optional[bool] = None,
 ) -> GradientIndex:
     """Extract features of every sample of ``data`` with ``handle`` and index them.
 
@@ -63,8 +63,10 @@ def build_index(
             the handle differentiates a classifier output: contrast, logit or loss).
         num_workers: DataLoader workers when ``data`` is a Dataset.
         use_targets: pass the targets to the handle's output function (``"contrast"`` and
-            ``"loss"`` then use the label). False keeps the features label-free (the
-            predicted class), for auditing possibly noisy labels; labels are stored either way.
+            ``"loss"`` then use the label). None (the default): only when the output
+            function needs them (``"loss"``, or a callable of yours); the built-in outputs
+            then stay label-free (the predicted class), which is what auditing possibly
+            noisy labels needs. Labels are stored either way.
 
     Raises:
         IndexMismatchError: ``path`` holds an index of another model, output or recipe.
@@ -77,6 +79,8 @@ def build_index(
         raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
     if task not in ("auto", "classification", "regression"):
         raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
+    if use_targets is None:
+        use_targets = handle.wants_targets
     source = BatchSource(data, handle.batch_size if batch_size is None else batch_size, num_workers)
     if source.total == 0:
         raise DataError(f"the dataset is empty ({source.describe()} of length 0): there is nothing to index")

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Grads, LayerRule, gram_of_grads
-from .factored import factored_grad_sample, factored_gram, factored_sketch_weight
+from .factored import factored_gram
 from .registry import register_rule
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -124,7 +124,7 @@ class ConvRule(_ConvBase):
                 filters = s.col_matrix.reshape(-1, *module.weight.shape[1:])
                 conv = _CONV_FN[_ndim(module)]
                 cols = conv(x, filters, None, module.stride, padding, module.dilation).reshape(b, filters.shape[0], -1)
-            out["weight"] = factored_sketch_weight(s.rows_of(rows, 2), cols)
+            out["weight"] = s.combine_factors(s.rows_of(rows, 2), cols.unsqueeze(0))
         if module.bias is not None and module.bias.requires_grad:
             bias_grad = backprops.reshape(d, b, backprops.shape[2], -1).sum(-1).transpose(0, 1)
             out["bias"] = sketches["bias"].project_gradients(bias_grad)
@@ -178,10 +178,8 @@ class ConvTransposeRule(_ConvBase):
                 filters = s.col_matrix.reshape(-1, *module.weight.shape[1:])
                 conv = _CONV_FN[_ndim(module)]
                 cols = conv(flat, filters, None, module.stride, module.padding, module.dilation)
-            cols = cols.reshape(d, b, cols.shape[1], -1)  # [d, B, k_c, L]
-            row_factor = s.rows_of(a, 1)  # [B, k_r, L]
-            y = torch.einsum("brl,jbcl->bjrc", row_factor, cols)
-            out["weight"] = y.reshape(b, d, -1)
+            cols = cols.reshape(d, b, cols.shape[1], -1)  # [d, B, R*k_c, L]
+            out["weight"] = s.combine_factors(s.rows_of(a, 1).unsqueeze(0), cols)
         if module.bias is not None and module.bias.requires_grad:
             bias_grad = backprops.reshape(d, b, backprops.shape[2], -1).sum(-1).transpose(0, 1)
             out["bias"] = sketches["bias"].project_gradients(bias_grad)

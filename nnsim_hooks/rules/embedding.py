@@ -60,7 +60,6 @@ class EmbeddingRule(LayerRule):
         if s.row_matrix is None:
             rows = torch.nn.functional.one_hot(ids, module.num_embeddings).to(g.dtype)  # [B, T, V]
         else:
-            rows = s.row_matrix.T[ids]  # [B, T, k_r]: column id_t of S_row
-        cols = s.cols_of(g, 3)  # [d, B, T, k_c]
-        y = torch.einsum("btr,jbtc->bjrc", rows, cols)
-        return {"weight": y.reshape(b, d, -1)}
+            rows = s.row_matrix.T[ids]  # [B, T, R*k_r]: column id_t of S_row
+        cols = s.cols_of(g, 3)  # [d, B, T, R*k_c]
+        return {"weight": s.combine_factors(rows.transpose(1, 2).unsqueeze(0), cols.transpose(2, 3))}

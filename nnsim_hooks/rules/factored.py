@@ -57,28 +57,13 @@ def factored_gram(cols: torch.Tensor, rows: torch.Tensor, weight: bool, bias: bo
     return total
 
 
-def factored_grad_sample(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients as matrices ``[B, d, r, c]``."""
-    return torch.einsum("jbru,bcu->bjrc", rows, cols)
-
-
-def factored_sketch_weight(row_factor: torch.Tensor, col_factor: torch.Tensor) -> torch.Tensor:
-    """Sketched weight gradients ``[B, d, k_r*k_c]`` from sketched factors
-    ``row_factor`` ``[d, B, k_r, L]`` (``S_row delta``) and ``col_factor`` ``[B, k_c, L]``
-    (``S_col a``)."""
-    d, batch, k_r, _ = row_factor.shape
-    out = torch.einsum("jbru,bcu->bjrc", row_factor, col_factor)
-    return out.reshape(batch, d, -1)
-
-
-def factored_sketch(module, cols, rows, sketches, col_sketch) -> Dict[str, torch.Tensor]:
+def factored_sketch(module, cols, rows, sketches) -> Dict[str, torch.Tensor]:
     """Sketch of W (and b) for a layer with factors ``cols`` ``[B, c, L]`` and ``rows``
-    ``[d, B, r, L]``; ``col_sketch(param_sketch, cols)`` applies S_col (a convolution can
-    do it on the unfolded input for free)."""
+    ``[d, B, r, L]``."""
     out: Dict[str, torch.Tensor] = {}
     if module.weight.requires_grad:
         s = sketches["weight"]
-        out["weight"] = factored_sketch_weight(s.rows_of(rows, 2), col_sketch(s, cols))
+        out["weight"] = s.combine_factors(s.rows_of(rows, 2), s.cols_of(cols, 1).unsqueeze(0))
     bias = getattr(module, "bias", None)
     if bias is not None and bias.requires_grad:
         out["bias"] = sketches["bias"].project_gradients(rows.sum(-1).transpose(0, 1))

@@ -12,6 +12,7 @@ numbers.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
@@ -19,7 +20,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import ModelError
-from .base import Grads, trainable
+from .base import Grads
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,12 @@ def _cotangents(call, d: int, batch: int) -> List[torch.Tensor]:
     return out
 
 
-def fallback_grad_sample(call, d: int) -> Tuple[Grads, str]:
-    """Per-sample gradients ``[B, d, *shape]`` of the module's own trainable parameters,
-    and which method produced them (``vmap`` or ``loop``)."""
+def fallback_grad_sample(call, d: int, names: List[str]) -> Tuple[Grads, str]:
+    """Per-sample gradients ``[B, d, *shape]`` of the parameters ``names`` (relative to
+    the module: its own, or a child's that it uses directly), and which method produced
+    them (``vmap`` or ``loop``)."""
     module = call.module
-    named = list(trainable(module))
-    names = [n for n, _ in named]
-    params = [p.detach() for _, p in named]
+    params = [module.get_parameter(n).detach() for n in names]
     batch = _batch_size(call)
     cotangents = _cotangents(call, d, batch)
     flat_inputs, spec = tree_flatten((call.args, call.kwargs))
@@ -97,7 +97,10 @@ def _vmapped(run, params, flat_inputs, batched, cotangents):
 
     tensor_inputs = [flat_inputs[i] for i in tensor_slots]
     in_dims = ([dims[i] for i in tensor_slots], [0] * len(cotangents))
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Ops without a batching rule (fused attention) run one sample at a time inside
+        # vmap: slower, same numbers. PyTorch warns each time; the coverage report says it.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
         return vmap(per_sample, in_dims=in_dims)(tensor_inputs, cotangents)
 
 

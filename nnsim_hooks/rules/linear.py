@@ -44,7 +44,4 @@ class LinearRule(LayerRule):
 
     def sketch(self, module: nn.Linear, activation, backprops, sketches) -> Grads:
         a, g = _tokens(activation, backprops)
-        return factored_sketch(
-            module, a.transpose(1, 2), g.transpose(2, 3), sketches,
-            col_sketch=lambda s, x: s.cols_of(x, 1),
-        )
+        return factored_sketch(module, a.transpose(1, 2), g.transpose(2, 3), sketches)

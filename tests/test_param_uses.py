@@ -1,0 +1,153 @@
+"""Parameters used outside their own module's forward, shared across samples, or
+directly by a module on the generic rule: all must still give exact per-sample gradients."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nnsim_hooks
+from nnsim_hooks.oracle import per_sample_loop
+
+
+def assert_matches_loop(model, x, output="sum", rtol=1e-5, passes=2):
+    """Every pass (the first checks the per-op split, later ones use it) matches the loop."""
+    with nnsim_hooks.attach(model, output=output) as h:
+        for _ in range(passes):
+            got = h.per_sample_gradients(x)
+            ref = per_sample_loop(model, x, output=output, names=set(h.parameter_names))
+            assert set(got) == set(ref)
+            for name, r in ref.items():
+                torch.testing.assert_close(got[name], r, rtol=rtol, atol=rtol * r.abs().max().item() + 1e-12, msg=name)
+        return h.coverage, dict(h.engine.fallback_methods)
+
+
+def test_multihead_attention_out_proj_is_not_missed():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    coverage, _ = assert_matches_loop(Net().eval(), torch.randn(4, 5, 8), output="contrast")
+    row = next(r for r in coverage.rows if r.module == "attn")
+    assert "out_proj.weight" in row.note and row.status == "fallback"
+
+
+def test_tied_table_used_by_the_parent():
+    torch.manual_seed(0)
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 6)
+            self.mix = nn.Linear(6, 6)
+
+        def forward(self, ids):
+            h = torch.tanh(self.mix(self.embed(ids)))
+            return F.linear(h, self.embed.weight)[:, -1]  # logits over the vocabulary
+
+    assert_matches_loop(TiedLM().eval(), torch.randint(0, 11, (4, 5)), output="logit")
+
+
+def test_module_run_on_a_shared_table_is_handled_by_its_user():
+    """A relative-position MLP runs on coordinates, not on the batch; its output bias is
+    added to every sample. Its per-sample gradient exists only through that addition."""
+    torch.manual_seed(0)
+
+    class RelBias(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.register_buffer("coords", torch.linspace(-1, 1, n).unsqueeze(1))
+            self.mlp = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return x + self.mlp(self.coords).squeeze(1)
+
+    class Net(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.inp = nn.Linear(3, n)
+            self.bias = RelBias(n)
+            self.out = nn.Linear(n, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.bias(self.inp(x))))
+
+    # n == batch size: the table's first dimension looks like a batch, and must not fool us.
+    model = Net(4).double().eval()
+    coverage, _ = assert_matches_loop(model, torch.randn(4, 3, dtype=torch.float64), output="full")
+    assert next(r for r in coverage.rows if r.module == "bias").status == "fallback"
+
+
+class TokenNet(nn.Module):
+    """cls token and position embedding held by the model itself, as in a ViT."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.pos = nn.Parameter(torch.randn(1, 4, 6))
+        self.gamma = nn.Parameter(torch.randn(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x)  # [B, 3, 6]
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.head(torch.tanh(tokens * self.gamma)[:, 0])
+
+
+def test_direct_uses_replace_the_full_rerun_once_checked():
+    torch.manual_seed(0)
+    _, methods = assert_matches_loop(TokenNet().eval(), torch.randn(5, 3, 4), output="full", passes=3)
+    assert methods[""] == "direct uses"
+
+
+def test_a_split_that_does_not_hold_is_rejected():
+    """A table whose first dimension equals the batch size, indexed without the batch:
+    splitting per op by shape would be wrong; the check against the full re-run refuses it."""
+    torch.manual_seed(0)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(3, 5))
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):  # x: [3, 5]; the table is added to every sample, whole
+            shared = self.table * 2.0  # [3, 5]: first dimension 3 == batch, not the batch
+            return self.head(torch.tanh(x + shared.sum(0)))
+
+    _, methods = assert_matches_loop(Shared().eval(), torch.randn(3, 5), output="sum", passes=3)
+    assert methods[""] in ("vmap", "loop")
+
+
+def test_parameter_reached_through_a_closure_is_refused():
+    torch.manual_seed(0)
+    outside = nn.Linear(4, 4)
+
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.linear(self.body(x), outside.weight).sum(1)
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sneaky = Sneaky()
+            self.other = outside  # the model holds it, but Sneaky uses it without holding it
+
+        def forward(self, x):
+            return self.sneaky(x)
+
+    with nnsim_hooks.attach(Both().eval()) as h:
+        with pytest.raises(nnsim_hooks.ModelError, match="other.weight.*sneaky"):
+            h.per_sample_gradients(torch.randn(2, 4))
