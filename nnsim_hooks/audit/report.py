@@ -203,7 +203,7 @@ def _class_table(result, names: _Names) -> str:
             and cls != "all" else ""
         rows.append(
             f'<tr class="{"total" if cls == "all" else ""}"><td>{label}</td><td>{_num(r["samples"])}</td>'
-            f'<td>{_num(r["predicted_as"]) if r["predicted_as"] is not None and r["predicted_as"] == r["predicted_as"] else "–"}</td>'
+            f'<td>{"–" if pd.isna(r["predicted_as"]) else _num(int(r["predicted_as"]))}</td>'
             f'<td>{_pct(r["agreement"])}</td><td>{_num(r["label_issues"])}</td><td{hot}>{_pct(rate)}</td>'
             f'<td>{_num(r["outliers"])}</td><td>{_num(r["in_duplicate_groups"])}</td>'
             f'<td>{_num(r["median_effective_neighbors"])}</td><td>{_num(r["median_denoising_factor"])}</td>'

@@ -179,7 +179,9 @@ class AuditResult:
                     "median_consistency": _nanstat(np.median, sub["consistency"]),
                 }
             )
-        return pd.DataFrame(rows)
+        table = pd.DataFrame(rows)
+        table["predicted_as"] = table["predicted_as"].astype("Int64")
+        return table
 
     # -- views ----------------------------------------------------------------------------
 
