@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 import nnsim_hooks
 from audit_fixtures import clustered_features, trained_digits
-from nnsim_hooks.audit import analyse
+from nnsim_hooks.audit import analyse, demo
 from nnsim_hooks.index import GradientIndex
 
 
@@ -207,3 +207,17 @@ def test_default_outputs_full_for_neighbours_and_contrast_for_density():
     wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 20))
     many = nnsim_hooks.audit(wide, ds, progress=False, k=5)
     assert many.summary["output"] == "contrast_predicted" and many.denoise_index is None
+
+
+def test_headline_network_agrees_more_with_true_labels_than_with_its_noisy_ones(digits_audit):
+    """The paper's auto-denoising on the (cached) digits CNN, and the audit's label-free
+    estimate pointing the same way without the true labels."""
+    model, data = digits_audit["model"], digits_audit["data"]
+    pred = demo.predict_proba(model, data.images).argmax(1)
+    true_agreement = float((pred == data.true_labels).mean())
+    noisy_agreement = float((pred == data.noisy_labels).mean())
+    assert true_agreement > noisy_agreement + 0.08
+    den = digits_audit["result"].summary["denoising"]
+    assert den["predicted_agreement_with_clean_labels"] > noisy_agreement + 0.08
+    assert abs(den["estimated_noise_rate"] - data.flipped.mean()) < 0.05
+    assert den["median_effective_neighbors"] > 5
