@@ -25,8 +25,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Benchmarks write their tables to benchmarks/results/ (minutes each; run on a quiet machine).
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_gradients.py --out benchmarks/results/gradients_cpu.md
+	$(BIN)/python benchmarks/bench_index.py
+	$(BIN)/python benchmarks/bench_label_issues.py --seeds 3
 
 clean:
 	rm -rf $(VENV) nnsim-demo .pytest_cache
