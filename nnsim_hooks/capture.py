@@ -90,6 +90,11 @@ class Capture:
         self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
         #: local names of the module's parameters already covered by a running ancestor
         self.covered: Callable[[nn.Module], Set[str]] = lambda module: set()
+        #: the parameters a hooked module is differentiated for: its own, plus those of
+        #: children it uses directly once it is on the generic rule
+        self.params_of: Callable[[nn.Module], List[torch.Tensor]] = lambda module: list(
+            module.parameters(recurse=False)
+        )
         for name, module in modules.items():
             self.add(name, module)
 
@@ -152,8 +157,9 @@ class Capture:
 
     def grad_inputs(self) -> List[torch.Tensor]:
         """Where backward may stop: each call's tensor inputs that require grad, or, for a
-        call whose inputs do not (the first layer), its trainable parameters. Stopping
-        there skips the weight gradients a plain ``backward()`` would compute."""
+        call whose inputs do not (the first layer, a module taking a buffer), the trainable
+        parameters it is differentiated for. Stopping there skips the weight gradients a
+        plain ``backward()`` would compute."""
         seen = set()
         out: List[torch.Tensor] = []
 
@@ -168,7 +174,7 @@ class Capture:
                 for t in inputs:
                     add(t)
             else:
-                for p in call.module.parameters(recurse=False):
+                for p in self.params_of(call.module):
                     if p.requires_grad:
                         add(p)
         return out

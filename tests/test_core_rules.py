@@ -159,6 +159,20 @@ class TiedEmbeddingHead(nn.Module):
         return F.linear(h, self.emb.weight)
 
 
+class SharedBiasMlp(nn.Module):
+    """timm RelPosMlp style: an MLP on a coordinate buffer (no batch) gives a bias shared by all samples."""
+
+    def __init__(self, window=3, heads=2):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"), -1)
+        self.register_buffer("coords", coords.reshape(-1, 2).float(), persistent=False)
+
+    def forward(self, attn):  # [B, heads, W, W]
+        bias = self.mlp(self.coords.to(attn.dtype))  # [W*W, heads]
+        return attn + bias.T.reshape(1, attn.shape[1], attn.shape[2], attn.shape[3])
+
+
 class WindowsInBatch(nn.Module):
     """maxvit style: windows folded into the batch dimension before a Linear."""
 
@@ -171,6 +185,17 @@ class WindowsInBatch(nn.Module):
         b = x.shape[0]
         y = self.lin(x.reshape(b * 2, 2, 4))
         return self.norm(y.reshape(b, 4, 3))
+
+
+class SequenceFirstTransformer(nn.Module):
+    """nn.TransformerEncoderLayer with batch_first=False: its layers see [T, B, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0)
+
+    def forward(self, x):  # [B, T, C]
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
 
 
 def _weight_norm_linear():
@@ -246,7 +271,9 @@ def _cases():
     add("multihead-attention", lambda: AttentionBlock(), lambda: r(B, 5, 4), "fallback")
     add("head-used-by-parent", lambda: HeadUsedByParent(), lambda: r(B, 4), "mixed")
     add("tied-embedding-head", lambda: TiedEmbeddingHead(), lambda: ids(B, 5), "mixed")
+    add("shared-bias-mlp", lambda: SharedBiasMlp(), lambda: r(B, 2, 3, 3), "mixed")
     add("windows-in-batch", lambda: WindowsInBatch(), lambda: r(B, 4, 4), "mixed")
+    add("sequence-first-transformer", lambda: SequenceFirstTransformer(), lambda: r(B, 5, 4), "mixed")
     add("weight-norm-parametrization", _weight_norm_linear, lambda: r(B, 4), "fallback")
     return c
 
