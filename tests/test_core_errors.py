@@ -256,6 +256,12 @@ def test_selected_modules_that_do_not_run():
             h.per_sample_gradients(torch.randn(2, 4))
 
 
+@pytest.mark.parametrize("batch_size", [0, -3])
+def test_bad_batch_size(batch_size):
+    with pytest.raises(InputError, match="batch_size"):
+        nnsim_hooks.attach(cnn(), batch_size=batch_size)
+
+
 def test_every_error_is_in_the_hierarchy():
     for cls in (AttachError, BatchCouplingError, InputError, ModelError, NonFiniteGradientError, OutputSpecError):
         assert issubclass(cls, NnsimError)
