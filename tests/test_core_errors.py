@@ -40,7 +40,7 @@ X = lambda b=3: torch.randn(b, 3, 8, 8)  # noqa: E731
     (lambda: torch.randn(3, 8, 8), r"\[B, 3, H, W\]"),  # missing a dimension
     (lambda: torch.randn(3, 3, 8, 8, dtype=torch.float64), r"float64.*float32.*\[B, 3, H, W\]"),
     (lambda: torch.randint(0, 5, (3, 3, 8, 8)), r"\[B, 3, H, W\]"),  # integer images
-    (lambda: torch.randn(3, 3, 8, 8, device="meta"), r"meta.*cpu"),  # another device
+    (lambda: torch.randn(3, 3, 8, 8, device="meta"), r"meta.*cpu.*\[B, 3, H, W\]"),  # another device
     (lambda: torch.tensor(1.0), r"batched tensor \[B, \.\.\.\]"),
     (lambda: "an image", r"batched tensor"),
     (lambda: (torch.randn(3, 3, 8, 8), torch.randn(2, 3)), r"batch size 3"),
