@@ -38,6 +38,8 @@ class LayerCall:
     #: local names of parameters whose gradient a running generic-rule ancestor already
     #: accounts for (it re-runs this call): they are left out here
     skip: Set[str] = field(default_factory=set)
+    #: version counters of out_leaves right after the call (later in-place edits show)
+    out_versions: List[int] = field(default_factory=list)
 
     @property
     def activation(self) -> torch.Tensor:
@@ -135,6 +137,7 @@ class Capture:
             in_leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
             call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions, skip=self.covered(module))
+            call.out_versions = [t._version for t in out_leaves]
             self.calls.append(call)
             for i, leaf in enumerate(out_leaves):
                 self._tensor_handles.append(leaf.register_hook(self._make_tensor_hook(call, i)))

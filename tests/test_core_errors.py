@@ -205,6 +205,26 @@ def test_batchnorm_without_running_stats():
             h.per_sample_gradients(torch.randn(3, 4))
 
 
+class BatchCentering(nn.Module):
+    """A user module that mixes the samples: it subtracts the batch mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)) * self.gamma
+
+
+def test_user_module_mixing_samples_names_the_module():
+    model = nn.Sequential(nn.Linear(4, 4), BatchCentering(), nn.Linear(4, 2)).eval()
+    with nnsim_hooks.attach(model, output="sum") as h:
+        with pytest.raises(BatchCouplingError, match=r"'1' \(BatchCentering\).*mixes the samples"):
+            h.per_sample_gradients(torch.randn(3, 4))
+        with pytest.raises(BatchCouplingError, match=r"'1'"):
+            h.similarity(torch.randn(3, 4))
+
+
 def test_active_dropout_inside_a_fallback_module():
     class Block(nn.Module):
         def __init__(self):
