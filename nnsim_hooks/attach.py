@@ -68,7 +68,7 @@ def attach(
             "or leave its with-block) before attaching again"
         )
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InputError(f"batch_size must be at least 1 (samples per pass through the model), got {batch_size}")
     handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, stage1_dim), batch_size)
     _ATTACHED[model] = handle
     return handle

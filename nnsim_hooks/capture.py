@@ -38,6 +38,8 @@ class LayerCall:
     #: local names of parameters whose gradient a running generic-rule ancestor already
     #: accounts for (it re-runs this call): they are left out here
     skip: Set[str] = field(default_factory=set)
+    #: version counters of out_leaves right after the call (later in-place edits show)
+    out_versions: List[int] = field(default_factory=list)
 
     @property
     def activation(self) -> torch.Tensor:
@@ -90,6 +92,11 @@ class Capture:
         self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
         #: local names of the module's parameters already covered by a running ancestor
         self.covered: Callable[[nn.Module], Set[str]] = lambda module: set()
+        #: the parameters a hooked module is differentiated for: its own, plus those of
+        #: children it uses directly once it is on the generic rule
+        self.params_of: Callable[[nn.Module], List[torch.Tensor]] = lambda module: list(
+            module.parameters(recurse=False)
+        )
         for name, module in modules.items():
             self.add(name, module)
 
@@ -130,6 +137,7 @@ class Capture:
             in_leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
             call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions, skip=self.covered(module))
+            call.out_versions = [t._version for t in out_leaves]
             self.calls.append(call)
             for i, leaf in enumerate(out_leaves):
                 self._tensor_handles.append(leaf.register_hook(self._make_tensor_hook(call, i)))
@@ -152,8 +160,9 @@ class Capture:
 
     def grad_inputs(self) -> List[torch.Tensor]:
         """Where backward may stop: each call's tensor inputs that require grad, or, for a
-        call whose inputs do not (the first layer), its trainable parameters. Stopping
-        there skips the weight gradients a plain ``backward()`` would compute."""
+        call whose inputs do not (the first layer, a module taking a buffer), the trainable
+        parameters it is differentiated for. Stopping there skips the weight gradients a
+        plain ``backward()`` would compute."""
         seen = set()
         out: List[torch.Tensor] = []
 
@@ -168,7 +177,7 @@ class Capture:
                 for t in inputs:
                     add(t)
             else:
-                for p in call.module.parameters(recurse=False):
+                for p in self.params_of(call.module):
                     if p.requires_grad:
                         add(p)
         return out

@@ -141,6 +141,7 @@ class Engine:
         capture.on_batch = lambda args, kwargs: recorder.on_batch(args, kwargs)
         capture.on_unbatched = lambda module: recorder.unbatched_call(module, self._params_of(module))
         capture.covered = self._covered
+        capture.params_of = self._params_of
         capture.active = True
         self._stack.clear()
         self._stack.recorder = recorder

@@ -67,7 +67,8 @@ def check_inputs(model: nn.Module, inputs: Any) -> int:
             continue
         if t.device != device:
             raise InputError(
-                f"inputs are on {t.device} but the model is on {device}: move them with inputs.to('{device}')"
+                f"inputs are on {t.device} but the model is on {device}: move them with inputs.to('{device}'); "
+                f"the model expects {expected_input(model)}"
             )
         if t.is_floating_point() and t.dtype != dtype:
             raise InputError(

@@ -19,7 +19,7 @@ import torch
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import ModelError
+from ..errors import BatchCouplingError, ModelError
 from .base import Grads
 
 logger = logging.getLogger(__name__)
@@ -70,13 +70,34 @@ def fallback_grad_sample(call, d: int, names: List[str]) -> Tuple[Grads, str]:
         return tuple(leaves[k] for k in positions)
 
     try:
-        grads = _vmapped(run, params, flat_inputs, batched, cotangents)
+        outputs, grads = _vmapped(run, params, flat_inputs, batched, cotangents)
         method = "vmap"
     except Exception as exc:  # vmap lacks a batching rule, data-dependent control flow, ...
         logger.debug("vmap failed on module %r (%s); using a per-sample loop", call.module_name, exc)
-        grads = _looped(run, params, flat_inputs, batched, cotangents, batch, d)
+        outputs, grads = _looped(run, params, flat_inputs, batched, cotangents, batch, d)
         method = "loop"
+    _check_reproduced(call, outputs)
     return dict(zip(names, grads)), method
+
+
+def _check_reproduced(call, outputs) -> None:
+    """One sample at a time the module must give what it gave on the whole batch; if not,
+    it mixes the samples (batch statistics in a user module) and per-sample gradients are
+    not defined for it."""
+    for leaf, version, again in zip(call.out_leaves, call.out_versions, outputs):
+        if leaf._version != version:
+            continue  # modified in place after the call (ReLU(inplace=True)): nothing to compare
+        ref = leaf.detach()
+        again = again.detach().to(ref.dtype)
+        tol = max(1e-3, 8 * torch.finfo(ref.dtype).eps) if ref.is_floating_point() else 0.0
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        if again.shape != ref.shape or not torch.allclose(again, ref, rtol=tol, atol=tol * scale):
+            raise BatchCouplingError(
+                f"module '{call.module_name}' ({type(call.module).__name__}) gives other outputs when it runs on "
+                "one sample at a time than on the whole batch: it mixes the samples (batch statistics, "
+                "normalisation across the batch, ...), so per-sample gradients are not defined for it. Make it "
+                "compute each sample from that sample alone (for BatchNorm: model.eval())."
+            )
 
 
 def _vmapped(run, params, flat_inputs, batched, cotangents):
@@ -92,8 +113,8 @@ def _vmapped(run, params, flat_inputs, batched, cotangents):
         def f(*p):
             return tuple(leaf.squeeze(0) for leaf in run(p, inputs))
 
-        _, vjp_fn = vjp(f, *params)
-        return vmap(vjp_fn)(tuple(cots))  # over the d outputs
+        primal, vjp_fn = vjp(f, *params)
+        return primal, vmap(vjp_fn)(tuple(cots))  # over the d outputs
 
     tensor_inputs = [flat_inputs[i] for i in tensor_slots]
     in_dims = ([dims[i] for i in tensor_slots], [0] * len(cotangents))
@@ -106,11 +127,14 @@ def _vmapped(run, params, flat_inputs, batched, cotangents):
 
 def _looped(run, params, flat_inputs, batched, cotangents, batch, d):
     results: List[List[torch.Tensor]] = [[] for _ in params]
+    primals: List[List[torch.Tensor]] = [[] for _ in cotangents]
     with torch.enable_grad():
         for b in range(batch):
             leaves = [p.clone().requires_grad_(True) for p in params]
             inputs = [t[b : b + 1] if is_b else t for t, is_b in zip(flat_inputs, batched)]
             outs = run(leaves, inputs)
+            for k, out in enumerate(outs):
+                primals[k].append(out.detach())
             per_output: List[List[torch.Tensor]] = [[] for _ in params]
             for j in range(d):
                 cots = [c[b : b + 1, j] for c in cotangents]
@@ -119,4 +143,4 @@ def _looped(run, params, flat_inputs, batched, cotangents, batch, d):
                     per_output[k].append(torch.zeros_like(p) if g is None else g)
             for k in range(len(params)):
                 results[k].append(torch.stack(per_output[k]))
-    return [torch.stack(r) for r in results]
+    return tuple(torch.cat(p) for p in primals), [torch.stack(r) for r in results]
