@@ -9,7 +9,7 @@ cosine between their per-sample parameter gradients.
     ...     sims = h.similarity(images)
 """
 
-from .attach import Handle, attach
+from .attach import Handle, attach, detach
 from .errors import (
     AttachError,
     BatchCouplingError,
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attach",
+    "detach",
     "audit",
     "Handle",
     "load_index",

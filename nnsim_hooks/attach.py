@@ -64,14 +64,23 @@ def attach(
         raise AttachError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
     if model in _ATTACHED:
         raise AttachError(
-            f"this {type(model).__name__} is already attached; detach the first handle (handle.detach() "
-            "or leave its with-block) before attaching again"
+            f"this {type(model).__name__} is already attached; detach the first handle (handle.detach(), leave "
+            "its with-block, or nnsim_hooks.detach(model) if you no longer have it) before attaching again"
         )
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1 (samples per pass through the model), got {batch_size}")
     handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, stage1_dim), batch_size)
     _ATTACHED[model] = handle
     return handle
+
+
+def detach(model: nn.Module) -> bool:
+    """Detach whatever handle is attached to ``model`` (True if there was one)."""
+    handle = _ATTACHED.get(model)
+    if handle is None:
+        return False
+    handle.detach()
+    return True
 
 
 class Handle:

@@ -69,7 +69,7 @@ class LayerCall:
 
 
 class Capture:
-    """Installs hooks on the target modules; records :class:`LayerCall` s while active.
+    """Hooks the target modules during a pass; records :class:`LayerCall` s while active.
 
     ``on_grad(call, j, leaf_index, grad)`` is called from inside backward for each
     output gradient that arrives; by default it is stored in ``call.grads``.
@@ -88,7 +88,7 @@ class Capture:
         self.on_grad: Optional[Callable[[LayerCall, int, int, torch.Tensor], None]] = None
         #: decides whether a call ran on the batch; an unbatched call is reported to
         #: ``on_unbatched(module)`` and not recorded
-        self.on_batch: Callable[[Tuple, Dict], bool] = lambda args, kwargs: True
+        self.on_batch: Callable[..., bool] = lambda args, kwargs, module=None: True
         self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
         #: local names of the module's parameters already covered by a running ancestor
         self.covered: Callable[[nn.Module], Set[str]] = lambda module: set()
@@ -101,9 +101,18 @@ class Capture:
             self.add(name, module)
 
     def add(self, name: str, module: nn.Module) -> None:
-        """Hook one more module."""
+        """Hook one more module (from the next :meth:`install` on)."""
         self.modules[name] = module
-        self._handles.append(module.register_forward_hook(self._make_forward_hook(name), with_kwargs=True))
+
+    def install(self) -> None:
+        """Put the forward hooks on. They stay only for the duration of a pass, so that
+        between passes the model carries nothing of ours (it can be copied or saved)."""
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._make_forward_hook(name), with_kwargs=True))
+        except Exception:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         self.clear()
@@ -128,7 +137,7 @@ class Capture:
             if not positions:
                 return None  # ran without gradient (torch.no_grad inside the model): contributes nothing
             batch_first = all(leaves[k].dim() > 0 and leaves[k].shape[0] == self.batch for k in positions)
-            if not (batch_first and self.on_batch(args, kwargs)):
+            if not (batch_first and self.on_batch(args, kwargs, module)):
                 # Shared by all samples (a table), or another layout (windows folded into
                 # the batch, sequence first): the module that mixes it in takes it.
                 self.on_unbatched(module)

@@ -18,6 +18,7 @@ checked (:mod:`nnsim_hooks.direct`), else by re-running them under torch.func.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
@@ -26,6 +27,7 @@ import torch.nn as nn
 
 from .capture import Capture, LayerCall
 from .direct import split_grads
+from .layout import not_batch_first
 from .errors import BatchCouplingError, ModelError, NonFiniteGradientError
 from .outputs import OutputSpec, check_no_mixing
 from .rules.base import gram_of_grads
@@ -37,6 +39,9 @@ from .uses import DirectUse, ModuleStack, ParamUseRecorder
 from .validation import call_model, check_inputs, check_targets, model_device_dtype
 
 logger = logging.getLogger(__name__)
+
+# Above this many differentiated values per sample, warn: one backward pass each.
+MANY_OUTPUTS = 64
 
 Grads = Dict[str, torch.Tensor]
 
@@ -75,6 +80,11 @@ class Engine:
         self.fallback_methods: Dict[str, str] = {}
         #: per generic-rule module: True once its direct-use split matched a full re-run
         self._split_checked: Dict[str, bool] = {}
+        #: batch sizes whose layout was checked (see layout.py), and the modules found
+        #: to get inputs without the batch first
+        self._layout_checked: Set[int] = set()
+        self._warned_many = False
+        self._not_batch_first: Set[int] = set()
         self.capture = Capture({}, self._check_module)
         self._stack: Optional[ModuleStack] = None
         try:
@@ -133,12 +143,17 @@ class Engine:
         raise ModelError("the set of modules using parameters keeps changing between passes")  # pragma: no cover
 
     def _backprop(self, inputs, targets, batch: int) -> Pass:
+        if batch >= 2 and batch not in self._layout_checked:
+            self._not_batch_first |= not_batch_first(self.model, inputs, batch)
+            self._layout_checked.add(batch)
         capture = self.capture
         capture.clear()
         capture.batch = batch
-        recorder = ParamUseRecorder(self._holders, self._generic, self._stack, lambda: capture.pass_index, batch)
+        recorder = ParamUseRecorder(
+            self._holders, self._generic, self._stack, lambda: capture.pass_index, batch, self._not_batch_first
+        )
         recorder.mark_batch(inputs)
-        capture.on_batch = lambda args, kwargs: recorder.on_batch(args, kwargs)
+        capture.on_batch = recorder.on_batch
         capture.on_unbatched = lambda module: recorder.unbatched_call(module, self._params_of(module))
         capture.covered = self._covered
         capture.params_of = self._params_of
@@ -147,18 +162,33 @@ class Engine:
         self._stack.recorder = recorder
         self._stack.active = True
         try:
+            # Our hooks go on the model for this pass only (capture first: its forward
+            # hooks then run while the module is still on the stack).
+            capture.install()
+            self._stack.install()
             with torch.enable_grad():
                 with recorder:
                     outputs = call_model(self.model, inputs)
                 capture.active = False
                 self._stack.active = False
                 if recorder.strays:
-                    self._set_targets(promote(self.model, list(self.targets.values()), recorder.strays, self.coverage))
+                    self._set_targets(
+                        promote(self.model, list(self.targets.values()), recorder.strays, self.coverage, recorder.shared)
+                    )
                     raise _Replan()
                 if self.output.name == "auto":
                     self.output = self.output.resolve(outputs)
                 values = self.output(outputs, targets, batch)
                 vector = values.dim() == 2
+                if vector and values.shape[1] > MANY_OUTPUTS and not self._warned_many:
+                    self._warned_many = True
+                    warnings.warn(
+                        f"nnsim_hooks: output '{self.output.name}' gives {values.shape[1]} values per sample, so each "
+                        f"batch takes {values.shape[1]} backward passes; for dense outputs reduce them first "
+                        "(output='sum', a region of interest, or a callable)",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
                 values = values if vector else values.unsqueeze(1)
                 check_no_mixing(self.output, outputs, targets, values if vector else values[:, 0])
                 if not bool(torch.isfinite(values).all()):
@@ -189,7 +219,8 @@ class Engine:
             self._stack.clear()
             self._stack.recorder = None
             recorder.remove_hooks()
-            capture.clear()
+            capture.remove()
+            self._stack.remove()
         detached = outputs.detach() if torch.is_tensor(outputs) else outputs
         return Pass(calls, detached, values.detach(), vector, batch, recorder.uses, recorder.unsplittable)
 

@@ -160,10 +160,15 @@ def shared_parameters(targets: Iterable[Target]) -> set:
     return shared
 
 
-def promote(model: nn.Module, targets: List[Target], strays, coverage: CoverageReport) -> List[Target]:
+def promote(model: nn.Module, targets: List[Target], strays, coverage: CoverageReport, shared=()) -> List[Target]:
     """Hand each module that used a parameter outside its holder's forward to the
-    generic rule, with that parameter (``strays``: ``{(id(param), id(module)): module}``).
-    The coverage report is updated in place."""
+    generic rule, with that parameter (``strays``: ``{(id(param), id(module)): module}``;
+    those in ``shared`` come from a holder run without the batch first). The coverage
+    report is updated in place."""
+    holder_of = {}
+    for t in targets:
+        for local in t.param_names:
+            holder_of.setdefault(id(t.module.get_parameter(local)), t.name)
     names = {id(m): n for n, m in model.named_modules()}
     by_module = {id(t.module): t for t in targets}
     global_names = {}
@@ -181,6 +186,7 @@ def promote(model: nn.Module, targets: List[Target], strays, coverage: CoverageR
                 "the one that uses it, or exclude the parameter with layers=..."
             )
         local = relative[param_id]
+        from_shared = (param_id, module_id) in shared
         target = by_module.get(module_id)
         if target is None:
             target = Target(names[module_id], module, None, {})
@@ -188,7 +194,12 @@ def promote(model: nn.Module, targets: List[Target], strays, coverage: CoverageR
             out.append(target)
         target.rule = None
         target.param_names[local] = global_names[param_id]
-        note = f"uses {local} directly"
+        holder = holder_of.get(param_id, "?")
+        note = f"takes {local} (its module runs without the batch first)" if from_shared else f"uses {local} directly"
+        if from_shared:
+            for row in coverage.rows:
+                if row.module == holder and row.status == "fast":
+                    row.rule, row.status, row.note = FALLBACK, "fallback", f"handled by '{target.name or '<model>'}'"
         for row in coverage.rows:
             if row.module == target.name:
                 row.rule, row.status = FALLBACK, "fallback"

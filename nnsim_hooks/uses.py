@@ -39,13 +39,16 @@ class ModuleStack:
     for each whether it was called on the batch (see :meth:`ParamUseRecorder.on_batch`)."""
 
     def __init__(self, model: nn.Module):
+        self.model = model
         self.stack: List[nn.Module] = []
         self.on_batch: List[bool] = []
         self.active = False
         self.recorder: Optional["ParamUseRecorder"] = None
         self._handles = []
+
+    def install(self) -> None:
         try:
-            for module in model.modules():
+            for module in self.model.modules():
                 self._handles.append(module.register_forward_pre_hook(self._push))
                 self._handles.append(module.register_forward_hook(self._pop, always_call=True))
         except Exception:
@@ -55,7 +58,7 @@ class ModuleStack:
     def _push(self, module, args):
         if self.active:
             self.stack.append(module)
-            self.on_batch.append(self.recorder is None or self.recorder.on_batch(args, {}))
+            self.on_batch.append(self.recorder is None or self.recorder.on_batch(args, {}, module))
 
     def _pop(self, module, args, output):
         if self.active and self.stack and self.stack[-1] is module:
@@ -99,8 +102,10 @@ class ParamUseRecorder(TorchFunctionMode):
     def __init__(
         self, holders: Dict[int, Set[int]], generic: Set[int], stack: ModuleStack, pass_index: Callable[[], int],
         batch: int,
+        not_batch_first: Set[int] = frozenset(),
     ):
         super().__init__()
+        self.not_batch_first = not_batch_first
         self.holders = holders
         self.generic = generic
         self.stack = stack
@@ -108,6 +113,8 @@ class ParamUseRecorder(TorchFunctionMode):
         self.batch = batch
         self._batched = WeakIdKeyDictionary()
         self.strays: Dict[Tuple[int, int], nn.Module] = {}
+        #: the strays that come from a module run without the batch first
+        self.shared: Set[Tuple[int, int]] = set()
         self.uses: List[DirectUse] = []
         #: ids of parameters used in a way that cannot be split per op
         self.unsplittable: Set[int] = set()
@@ -140,8 +147,11 @@ class ParamUseRecorder(TorchFunctionMode):
                     return True
         return False
 
-    def on_batch(self, args, kwargs) -> bool:
-        """True when some tensor argument derives from the batch and has it first."""
+    def on_batch(self, args, kwargs, module: Optional[nn.Module] = None) -> bool:
+        """True when some tensor argument derives from the batch and has it first (and the
+        layout check did not find ``module`` getting inputs without the batch first)."""
+        if module is not None and id(module) in self.not_batch_first:
+            return False
         for t in tree_flatten((args, kwargs))[0]:
             if torch.is_tensor(t) and t in self._batched and t.dim() > 0 and t.shape[0] == self.batch:
                 return True
@@ -156,6 +166,7 @@ class ParamUseRecorder(TorchFunctionMode):
         for p in params:
             if id(owner) not in self.holders.get(id(p), ()):
                 self.strays[(id(p), id(owner))] = owner
+                self.shared.add((id(p), id(owner)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -151,3 +151,35 @@ def test_parameter_reached_through_a_closure_is_refused():
     with nnsim_hooks.attach(Both().eval()) as h:
         with pytest.raises(nnsim_hooks.ModelError, match="other.weight.*sneaky"):
             h.per_sample_gradients(torch.randn(2, 4))
+
+
+def test_sequence_first_layers_are_caught_when_length_equals_batch():
+    """[T, B, C] inside the model with T == B: shapes cannot tell; the rolled-batch check can."""
+    torch.manual_seed(0)
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # x: [B, T, C]
+            return self.head(self.layer(x.transpose(0, 1)).transpose(0, 1).mean(1))
+
+    model = SeqFirst().double().eval()
+    assert_matches_loop(model, torch.randn(3, 3, 4, dtype=torch.float64), output="full")
+
+
+def test_a_parameter_free_layer_mixing_samples_is_refused():
+    class BatchCentred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h - h.mean(0, keepdim=True)  # no parameter here, but the samples mix
+
+    with nnsim_hooks.attach(BatchCentred().eval(), output="sum") as h:
+        with pytest.raises(nnsim_hooks.BatchCouplingError, match="mixes the samples"):
+            h.per_sample_gradients(torch.randn(4, 4))
