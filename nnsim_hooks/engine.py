@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .capture import Capture, LayerCall
 from .direct import split_grads
-from .layout import not_batch_first
+from .layout import Trace, not_batch_first
 from .errors import BatchCouplingError, ModelError, NonFiniteGradientError
 from .outputs import OutputSpec, check_no_mixing
 from .rules.base import gram_of_grads
@@ -143,9 +143,7 @@ class Engine:
         raise ModelError("the set of modules using parameters keeps changing between passes")  # pragma: no cover
 
     def _backprop(self, inputs, targets, batch: int) -> Pass:
-        if batch >= 2 and batch not in self._layout_checked:
-            self._not_batch_first |= not_batch_first(self.model, inputs, batch)
-            self._layout_checked.add(batch)
+        check_layout = batch >= 2 and batch not in self._layout_checked
         capture = self.capture
         capture.clear()
         capture.batch = batch
@@ -160,6 +158,7 @@ class Engine:
         capture.active = True
         self._stack.clear()
         self._stack.recorder = recorder
+        self._stack.trace = Trace() if check_layout else None
         self._stack.active = True
         try:
             # Our hooks go on the model for this pass only (capture first: its forward
@@ -171,6 +170,12 @@ class Engine:
                     outputs = call_model(self.model, inputs)
                 capture.active = False
                 self._stack.active = False
+                if check_layout:
+                    self._layout_checked.add(batch)
+                    bad = not_batch_first(self.model, inputs, batch, self._stack.trace, outputs) - self._not_batch_first
+                    if bad:  # this pass took those modules as batch first: run it again
+                        self._not_batch_first |= bad
+                        raise _Replan()
                 if recorder.strays:
                     self._set_targets(
                         promote(self.model, list(self.targets.values()), recorder.strays, self.coverage, recorder.shared)
@@ -218,6 +223,7 @@ class Engine:
             self._stack.active = False
             self._stack.clear()
             self._stack.recorder = None
+            self._stack.trace = None
             recorder.remove_hooks()
             capture.remove()
             self._stack.remove()

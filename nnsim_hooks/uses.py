@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
+import weakref
 
 
 class ModuleStack:
@@ -44,6 +44,8 @@ class ModuleStack:
         self.on_batch: List[bool] = []
         self.active = False
         self.recorder: Optional["ParamUseRecorder"] = None
+        #: when set, every module call is summarised into it (see layout.py)
+        self.trace = None
         self._handles = []
 
     def install(self) -> None:
@@ -57,10 +59,14 @@ class ModuleStack:
 
     def _push(self, module, args):
         if self.active:
+            if self.trace is not None:
+                self.trace.enter(module, args)
             self.stack.append(module)
             self.on_batch.append(self.recorder is None or self.recorder.on_batch(args, {}, module))
 
     def _pop(self, module, args, output):
+        if self.active and self.trace is not None:
+            self.trace.leave(module, output)
         if self.active and self.stack and self.stack[-1] is module:
             self.stack.pop()
             self.on_batch.pop()
@@ -111,7 +117,8 @@ class ParamUseRecorder(TorchFunctionMode):
         self.stack = stack
         self.pass_index = pass_index
         self.batch = batch
-        self._batched = WeakIdKeyDictionary()
+        # id -> weak reference: a dead tensor's id may be reused, so the reference is checked
+        self._batched: Dict[int, weakref.ref] = {}
         self.strays: Dict[Tuple[int, int], nn.Module] = {}
         #: the strays that come from a module run without the batch first
         self.shared: Set[Tuple[int, int]] = set()
@@ -121,29 +128,36 @@ class ParamUseRecorder(TorchFunctionMode):
         self.hooks: List = []
 
     def _params_in(self, args, kwargs) -> List[nn.Parameter]:
+        # Identity through id(): tracked parameters are alive, so their ids are theirs
+        # alone (and isinstance(x, nn.Parameter) is slow: a metaclass check per op).
+        holders = self.holders
         found = []
         for value in (*args, *kwargs.values()):
-            if isinstance(value, nn.Parameter):
-                if id(value) in self.holders:
-                    found.append(value)
-            elif isinstance(value, (list, tuple)):
-                found.extend(v for v in value if isinstance(v, nn.Parameter) and id(v) in self.holders)
+            if id(value) in holders:
+                found.append(value)
+            elif type(value) in (list, tuple):
+                found.extend(v for v in value if id(v) in holders)
         return found
 
-    # -- which tensors derive from the batch -----------------------------------------------
+    def _mark(self, t: torch.Tensor) -> None:
+        self._batched[id(t)] = weakref.ref(t)
+
+    def _is_batched(self, t: torch.Tensor) -> bool:
+        ref = self._batched.get(id(t))
+        return ref is not None and ref() is t
 
     def mark_batch(self, inputs) -> None:
         for t in tree_flatten(inputs)[0]:
             if torch.is_tensor(t):
-                self._batched[t] = True
+                self._mark(t)
 
     def _from_batch(self, args, kwargs) -> bool:
         for value in (*args, *kwargs.values()):
             if torch.is_tensor(value):
-                if value in self._batched:
+                if self._is_batched(value):
                     return True
             elif isinstance(value, (list, tuple)):
-                if any(torch.is_tensor(v) and v in self._batched for v in value):
+                if any(torch.is_tensor(v) and self._is_batched(v) for v in value):
                     return True
         return False
 
@@ -153,7 +167,7 @@ class ParamUseRecorder(TorchFunctionMode):
         if module is not None and id(module) in self.not_batch_first:
             return False
         for t in tree_flatten((args, kwargs))[0]:
-            if torch.is_tensor(t) and t in self._batched and t.dim() > 0 and t.shape[0] == self.batch:
+            if torch.is_tensor(t) and self._is_batched(t) and t.dim() > 0 and t.shape[0] == self.batch:
                 return True
         return False
 
@@ -175,7 +189,7 @@ class ParamUseRecorder(TorchFunctionMode):
         if self._from_batch(args, kwargs):
             for t in (out if isinstance(out, (list, tuple)) else (out,)):
                 if torch.is_tensor(t):
-                    self._batched[t] = True
+                    self._mark(t)
         running = self.stack.stack
         for param in params:
             holders = self.holders[id(param)]

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torchvision
 
 import nnsim_hooks
+from nnsim_hooks.kernels import normalize_features
 from nnsim_hooks.sketch import SketchRecipe, Sketcher, factor_dims, seeded_gaussian
 
 
@@ -94,18 +95,18 @@ def test_sketch_is_unbiased_for_every_factored_rule():
     torch.manual_seed(0)
     model = Mixed().eval()
     ids = torch.randint(0, 30, (5, 6))
-    with nnsim_hooks.attach(model) as h:
-        p = h.engine.backprop(ids)
-        exact = h.engine.gram(p)
-    mean = torch.zeros_like(exact)
+    mean = None
     seeds = 300
     recipe = dict(dim=10**6, stage1_dim=64, exact_limit=16, min_param_dim=16)
-    for seed in range(seeds):
-        with nnsim_hooks.attach(model) as h:
-            h.recipe = SketchRecipe(seed=seed, **recipe)
-            assert not h.sketcher.exact
-            f = h.engine.sketch(h.engine.backprop(ids), h.sketcher)[:, 0].double()
-        mean += f @ f.T / seeds
+    with nnsim_hooks.attach(model) as h:
+        p = h.engine.backprop(ids)  # one captured pass, sketched with 300 recipes
+        exact = h.engine.gram(p)
+        mean = torch.zeros_like(exact)
+        for seed in range(seeds):
+            sketcher = Sketcher(SketchRecipe(seed=seed, **recipe), h._param_shapes)
+            assert not sketcher.exact
+            f = h.engine.sketch(p, sketcher)[:, 0].double()
+            mean += f @ f.T / seeds
     scale = torch.sqrt(torch.diagonal(exact)[:, None] * torch.diagonal(exact)[None, :])
     assert ((mean - exact).abs() / scale).max() < 0.12
 
@@ -149,9 +150,11 @@ def test_resnet18_sketch_error_within_1_2x_of_ideal_at_1024():
         exact = h.similarity(x)
     iu = torch.triu_indices(48, 48, 1)
     errors = []
-    for seed in range(4):
-        with nnsim_hooks.attach(model, sketch_dim=1024, seed=seed) as h:
-            f = h.features(x).double()
-        errors.append(((f @ f.T) - exact)[iu[0], iu[1]].abs().mean().item())
+    with nnsim_hooks.attach(model, sketch_dim=1024, batch_size=48) as h:
+        p = h.engine.backprop(x)  # one captured pass, four seeds
+        for seed in range(4):
+            sketcher = Sketcher(SketchRecipe(1024, seed), h._param_shapes)
+            f = normalize_features(h.engine.sketch(p, sketcher))[0].double()
+            errors.append(((f @ f.T) - exact)[iu[0], iu[1]].abs().mean().item())
     ratio = sum(errors) / len(errors) / ideal_error(exact, 1024)
     assert ratio <= 1.2, ratio
