@@ -23,9 +23,12 @@ def resnet18_32() -> nn.Module:
 
 def small_vit() -> nn.Module:
     # ViT-Tiny-like width, 32x32 inputs, patch 4 (64 tokens + cls), 6 blocks.
-    return torchvision.models.VisionTransformer(
+    model = torchvision.models.VisionTransformer(
         image_size=32, patch_size=4, num_layers=6, num_heads=3, hidden_dim=192, mlp_dim=768, num_classes=10
-    ).eval()
+    )
+    # torchvision zeroes the head (for fine-tuning): every other gradient would be zero.
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model.eval()
 
 
 MODELS: Dict[str, Callable[[], nn.Module]] = {"resnet18": resnet18_32, "vit_small": small_vit}

@@ -304,7 +304,9 @@ class Engine:
     def _check_finite(self, results: List[Tuple[str, torch.Tensor]]) -> None:
         if not results:
             return
-        flags = torch.stack([torch.isfinite(r).all() for _, r in results])
+        # A NaN or Inf anywhere makes the sum non-finite: one reduction, no mask as large
+        # as the per-sample gradients.
+        flags = torch.isfinite(torch.stack([r.sum(dtype=torch.float64) for _, r in results]))
         if bool(flags.all()):
             return
         # Backward visits the modules in reverse; the first non-finite one from the output
