@@ -22,8 +22,8 @@ A MONAI bundle's own ``preprocessing`` is used for its data when it has one.
 
 Labels: an integer class (ImageFolder index, CSV integer, datalist number), a class
 name mapped to its index in sorted order, or -1 when missing. A datalist ``label``
-that is a file (a segmentation mask) gives -1 as the class and the mask's path in
-``dataset.masks``.
+that is a file (a segmentation mask) gives -1 as the class; mask files (that label, or
+a ``mask`` entry) are listed in ``dataset.masks``.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _csv(path: str) -> Tuple[List[str], List[int], List[str]]:
     return paths, labels, classes
 
 
-def _datalist(path: str, section: Optional[str], image_key: str, label_key: str):
+def _datalist(path: str, section: Optional[str], image_key: str, label_key: str, mask_key: str = "mask"):
     base = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8") as f:
@@ -202,11 +202,10 @@ def _datalist(path: str, section: Optional[str], image_key: str, label_key: str)
             label = label[0]
         if isinstance(label, list):
             label = int(np.argmax(label))  # one-hot
+        mask = item.get(mask_key)
         if isinstance(label, str) and _is_data_file(label):
-            masks.append(os.path.join(base, label))
-            label = None
-        else:
-            masks.append(None)
+            mask, label = label, None
+        masks.append(os.path.join(base, str(mask)) if isinstance(mask, str) else None)
         raw.append(label)
     labels, classes = _label_values(raw, f"datalist '{path}'")
     return paths, labels, classes, masks
@@ -321,6 +320,24 @@ class FileDataset(Dataset):
         """torchvision's name for the labels."""
         return self.labels
 
+    @property
+    def samples(self) -> List[Tuple[str, int]]:
+        """``(path, label)`` pairs, as torchvision's ImageFolder has them."""
+        return list(zip(self.paths, self.labels))
+
+    def loader(self, path: str):
+        """The file as people look at it, without the model's transform (ImageFolder's
+        ``loader`` convention; reports draw it): a PIL image for 2-D images, the uint8
+        central slice of a volume."""
+        kind = kind_of(path)
+        if kind == "image":
+            from PIL import Image
+
+            return Image.open(path)
+        if kind in ("volume", "array"):
+            return self._picture(path, kind, size=1 << 16)
+        raise DataError(f"'{path}' has an extension this loader does not read")
+
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         path = self.paths[index]
         try:
@@ -424,27 +441,33 @@ class FileDataset(Dataset):
         path = self.paths[index]
         kind = kind_of(path)
         try:
-            if kind == "image":
-                from PIL import Image
-
-                with Image.open(path) as image:
-                    image = image.convert("RGB" if image.mode not in ("L", "I", "I;16", "F") else "L")
-                    array = np.asarray(image)
-                if array.dtype != np.uint8:
-                    array = to_uint8(array)
-                return fit(array, size)
-            if kind == "volume":
-                MT = _monai_transforms()
-                volume = np.asarray(MT.LoadImage(image_only=True, ensure_channel_first=True)(path))
-                return from_channels_first(volume, volume.ndim - 1, size)
-            if kind == "array":
-                array = np.load(path, allow_pickle=False)
-                if array.ndim == 3 and self.data_config.spatial_dims == 3:
-                    return fit(to_uint8(central_slice(array)), size)
-                return from_channels_first(array, self.data_config.spatial_dims, size)
+            return self._picture(path, kind, size)
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"cannot make a thumbnail of sample {index} '{path}': {exc}") from exc
-        return from_channels_first(self[index][0].numpy(), self.data_config.spatial_dims, size)
+
+    def _picture(self, path: str, kind: str, size: int) -> np.ndarray:
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                if image.mode in ("I", "I;16", "F"):  # 16-bit or float: stretch, do not clip
+                    array = to_uint8(np.asarray(image))
+                else:
+                    array = np.asarray(image.convert("L" if image.mode in ("L", "1", "P") and
+                                                     image.getbands() == ("L",) else "RGB"))
+            return fit(array, size)
+        if kind == "volume":
+            MT = _monai_transforms()
+            volume = np.asarray(MT.LoadImage(image_only=True, ensure_channel_first=True)(path))
+            return from_channels_first(volume, volume.ndim - 1, size)
+        if kind == "array":
+            array = np.load(path, allow_pickle=False)
+            if array.ndim == 3 and self.data_config.spatial_dims == 3:
+                return fit(to_uint8(central_slice(array)), size)
+            return from_channels_first(array, self.data_config.spatial_dims, size)
+        raise DataError(f"'{path}' has an extension this loader does not read")
 
     def __repr__(self) -> str:
         labelled = sum(1 for v in self.labels if v >= 0)
@@ -460,6 +483,7 @@ def load_dataset(
     section: Optional[str] = None,
     image_key: str = "image",
     label_key: str = "label",
+    mask_key: str = "mask",
     check: bool = True,
 ) -> FileDataset:
     """The dataset at ``path`` (ImageFolder, folder, CSV or MONAI datalist), read the way
@@ -471,7 +495,8 @@ def load_dataset(
             just a :class:`DataConfig`); None reads 2-D RGB images without resizing.
         spatial_size: resize every sample to this size (overrides the model's).
         section: the datalist section (default ``training``, else the first present).
-        image_key, label_key: the datalist's keys.
+        image_key, label_key, mask_key: the datalist's keys (a ``label`` that is a file is
+            taken as a mask).
         check: read the first sample now, so that a 2-D/3-D or channel mismatch is
             reported before anything runs.
     """
@@ -499,7 +524,7 @@ def load_dataset(
         layout = "csv"
         _check_exist(paths, f"CSV '{path}'")
     elif path.lower().endswith(".json"):
-        paths, labels, classes, masks = _datalist(path, section, image_key, label_key)
+        paths, labels, classes, masks = _datalist(path, section, image_key, label_key, mask_key)
         layout = "datalist"
         _check_exist(paths, f"datalist '{path}'")
         _check_exist([m for m in masks if m], f"datalist '{path}' (labels)")

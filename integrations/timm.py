@@ -60,7 +60,7 @@ def load_timm(
         raise ModelError(f"timm model '{name}' does not accept model_kwargs {kwargs}: {exc}") from exc
     if checkpoint:
         load_checkpoint(model, checkpoint)
-    model.eval()
+    prepare_timm_model(model)
     config = timm_data_config(model, kwargs)
     classes = getattr(model, "num_classes", None)
     return LoadedModel(
@@ -75,6 +75,54 @@ def load_timm(
         checkpoint=checkpoint,
         info={"classifier": _classifier_names(model)},
     )
+
+
+class _NoCache(dict):
+    """A stand-in for timm's ``attention_bias_cache`` that keeps nothing between calls:
+    ``key in cache`` is always False and an item set is handed back once."""
+
+    def __contains__(self, key) -> bool:
+        return False
+
+    def __getitem__(self, key):
+        return dict.pop(self, key)
+
+
+def prepare_timm_model(model: nn.Module) -> nn.Module:
+    """Eval mode, timm's eval-mode attention-bias caches switched off, and the explicit
+    attention path where the fused one hides a parameterised module from the hooks.
+
+    LeViT, EfficientFormer (v1, v2), EfficientViT (MSRA) and TinyViT cache
+    ``attention_biases[:, idxs]`` on the first eval-mode forward. With gradients on,
+    that cached tensor carries the first call's graph: later calls back-propagate into
+    a freed graph (an error) or into the first batch's graph (wrong gradients for the
+    bias tables). Gradients need the bias recomputed on every call, which this does.
+
+    MaxViT/CoAtNet and the relative-position ViTs read their ``rel_pos`` bias with
+    ``rel_pos.get_bias()`` when attention is fused (``F.scaled_dot_product_attention``),
+    so the ``rel_pos`` module's forward never runs and its parameters would get no
+    per-sample gradient; their explicit path (the same maths) calls ``rel_pos(attn)``.
+
+    Call it on timm models you create yourself; :func:`load_timm` does.
+    """
+    caches = unfused = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_bias_cache", None), dict) and not isinstance(
+            module.attention_bias_cache, _NoCache
+        ):
+            module.attention_bias_cache = _NoCache()
+            caches += 1
+        rel_pos = getattr(module, "rel_pos", None)
+        if getattr(module, "fused_attn", False) and isinstance(rel_pos, nn.Module) and any(
+            True for _ in rel_pos.parameters()
+        ):
+            # The fused path reads the bias with rel_pos.get_bias(), which bypasses the
+            # rel_pos module's forward and so its hooks; the explicit path calls it.
+            module.fused_attn = False
+            unfused += 1
+    if caches or unfused:
+        logger.debug("switched off %d attention-bias caches and %d fused attentions", caches, unfused)
+    return model.eval()
 
 
 def timm_data_config(model: nn.Module, model_kwargs: Optional[Dict[str, Any]] = None) -> DataConfig:
@@ -133,9 +181,8 @@ def _classifier_names(model: nn.Module) -> List[str]:
         return []
     names = [classifier] if isinstance(classifier, str) else list(classifier)
     modules = dict(model.named_modules())
-    # Some configs name the weight's parent through a path that does not exist when the
-    # head was reset (num_classes=0 turns it into Identity); keep the ones that exist.
-    return [n for n in names if n in modules]
+    # num_classes=0 turns the head into an Identity: keep the heads that hold parameters.
+    return [n for n in names if n in modules and any(True for _ in modules[n].parameters())]
 
 
 def _owner(param_name: str) -> str:

@@ -6,8 +6,8 @@ until they are registered here. Each registration below was checked against the
 layer's ``forward`` in timm 1.0 (and is tested against the per-sample loop):
 
 - ``Linear``: ``F.linear(x, weight, bias)``, nn.Linear's maths -> the core's rule.
-- ``LayerNorm``, ``LayerNormFp32``: ``F.layer_norm`` over the last dims (the Fp32
-  variant computes in float32, the same numbers for float32 models) -> the core's rule.
+- ``LayerNorm``: ``F.layer_norm`` over the last dims -> the core's rule. The ``*Fp32``
+  variants of every norm below normalise in float32 and cast back; their rules do too.
 - ``GroupNorm``, ``GroupNorm1``: ``F.group_norm`` -> a channels-first rule here
   (metaformer's ``GroupNorm1NoBias`` has no bias, which Opacus's rule assumes).
 - ``LayerNorm2d``, ``LayerNorm2dFp32``, ``LayerNormExp2d``: layer norm over the
@@ -414,29 +414,61 @@ class RmsNormAct2dRule(ChannelsFirstMixin, NormActRule):
         return RmsNorm2dRule().normalized(module, x)
 
 
+class LayerNormAffineRule(AffineRule):
+    """``F.layer_norm`` over the trailing dims (used for the Fp32 variant; the float32
+    LayerNorm itself goes to the core's rule)."""
+
+    name = "timm_layernorm"
+
+    def normalized(self, module, x):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+
+
+def fp32(rule_cls: type) -> type:
+    """The same rule for timm's ``*Fp32`` variants, which normalise in float32 and cast
+    back: the normalised input is computed the same way, so that float64 and float16
+    models get the numbers their forward used."""
+
+    def normalized(self, module, x):
+        return rule_cls.normalized(self, module, x.float()).to(x.dtype)
+
+    return type(rule_cls.__name__.replace("Rule", "Fp32Rule"), (rule_cls,),
+                {"normalized": normalized, "name": rule_cls.name + "_fp32", "__doc__": fp32.__doc__})
+
+
 # -- registration ----------------------------------------------------------------------
 
 # (module path in timm, class names, rule class). A class missing from the installed
 # timm version is skipped.
 _TABLE: Sequence[Tuple[str, Iterable[str], type]] = (
     ("timm.layers.linear", ("Linear",), LinearRule),
-    ("timm.layers.norm", ("LayerNorm", "LayerNormFp32"), LayerNormRule),
+    ("timm.layers.norm", ("LayerNorm",), LayerNormRule),
+    ("timm.layers.norm", ("LayerNormFp32",), fp32(LayerNormAffineRule)),
     ("timm.layers.norm", ("GroupNorm", "GroupNorm1"), GroupNormAffineRule),
-    ("timm.layers.norm", ("LayerNorm2d", "LayerNorm2dFp32", "LayerNormExp2d"), LayerNorm2dRule),
-    ("timm.layers.norm", ("RmsNorm", "RmsNormFp32"), RmsNormRule),
-    ("timm.layers.norm", ("RmsNorm2d", "RmsNorm2dFp32"), RmsNorm2dRule),
-    ("timm.layers.norm", ("SimpleNorm", "SimpleNormFp32"), SimpleNormRule),
-    ("timm.layers.norm", ("SimpleNorm2d", "SimpleNorm2dFp32"), SimpleNorm2dRule),
+    ("timm.layers.norm", ("LayerNorm2d", "LayerNormExp2d"), LayerNorm2dRule),
+    ("timm.layers.norm", ("LayerNorm2dFp32",), fp32(LayerNorm2dRule)),
+    ("timm.layers.norm", ("RmsNorm",), RmsNormRule),
+    ("timm.layers.norm", ("RmsNormFp32",), fp32(RmsNormRule)),
+    ("timm.layers.norm", ("RmsNorm2d",), RmsNorm2dRule),
+    ("timm.layers.norm", ("RmsNorm2dFp32",), fp32(RmsNorm2dRule)),
+    ("timm.layers.norm", ("SimpleNorm",), SimpleNormRule),
+    ("timm.layers.norm", ("SimpleNormFp32",), fp32(SimpleNormRule)),
+    ("timm.layers.norm", ("SimpleNorm2d",), SimpleNorm2dRule),
+    ("timm.layers.norm", ("SimpleNorm2dFp32",), fp32(SimpleNorm2dRule)),
     ("timm.layers.layer_scale", ("LayerScale",), LayerScaleRule),
     ("timm.layers.layer_scale", ("LayerScale2d",), LayerScale2dRule),
     ("timm.layers.grn", ("GlobalResponseNorm",), GlobalResponseNormRule),
     ("timm.layers.conv2d_same", ("Conv2dSame",), Conv2dSameRule),
     ("timm.layers.norm_act", ("BatchNormAct2d",), BatchNormActRule),
     ("timm.layers.norm_act", ("GroupNormAct", "GroupNorm1Act"), GroupNormActRule),
-    ("timm.layers.norm_act", ("LayerNormAct", "LayerNormActFp32"), LayerNormActRule),
-    ("timm.layers.norm_act", ("LayerNormAct2d", "LayerNormAct2dFp32"), LayerNormAct2dRule),
-    ("timm.layers.norm_act", ("RmsNormAct", "RmsNormActFp32"), RmsNormActRule),
-    ("timm.layers.norm_act", ("RmsNormAct2d", "RmsNormAct2dFp32"), RmsNormAct2dRule),
+    ("timm.layers.norm_act", ("LayerNormAct",), LayerNormActRule),
+    ("timm.layers.norm_act", ("LayerNormActFp32",), fp32(LayerNormActRule)),
+    ("timm.layers.norm_act", ("LayerNormAct2d",), LayerNormAct2dRule),
+    ("timm.layers.norm_act", ("LayerNormAct2dFp32",), fp32(LayerNormAct2dRule)),
+    ("timm.layers.norm_act", ("RmsNormAct",), RmsNormActRule),
+    ("timm.layers.norm_act", ("RmsNormActFp32",), fp32(RmsNormActRule)),
+    ("timm.layers.norm_act", ("RmsNormAct2d",), RmsNormAct2dRule),
+    ("timm.layers.norm_act", ("RmsNormAct2dFp32",), fp32(RmsNormAct2dRule)),
     # fastvit's and swiftformer's own LayerScale2d: ``x * gamma``, gamma of shape [C, 1, 1].
     ("timm.models.fastvit", ("LayerScale2d",), LayerScaleRule),
     ("timm.models.swiftformer", ("LayerScale2d",), LayerScaleRule),
