@@ -309,7 +309,7 @@ class FileDataset(Dataset):
         self._loaded = loaded
         self._preprocess = (loaded.info.get("preprocess") if loaded is not None else None)
         self._image_transform: Optional[Callable] = None
-        self._volume_transform: Optional[Callable] = None
+        self._volume_transform: Optional[Tuple[Callable, Callable]] = None
         self._model_spec = loaded.spec if loaded is not None else "the model"
 
     def __len__(self) -> int:
@@ -358,16 +358,20 @@ class FileDataset(Dataset):
             return torch.as_tensor(np.asarray(out["image"]) if not torch.is_tensor(out["image"]) else out["image"]).float()
         config = self.data_config
         if kind == "image":
-            if self._image_transform is None:
-                self._image_transform = image_transform(config, self._loaded)
             if config.spatial_dims != 2:
                 # Read it anyway so that the shape check below explains the mismatch.
                 return torch.as_tensor(np.asarray(_open_image(path, 1), dtype=np.float32))[None]
+            if self._image_transform is None:
+                self._image_transform = image_transform(config, self._loaded)
             return self._image_transform(_open_image(path, config.channels)).float()
         if kind == "volume":
             if self._volume_transform is None:
                 self._volume_transform = self._make_volume_transform()
-            return torch.as_tensor(np.asarray(self._volume_transform(path))).float()
+            load, post = self._volume_transform
+            volume = load(path)
+            if volume.dim() - 1 != config.spatial_dims:
+                return torch.as_tensor(np.asarray(volume)).float()  # the shape check explains
+            return torch.as_tensor(np.asarray(post(volume))).float()
         if kind == "array":
             array = np.load(path, allow_pickle=False)
             tensor = torch.as_tensor(np.asarray(array, dtype=np.float32))
@@ -379,10 +383,12 @@ class FileDataset(Dataset):
             f"{VOLUME_EXTENSIONS}, arrays: {ARRAY_EXTENSIONS}"
         )
 
-    def _make_volume_transform(self) -> Callable:
+    def _make_volume_transform(self) -> Tuple[Callable, Callable]:
+        """(read the file as [C, *spatial], then intensity and size)."""
         MT = _monai_transforms()
         config = self.data_config
-        steps = [MT.LoadImage(image_only=True, ensure_channel_first=True)]
+        load = MT.LoadImage(image_only=True, ensure_channel_first=True)
+        steps = []
         if config.intensity == "scale":
             steps.append(MT.ScaleIntensity())
         elif config.intensity == "normalize" and config.mean is not None:
@@ -391,7 +397,7 @@ class FileDataset(Dataset):
             steps.append(MT.Resize(spatial_size=tuple(config.spatial_size), mode=config.interpolation
                                    if config.interpolation in ("trilinear", "bilinear", "nearest", "area") else "area"))
         steps.append(MT.EnsureType(data_type="tensor", track_meta=False))
-        return MT.Compose(steps)
+        return load, MT.Compose(steps)
 
     def _resize_volume(self, tensor: torch.Tensor) -> torch.Tensor:
         size = self.data_config.spatial_size

@@ -92,7 +92,7 @@ def load_monai(
         raise ModelError(f"monai.networks.nets.{name} returned a {type(model).__name__}, not a torch module")
     if checkpoint:
         load_checkpoint(model, checkpoint)
-    model.eval()
+    prepare_monai_model(model)
     config = monai_data_config(model, kwargs, builder)
     segmentation = name in SEGMENTATION_NETS or type(model).__name__ in SEGMENTATION_NETS
     classes = kwargs.get("num_classes", kwargs.get("out_channels"))
@@ -108,6 +108,25 @@ def load_monai(
         checkpoint=checkpoint,
         info={"model_kwargs": kwargs},
     )
+
+
+def prepare_monai_model(model: nn.Module) -> nn.Module:
+    """Eval mode, and in-place activations made out of place (same numbers).
+
+    MONAI's blocks put ``InstanceNorm`` before in-place activations (BasicUNet,
+    DynUNet: ``LeakyReLU(inplace=True)``). ``F.instance_norm`` returns a *view*, and an
+    in-place op on a view re-routes its gradient around the hook on the norm's output,
+    so the norm's parameters would get no per-sample gradient (a core limitation,
+    reported). Out-of-place activations keep the gradient where the hook sees it.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "inplace", None) is True and not list(module.parameters(recurse=False)):
+            module.inplace = False
+            changed += 1
+    if changed:
+        logger.debug("made %d in-place activations out of place", changed)
+    return model.eval()
 
 
 def _signature(builder) -> inspect.Signature:
@@ -240,7 +259,7 @@ def load_bundle(
     elif checkpoint is None:
         logger.warning("MONAI bundle '%s' has no models/model.pt: its network keeps random weights", path)
         weights = None
-    model.eval()
+    prepare_monai_model(model)
     network_def = parser["network_def"]
     target = str(network_def.get("_target_", "")) if isinstance(network_def, dict) else ""
     config = _bundle_data_config(parser, model, network_def if isinstance(network_def, dict) else {})
