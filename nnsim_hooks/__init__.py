@@ -23,13 +23,18 @@ from .errors import (
     OutputSpecError,
     StoreError,
 )
+from .index import GradientIndex, load_index
 from .rules import LayerRule, add_rule, register_rule
+from . import audit  # the package is callable: nnsim_hooks.audit(model, dataset)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach",
+    "audit",
     "Handle",
+    "load_index",
+    "GradientIndex",
     "LayerRule",
     "register_rule",
     "add_rule",

@@ -1,1 +1,43 @@
-"""Dataset audits."""
+"""Dataset audits through the trained network's own similarity.
+
+    >>> result = nnsim_hooks.audit(model, dataset, out_dir="audit/")
+    >>> result.table                 # one row per sample
+    >>> result.label_issues()        # suspected wrong labels, worst first
+    >>> result.knn_graph()           # for cleanlab's Datalab(knn_graph=...)
+
+Modules: :mod:`.run` (``audit()``), :mod:`.checks` (the checks on arrays),
+:mod:`.thresholds`, :mod:`.result` (``AuditResult``, the saved folder), :mod:`.report`
+(HTML), :mod:`.plots`, :mod:`.thumbnails` (pluggable pictures), :mod:`.data` (labels,
+unreadable files), :mod:`.io` (output folders), :mod:`.demo` (the embedded default).
+"""
+
+from .result import AuditResult
+from .run import analyse, audit
+from .thresholds import Thresholds
+from .thumbnails import default_thumbnailer, register_thumbnailer, unregister_thumbnailer
+
+__all__ = [
+    "audit",
+    "analyse",
+    "AuditResult",
+    "Thresholds",
+    "register_thumbnailer",
+    "unregister_thumbnailer",
+    "default_thumbnailer",
+]
+
+
+def _make_callable() -> None:
+    """``nnsim_hooks.audit(model, dataset)`` calls :func:`audit` while ``nnsim_hooks.audit``
+    stays this package (so ``nnsim_hooks.audit.demo`` and friends keep working)."""
+    import sys
+    import types
+
+    class _AuditModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return audit(*args, **kwargs)
+
+    sys.modules[__name__].__class__ = _AuditModule
+
+
+_make_callable()

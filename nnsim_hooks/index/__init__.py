@@ -1,1 +1,19 @@
-"""Feature stores and FAISS indexes (see build_index)."""
+"""Dataset-scale similarity: stored features, a FAISS index and the paper's queries.
+
+    >>> with nnsim_hooks.attach(model.eval()) as h:
+    ...     idx = h.build_index(dataset, "features/")      # resumable, memory-mapped
+    >>> scores, ids = idx.search(h.features(x), k=10)      # nearest neighbours
+    >>> density = idx.density()                            # soft neighbour counts, O(N D)
+    >>> n_eff = idx.effective_neighbors()                  # denoising, O(N D^2)
+    >>> idx = nnsim_hooks.load_index("features/")          # later, elsewhere
+
+Modules: :mod:`.build` (extraction), :mod:`.data` (batches), :mod:`.store` (folder
+format), :mod:`.backend` (FAISS), :mod:`.gradient_index` (queries), :mod:`.moments`
+and :mod:`.exact` (the computations).
+"""
+
+from .backend import INDEX_KINDS
+from .build import build_index
+from .gradient_index import GradientIndex, load_index
+
+__all__ = ["build_index", "load_index", "GradientIndex", "INDEX_KINDS"]

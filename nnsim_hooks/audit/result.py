@@ -1,0 +1,312 @@
+"""``AuditResult``: the per-sample table, the summary, and how they are saved.
+
+Saved folder layout (``AuditResult.save(dir)``)::
+
+    report.html        the self-contained report (pictures inline), readable offline
+    table.csv          one row per sample, in dataset order (also table.parquet)
+    per_class.csv      the health summary per class
+    summary.json       counts, thresholds, denoising, agreements (JSON)
+    knn_graph.npz      the k-NN graph in cleanlab's format (scipy.sparse.save_npz)
+    index/             the gradient index (nnsim_hooks.index.load_index(dir / "index"))
+    nnsim-audit.json   the folder's marker (state, configuration)
+
+Table columns: ``readable``, ``valid`` (the sample has a gradient direction), ``label``,
+``prediction`` (nullable ints), ``label_probability``, ``confidence``,
+``label_issue_score``, ``is_label_issue``, ``suggested_label``, ``density``,
+``knn_similarity``, ``is_outlier``, ``effective_neighbors``, ``denoising_factor``,
+``consistency``, ``gradient_norm``, ``duplicate_group`` (-1: none),
+``duplicate_representative``, ``neighbor_1..k`` (dataset positions, -1: none) and
+``similarity_1..k``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+
+from ..errors import StoreError
+from . import checks
+from .io import clean_json, mark_done, prepare_out_dir, read_marker, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .thresholds import Thresholds
+
+logger = logging.getLogger(__name__)
+
+#: Cosine distance given to filler slots of the cleanlab graph (samples with fewer than k
+#: neighbours: unreadable, no gradient direction, tiny datasets): the largest possible.
+FILLER_DISTANCE = 2.0
+
+
+def _nanstat(fn, values) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(fn(v)) if v.size else float("nan")
+
+
+@dataclass
+class AuditResult:
+    """What :func:`nnsim_hooks.audit` returns.
+
+    Attributes:
+        table: pandas DataFrame, one row per sample in dataset order (columns in the
+            module docstring).
+        summary: JSON-able dict of counts, thresholds, denoising and agreements.
+        per_class: pandas DataFrame, the health summary per class.
+        thresholds: the :class:`Thresholds` used.
+        index: the :class:`~nnsim_hooks.index.GradientIndex` (None after :meth:`load`).
+        k: neighbours per sample.
+        dataset: the audited dataset (for the report's pictures; not saved).
+    """
+
+    table: Any
+    summary: Dict[str, Any]
+    per_class: Any
+    thresholds: Thresholds
+    index: Any = None
+    k: int = 10
+    dataset: Any = None
+    thumbnail: Optional[Callable] = None
+    class_names: Optional[List[str]] = None
+    info: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, table, *, index, thresholds: Thresholds, k: int, num_classes: Optional[int], info) -> "AuditResult":
+        result = cls(table=table, summary={}, per_class=None, thresholds=thresholds, index=index, k=k, info=info)
+        result.per_class = result._per_class(num_classes)
+        result.summary = result._summary(num_classes)
+        return result
+
+    def _labels(self, column: str) -> np.ndarray:
+        return self.table[column].fillna(-1).to_numpy(dtype=np.int64)
+
+    def _summary(self, num_classes: Optional[int]) -> Dict[str, Any]:
+        t = self.table
+        labels, preds, suggested = self._labels("label"), self._labels("prediction"), self._labels("suggested_label")
+        scored = t["label_issue_score"].notna().to_numpy()
+        flagged = t["is_label_issue"].to_numpy(dtype=bool)
+        groups = t["duplicate_group"].to_numpy()
+        in_groups = int((groups >= 0).sum())
+        n_groups = int(groups.max() + 1) if in_groups else 0
+        unreadable = np.flatnonzero(~t["readable"].to_numpy(dtype=bool))
+        dens = t["denoising_factor"].to_numpy(dtype=np.float64)
+        noise_rate = float(flagged.sum() / scored.sum()) if scored.any() else float("nan")
+        readable_valid = t["valid"].to_numpy(dtype=bool)
+        predicted = float("nan")
+        if num_classes and readable_valid.any() and np.isfinite(noise_rate):
+            p_err = checks.averaging_error_probability(
+                t["effective_neighbors"].to_numpy(dtype=np.float64)[readable_valid], noise_rate, num_classes
+            )
+            predicted = float(1.0 - p_err.mean())
+        return clean_json(
+            {
+                "samples": len(t),
+                "readable": int(t["readable"].sum()),
+                "unreadable": len(unreadable),
+                "unreadable_samples": unreadable[:1000].tolist(),
+                "valid": int(t["valid"].sum()),
+                "labelled": int((labels >= 0).sum()),
+                "missing_labels": int(((labels < 0) & t["readable"].to_numpy(dtype=bool)).sum()),
+                "num_classes": num_classes,
+                "k": self.k,
+                "label_issues": int(flagged.sum()),
+                "label_issue_rate": noise_rate,
+                "scored_labels": int(scored.sum()),
+                "duplicate_groups": n_groups,
+                "samples_in_duplicate_groups": in_groups,
+                "removable_duplicates": in_groups - n_groups,
+                "outliers": int(t["is_outlier"].sum()),
+                "thresholds": {
+                    **self.thresholds.to_dict(),
+                    "duplicate_similarity_used": self.info.get("duplicate_threshold"),
+                    "outlier_knn_similarity_used": self.info.get("outlier_threshold"),
+                },
+                "denoising": {
+                    "estimated_noise_rate": noise_rate,
+                    "predicted_agreement_with_clean_labels": predicted,
+                    "median_effective_neighbors": _nanstat(np.median, t["effective_neighbors"]),
+                    "mean_denoising_factor": _nanstat(np.mean, dens),
+                    "median_denoising_factor": _nanstat(np.median, dens),
+                    "mean_consistency": _nanstat(np.mean, t["consistency"]),
+                    "median_consistency": _nanstat(np.median, t["consistency"]),
+                },
+                "agreement": {
+                    "prediction_vs_label": checks.agreement(preds, labels),
+                    "prediction_vs_kept_labels": checks.agreement(preds, labels, ~flagged),
+                    "prediction_vs_neighbor_vote": checks.agreement(preds, suggested),
+                },
+            }
+        )
+
+    def _per_class(self, num_classes: Optional[int]):
+        import pandas as pd
+
+        t = self.table[self.table["readable"]]
+        labels = t["label"].fillna(-1).to_numpy(dtype=np.int64)
+        preds = t["prediction"].fillna(-1).to_numpy(dtype=np.int64)
+        classes = sorted(set(labels[labels >= 0].tolist()) | set(range(num_classes or 0)))
+        rows = []
+        groups = [(c, labels == c) for c in classes]
+        if (labels < 0).any():
+            groups.append((-1, labels < 0))
+        groups.append((None, np.ones(len(t), dtype=bool)))
+        for c, mask in groups:
+            sub = t[mask]
+            flagged = sub["is_label_issue"].to_numpy(dtype=bool)
+            scored = sub["label_issue_score"].notna().to_numpy()
+            rows.append(
+                {
+                    "class": "all" if c is None else ("(no label)" if c < 0 else int(c)),
+                    "samples": int(mask.sum()),
+                    "predicted_as": int((preds == c).sum()) if c is not None and c >= 0 else None,
+                    "agreement": checks.agreement(preds[mask], labels[mask]),
+                    "label_issues": int(flagged.sum()),
+                    "label_issue_rate": float(flagged.sum() / scored.sum()) if scored.any() else float("nan"),
+                    "outliers": int(sub["is_outlier"].sum()),
+                    "in_duplicate_groups": int((sub["duplicate_group"] >= 0).sum()),
+                    "median_effective_neighbors": _nanstat(np.median, sub["effective_neighbors"]),
+                    "mean_denoising_factor": _nanstat(np.mean, sub["denoising_factor"]),
+                    "mean_consistency": _nanstat(np.mean, sub["consistency"]),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    # -- views ----------------------------------------------------------------------------
+
+    def neighbor_arrays(self):
+        """``(ids [N, k], sims [N, k])`` in dataset positions (-1 / NaN where none)."""
+        k = self.k
+        cols = [c for c in (f"neighbor_{j + 1}" for j in range(k)) if c in self.table]
+        ids = self.table[cols].to_numpy(dtype=np.int64) if cols else np.zeros((len(self.table), 0), np.int64)
+        sims = self.table[[c.replace("neighbor", "similarity") for c in cols]].to_numpy(dtype=np.float64) if cols else (
+            np.zeros((len(self.table), 0))
+        )
+        return ids, sims
+
+    def label_issues(self):
+        """The flagged samples, most suspicious first."""
+        t = self.table
+        keys = ["label_issue_score"] + (["label_probability"] if "label_probability" in t else [])
+        return t[t["is_label_issue"]].sort_values(keys, ascending=[False] + [True] * (len(keys) - 1))
+
+    def duplicates(self):
+        """Members of near-duplicate groups, by group."""
+        t = self.table
+        return t[t["duplicate_group"] >= 0].sort_values(["duplicate_group", "duplicate_representative"],
+                                                        ascending=[True, False])
+
+    def outliers(self):
+        """The flagged outliers, rarest first."""
+        t = self.table
+        return t[t["is_outlier"]].sort_values("knn_similarity")
+
+    def knn_graph(self):
+        """The k-NN graph as cleanlab's ``Datalab.find_issues(knn_graph=...)`` and
+        ``cleanlab.outlier``/``near_duplicate`` checks accept it: a scipy CSR matrix
+        ``[N, N]`` with exactly k stored entries per row, the cosine *distances*
+        ``1 - similarity`` (clipped to [0, 2]) in ascending order, no self-loops, exact
+        duplicates as explicit zeros. Rows with fewer than k neighbours (unreadable
+        samples, no gradient direction) are filled with distance 2 to other samples."""
+        from scipy.sparse import csr_matrix
+
+        ids, sims = self.neighbor_arrays()
+        n = len(ids)
+        k = min(ids.shape[1], max(n - 1, 0))
+        data = np.empty((n, k), dtype=np.float64)
+        cols = np.empty((n, k), dtype=np.int64)
+        for i in range(n):
+            ok = (ids[i, :k] >= 0) & np.isfinite(sims[i, :k])
+            row_ids = list(ids[i, :k][ok])
+            row_d = list(np.clip(1.0 - sims[i, :k][ok], 0.0, 2.0))
+            taken = set(row_ids) | {i}
+            candidate = 0
+            while len(row_ids) < k:
+                if candidate not in taken:
+                    row_ids.append(candidate)
+                    row_d.append(FILLER_DISTANCE)
+                    taken.add(candidate)
+                candidate += 1
+            order = np.argsort(row_d, kind="stable")
+            data[i], cols[i] = np.asarray(row_d)[order], np.asarray(row_ids)[order]
+        indptr = np.arange(0, n * k + 1, k) if k else np.zeros(n + 1, dtype=np.int64)
+        return csr_matrix((data.reshape(-1), cols.reshape(-1), indptr), shape=(n, n))
+
+    # -- files ----------------------------------------------------------------------------
+
+    def report_html(self) -> str:
+        """The report as one self-contained HTML page."""
+        from .report import render
+
+        return render(self)
+
+    def save(self, out_dir: Union[str, Path], *, overwrite: bool = False, _finish: bool = False) -> Path:
+        """Write the folder described in the module docstring; returns its path.
+
+        An existing folder is refused unless it is empty, or holds an audit and
+        ``overwrite=True`` (see :mod:`nnsim_hooks.audit.io`)."""
+        from scipy.sparse import save_npz
+
+        out = Path(out_dir)
+        if not _finish:
+            marker = read_marker(out) if out.is_dir() else None
+            same_run = marker is not None and self.index is not None and getattr(self.index, "path", None) is not None \
+                and Path(self.index.path).resolve() == (out / "index").resolve()
+            if not same_run:
+                prepare_out_dir(out, {"saved_result": True}, overwrite=overwrite)
+        if self.index is not None:
+            self.index.save(out / "index", overwrite=True)
+        table = self.table
+        write_text_atomic(out / "table.csv", table.to_csv())
+        buf = io.BytesIO()
+        try:
+            table.to_parquet(buf)
+            write_bytes_atomic(out / "table.parquet", buf.getvalue())
+        except ImportError as exc:
+            logger.warning("table.parquet not written (%s); pip install pyarrow", exc)
+        write_text_atomic(out / "per_class.csv", self.per_class.to_csv(index=False))
+        write_json_atomic(out / "summary.json", clean_json(self.summary))
+        buf = io.BytesIO()
+        save_npz(buf, self.knn_graph(), compressed=True)
+        write_bytes_atomic(out / "knn_graph.npz", buf.getvalue())
+        write_text_atomic(out / "report.html", self.report_html())
+        mark_done(out, self.summary)
+        logger.info("audit saved to %s", out)
+        return out
+
+    @classmethod
+    def load(cls, out_dir: Union[str, Path]) -> "AuditResult":
+        """Read a saved audit back (table, per-class table, summary; the index lazily
+        through :func:`nnsim_hooks.index.load_index` if present). No dataset: a report
+        rendered from it has no pictures."""
+        import pandas as pd
+
+        out = Path(out_dir)
+        try:
+            table = pd.read_parquet(out / "table.parquet") if (out / "table.parquet").exists() else pd.read_csv(
+                out / "table.csv", index_col="sample"
+            )
+            summary = json.loads((out / "summary.json").read_text())
+            per_class = pd.read_csv(out / "per_class.csv")
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{out} does not hold a complete saved audit: {exc}") from exc
+        index = None
+        if (out / "index").is_dir():
+            from ..index import load_index
+
+            index = load_index(out / "index")
+        thresholds = {k: v for k, v in summary.get("thresholds", {}).items() if k in Thresholds.__dataclass_fields__}
+        return cls(table=table, summary=summary, per_class=per_class, thresholds=Thresholds(**thresholds),
+                   index=index, k=int(summary.get("k", 10)))
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"<AuditResult {s.get('samples')} samples: {s.get('label_issues')} label issues, "
+            f"{s.get('duplicate_groups')} duplicate groups, {s.get('outliers')} outliers>"
+        )

@@ -1,0 +1,233 @@
+"""``build_index``: features of a whole dataset, stored resumably, then indexed by FAISS."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError, StoreError
+from .data import Batch, BatchSource, to_device
+from .gradient_index import GradientIndex, finish
+from .manifest import check_fingerprint, new_manifest
+from .store import ColumnSpec, Store, is_store, prepare_folder
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_OUTPUTS = ("contrast", "logit", "loss")
+# Per-sample outputs (classes) stored when there are at most this many (store_outputs="auto").
+MAX_STORED_OUTPUTS = 256
+
+
+def build_index(
+    handle,
+    data,
+    path: Optional[Union[str, Path]] = None,
+    *,
+    batch_size: Optional[int] = None,
+    progress: bool = True,
+    index: str = "flat",
+    index_options: Optional[Dict[str, Any]] = None,
+    gpu: Optional[bool] = None,
+    overwrite: bool = False,
+    store_outputs: Union[bool, str] = "auto",
+    task: str = "auto",
+    num_workers: int = 0,
+) -> GradientIndex:
+    """Extract features of every sample of ``data`` with ``handle`` and index them.
+
+    Args:
+        handle: what :func:`nnsim_hooks.attach` returned.
+        data: a Dataset of ``(input, target)`` pairs or bare inputs, a DataLoader that does
+            not shuffle, or an iterable of ``(inputs[, targets])`` batches (see
+            :mod:`nnsim_hooks.index.data`). Sample ids are positions in this order.
+        path: a folder to store everything in (memory-mapped, resumable). When it holds
+            an interrupted build of the same model and recipe, extraction continues where
+            it stopped; when it holds a finished one, that index is returned (rebuilding
+            only the FAISS part if ``index`` differs). None keeps everything in memory.
+        batch_size: samples per batch for a Dataset (default: the handle's batch_size).
+        progress: tqdm progress bars.
+        index: ``"flat"`` (exact, default), ``"ivf"``, ``"hnsw"``, ``"sq8"``, ``"ivf_sq8"``
+            or a FAISS factory string; ``index_options`` their options (see
+            :mod:`nnsim_hooks.index.backend`).
+        gpu: put the FAISS index on GPU (None: when FAISS has GPUs).
+        overwrite: replace an index already at ``path``.
+        store_outputs: store softmax probabilities (classifiers) or raw outputs (others)
+            beside the features: ``"auto"`` when at most 256 values per sample, or
+            True / False. Predictions (argmax) are stored for classifiers regardless.
+        task: ``"classification"``, ``"regression"`` or ``"auto"`` (classification when
+            the handle differentiates a classifier output: contrast, logit or loss).
+        num_workers: DataLoader workers when ``data`` is a Dataset.
+
+    Raises:
+        IndexMismatchError: ``path`` holds an index of another model, output or recipe.
+        ExtractionError: a batch failed (the message names it); the folder keeps every
+            sample before it, and calling again resumes.
+        StoreError: writing failed (disk full...); the folder keeps what was committed.
+        DataError: empty or unusable data (a shuffling DataLoader...).
+    """
+    if store_outputs not in (True, False, "auto"):
+        raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
+    if task not in ("auto", "classification", "regression"):
+        raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
+    source = BatchSource(data, batch_size or handle.batch_size, num_workers)
+    if source.total == 0:
+        raise DataError(f"the dataset is empty ({source.describe()} of length 0): there is nothing to index")
+    store = _open_store(handle, path, overwrite, source)
+    try:
+        if not store.manifest.get("extraction_complete"):
+            _extract(handle, source, store, progress, store_outputs, task)
+        elif source.total is not None and source.total != store.count:
+            raise IndexMismatchError(
+                f"the index at '{path}' holds {store.count} samples but the data has {source.total}: it was built "
+                "from other data. Use another path, or overwrite=True"
+            )
+        else:
+            logger.info("the index at %s is complete (%d samples)", path, store.count)
+    finally:
+        store.close()
+    return finish(store, index, index_options, gpu=gpu, progress=progress)
+
+
+def _open_store(handle, path, overwrite: bool, source: BatchSource) -> Store:
+    fingerprint = handle.fingerprint()
+    if path is not None:
+        path = Path(path)
+        if is_store(path) and not overwrite:
+            store = Store.reopen(path)
+            check_fingerprint(store.manifest.get("fingerprint"), fingerprint, path,
+                              unresolved_output=fingerprint.get("output") == "auto")
+            if store.count:
+                logger.info("resuming the index at %s from sample %d", path, store.count)
+            return store
+    manifest = new_manifest(fingerprint, {"data": source.describe(), "batch_size": source.batch_size})
+    manifest["fingerprint"] = None  # set from the first batch, once the output is resolved
+    return Store.create(path, manifest, overwrite=overwrite)
+
+
+def _extract(handle, source: BatchSource, store: Store, progress: bool, store_outputs, task: str) -> None:
+    from tqdm.auto import tqdm
+
+    device = next(iter(handle.model.parameters()), torch.empty(0)).device
+    where = f"the index folder '{store.path}'" if store.on_disk else "the in-memory index"
+    first = True
+    next_number = None  # number of the batch being loaded, once one has been seen
+    batches = source.batches(store.count)
+    bar = tqdm(total=source.n_batches(store.count), desc="features", unit="batch", disable=not progress)
+    try:
+        while True:
+            label = "the next batch" if next_number is None else f"batch {next_number}"
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except NnsimError:
+                raise
+            except Exception as exc:
+                raise ExtractionError(
+                    f"loading {label} (samples from {store.count} on) failed: {type(exc).__name__}: "
+                    f"{exc}. {where} keeps the {store.count} samples before it; fix the cause and call build_index "
+                    "again with the same path to resume"
+                ) from exc
+            next_number = batch.number + 1
+            if batch.size == 0:
+                continue
+            rows = _extract_batch(handle, batch, device, store, where, first, store_outputs, task)
+            first = False
+            store.append(rows)
+            store.commit()
+            bar.update(1)
+    finally:
+        bar.close()
+    if store.count == 0:
+        raise DataError(f"the data ({source.describe()}) yielded no samples: there is nothing to index")
+    store.commit(extraction_complete=True)
+
+
+def _extract_batch(handle, batch: Batch, device, store: Store, where: str, first: bool, store_outputs, task) -> Dict[str, np.ndarray]:
+    n = batch.size
+    name = f"batch {batch.number} (samples {batch.start} to {batch.start + n - 1})"
+    try:
+        fb = handle.extract(to_device(batch.inputs, device), to_device(batch.targets, device))
+    except Exception as exc:
+        raise ExtractionError(
+            f"{name} failed: {type(exc).__name__}: {exc}. {where} keeps the {store.count} samples before it; fix "
+            "the cause and call build_index again with the same path to resume"
+        ) from exc
+    if first:
+        _check_or_set_fingerprint(handle, store)
+    rows = batch_columns(fb, batch.targets, batch.start, _task(handle, fb, task, store), store_outputs)
+    if not store.columns:
+        store.define_columns([ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in rows.items()])
+        store.manifest["feature_dim"] = int(rows["features"].shape[1])
+    elif set(rows) != set(store.columns):
+        raise DataError(
+            f"{name} has columns {sorted(rows)} but the earlier batches had {sorted(store.columns)}: every batch "
+            "must come with targets, or none"
+        )
+    elif rows["features"].shape[1] != store.manifest["feature_dim"]:
+        raise IndexMismatchError(
+            f"{name} has {rows['features'].shape[1]}-dimensional features but {where} holds "
+            f"{store.manifest['feature_dim']}-dimensional ones"
+        )
+    return rows
+
+
+def _check_or_set_fingerprint(handle, store: Store) -> None:
+    """Compare the full fingerprint (output now resolved) before anything is written."""
+    current = handle.fingerprint()
+    stored = store.manifest.get("fingerprint")
+    if stored is None:
+        store.manifest["fingerprint"] = current
+        store.manifest["sketch"] = current.get("sketch")
+    else:
+        check_fingerprint(stored, current, store.path or "<in memory>")
+
+
+def _task(handle, fb, task: str, store: Store) -> Optional[str]:
+    if store.manifest.get("task") is not None or store.columns:
+        return store.manifest.get("task")
+    outputs = fb.outputs
+    if task == "auto":
+        if outputs is None:
+            task = None
+        elif handle.output_name in CLASSIFIER_OUTPUTS and outputs.dim() == 2:
+            task = "classification"
+        else:
+            task = "regression"
+    if task == "classification" and (outputs is None or outputs.dim() != 2 or outputs.shape[1] < 2):
+        shape = None if outputs is None else list(outputs.shape)
+        raise InputError(f"task='classification' needs model outputs [B, C] with C >= 2, got {shape}")
+    store.manifest["task"] = task
+    return task
+
+
+def batch_columns(fb, targets, start: int, task: Optional[str], store_outputs) -> Dict[str, np.ndarray]:
+    """The stored columns of one :class:`~nnsim_hooks.attach.FeatureBatch`."""
+    features = fb.features.detach().float().cpu().numpy()
+    undefined = fb.undefined.detach().cpu().numpy().astype(bool)
+    features[undefined] = 0.0  # zero rows: inert in sums and products; flagged by `valid`
+    n = len(features)
+    rows: Dict[str, np.ndarray] = {
+        "features": features,
+        "ids": np.arange(start, start + n, dtype=np.int64),
+        "valid": ~undefined,
+        "norms": fb.norms.detach().float().cpu().numpy(),
+    }
+    if targets is not None:
+        t = torch.as_tensor(targets).detach().cpu()
+        if t.dim() == 1 and not t.is_floating_point() and not t.is_complex():
+            rows["labels"] = t.long().numpy()
+    outputs = fb.outputs.detach().float().cpu() if fb.outputs is not None else None
+    if task == "classification":
+        rows["predictions"] = outputs.argmax(1).long().numpy()
+        if store_outputs is True or (store_outputs == "auto" and outputs.shape[1] <= MAX_STORED_OUTPUTS):
+            rows["probabilities"] = torch.softmax(outputs, 1).numpy()
+    elif task == "regression" and outputs is not None:
+        flat = outputs.reshape(n, -1)
+        if store_outputs is True or (store_outputs == "auto" and flat.shape[1] <= MAX_STORED_OUTPUTS):
+            rows["outputs"] = flat.numpy()
+    return rows
