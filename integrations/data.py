@@ -439,6 +439,23 @@ class FileDataset(Dataset):
                     f"{first}; pass spatial_size=... to load_dataset to resize every sample to one size"
                 )
 
+    def check(self, tries: int = 5) -> None:
+        """Read the first readable sample (of the first ``tries``) so that a model/data
+        mismatch (2-D vs 3-D, channels) is reported now; unreadable files are left to the
+        caller (audits skip and count them)."""
+        first_error = None
+        for index in range(min(tries, len(self))):
+            path = self.paths[index]
+            try:
+                tensor = self._read(path)
+            except Exception as exc:  # an unreadable file: try the next one
+                first_error = first_error or DataError(f"sample {index}: cannot read '{path}': {exc}")
+                continue
+            self._check_shape(tensor, path, index)
+            return
+        if first_error is not None:
+            raise first_error
+
     # -- thumbnails ------------------------------------------------------------------
 
     def thumbnail(self, index: int, size: int = DEFAULT_SIZE) -> np.ndarray:
@@ -543,6 +560,6 @@ def load_dataset(
     dataset = FileDataset(paths, labels, config, classes=classes, masks=masks, loaded=loaded, layout=layout,
                           source=path)
     if check:
-        dataset[0]
+        dataset.check()
     logger.info("%r", dataset)
     return dataset

@@ -5,6 +5,7 @@ where nothing can be downloaded.
   a shape, with optional exact duplicates;
 - :func:`make_nifti_datalist`: NIfTI volumes (through nibabel) with a bright blob
   whose position depends on the class, and a MONAI datalist JSON listing them;
+- :func:`make_nifti_folder`: the same volumes in ImageFolder layout;
 - :func:`make_bundle`: a MONAI bundle folder (``configs/inference.json``,
   ``configs/metadata.json``, ``models/model.pt``) around a small network.
 """
@@ -72,6 +73,38 @@ def make_image_folder(
     return paths
 
 
+def _blob_volume(rng, grid, shape, label: int, classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    centre = np.array(shape, dtype=np.float64) * (0.3 + 0.4 * label / max(1, classes - 1))
+    centre += rng.normal(0, 1.0, 3)
+    blob = np.exp(-((grid - centre) ** 2).sum(-1) / (2 * 3.0 ** 2))
+    return (100 * blob + rng.normal(0, 5, shape)).astype(np.float32), blob
+
+
+def make_nifti_folder(
+    root: str,
+    per_class: int = 4,
+    shape: Tuple[int, int, int] = (20, 24, 16),
+    classes: Sequence[str] = ("left", "right"),
+    seed: int = 0,
+) -> List[str]:
+    """Write NIfTI volumes in ImageFolder layout, ``root/<class>/case_XXX.nii.gz`` (the
+    blob of :func:`make_nifti_datalist`). Returns the written paths."""
+    require("nibabel", "writing NIfTI volumes")
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float64)
+    paths = []
+    for label, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            volume, _ = _blob_volume(rng, grid, shape, label, len(classes))
+            path = os.path.join(root, name, f"case_{i:03d}.nii.gz")
+            nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.5, 2.0, 1.0])), path)
+            paths.append(path)
+    return paths
+
+
 def make_nifti_datalist(
     root: str,
     n: int = 8,
@@ -96,10 +129,7 @@ def make_nifti_datalist(
     affine = np.diag([1.5, 1.5, 2.0, 1.0])
     for i in range(n):
         label = i % classes
-        centre = np.array(shape, dtype=np.float64) * (0.3 + 0.4 * label / max(1, classes - 1))
-        centre += rng.normal(0, 1.0, 3)
-        blob = np.exp(-((grid - centre) ** 2).sum(-1) / (2 * 3.0 ** 2))
-        volume = (100 * blob + rng.normal(0, 5, shape)).astype(np.float32)
+        volume, blob = _blob_volume(rng, grid, shape, label, classes)
         image = os.path.join("volumes", f"case_{i:03d}.nii.gz")
         nib.save(nib.Nifti1Image(volume, affine), os.path.join(root, image))
         item: Dict[str, Any] = {"image": image, "label": label}
