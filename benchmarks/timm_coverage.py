@@ -24,7 +24,8 @@ skipped with the reason recorded.
     python benchmarks/timm_coverage.py --families resnet,vision_transformer
     python benchmarks/timm_coverage.py --one test_vit                     # one model, JSON
 
-Writes ``benchmarks/results/timm_coverage.md``.
+Writes ``benchmarks/results/timm_coverage.md`` (and the raw rows as ``.json``; with
+``--update --families a,b`` only those families are rerun and the rest kept).
 """
 
 from __future__ import annotations
@@ -164,6 +165,13 @@ def run_one(name: str, max_params: float) -> Dict[str, Any]:
     reference = per_sample_loop(model, x, names=set(hooked))
     t_loop = time.perf_counter() - t1
     missing = sorted(set(reference) - set(hooked))
+    misshaped = sorted(k for k in hooked if k in reference and hooked[k].shape != reference[k].shape)
+    if misshaped:
+        k = misshaped[0]
+        result.update(status="MISMATCH", time_hooked_s=t_hooked, time_loop_s=t_loop,
+                      error=f"{len(misshaped)} parameters with per-row gradients, e.g. {k}: "
+                            f"{tuple(hooked[k].shape[:1])} rows for a batch of 2")
+        return result
     worst, worst_name = 0.0, ""
     # Relative to the parameter's own largest gradient, but not below 1e-6 of the model's:
     # a parameter whose true gradient is zero (a softmax over one key) has noise-sized
@@ -214,6 +222,23 @@ def run_isolated(name: str, timeout: float, max_params: float) -> Dict[str, Any]
     return result
 
 
+# Failures whose cause is known to lie in the core (see the integrations report).
+KNOWN_CAUSES = (
+    ("must match the size of tensor", "core: a parameter applied to a reshaped batch (windows, blocks, tokens)"),
+    ("whose first dimension is not the batch", "core: a parameter applied to a reshaped batch"),
+    ("per-row gradients", "core: a parameter applied to a reshaped batch (windows, blocks, tokens)"),
+    ("without hooked gradients", "core: parameters used outside their module's forward get no gradient"),
+)
+
+
+def diagnose(result: Dict[str, Any]) -> Optional[str]:
+    error = result.get("error") or ""
+    for pattern, cause in KNOWN_CAUSES:
+        if pattern in error:
+            return cause
+    return None
+
+
 def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
@@ -245,7 +270,7 @@ def write_table(rows: List[Dict[str, Any]], path: str, command: str, elapsed: fl
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        notes = "; ".join(x for x in (r.get("note"), r.get("error")) if x)
+        notes = "; ".join(x for x in (diagnose(r), r.get("note"), r.get("error")) if x)
         if r.get("fallback_types"):
             notes = (notes + "; " if notes else "") + "fallback: " + ", ".join(r["fallback_types"][:4])
         params = r.get("params")
@@ -271,6 +296,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
     parser.add_argument("--max-params", type=float, default=60e6, help="shrink or skip models above this")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other families' rows from the previous run's JSON, rerun only these")
     parser.add_argument("--representatives", help="a JSON file caching the chosen models (read if present, "
                         "else written)")
     parser.add_argument("--one", help="run one model and print its JSON result (used internally)")
@@ -295,6 +322,23 @@ def main(argv=None) -> int:
                 json.dump(reps, f, indent=1)
     rows = []
     command = "python benchmarks/timm_coverage.py" + (f" --families {args.families}" if args.families else "")
+    raw_path = os.path.splitext(args.out)[0] + ".json"
+    previous: Dict[str, Dict[str, Any]] = {}
+    if args.update and os.path.isfile(raw_path):
+        with open(raw_path) as f:
+            previous = {r["family"]: r for r in json.load(f)}
+        command = "python benchmarks/timm_coverage.py (with --update reruns of some families)"
+
+    def save():
+        merged = dict(previous)
+        merged.update({r["family"]: r for r in rows})
+        ordered = [merged[k] for k in sorted(merged)]
+        write_table(ordered, args.out, command, time.perf_counter() - start)
+        tmp = raw_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(ordered, f, indent=1)
+        os.replace(tmp, raw_path)
+
     for rep in reps:
         if rep["model"] == "-":
             rows.append(dict(rep, status="error", error="no model of this family can be created"))
@@ -304,9 +348,9 @@ def main(argv=None) -> int:
         rows.append(result)
         print(f"{rep['family']:28s} {rep['model']:36s} {result.get('status'):9s} "
               f"{_fmt(result.get('max_rel_err'), '.1e')} {result.get('error', '')}", file=sys.stderr, flush=True)
-        write_table(rows, args.out, command, time.perf_counter() - start)  # progress survives a kill
-    write_table(rows, args.out, command, time.perf_counter() - start)
-    print(f"wrote {args.out}", file=sys.stderr)
+        save()  # progress survives a kill
+    save()
+    print(f"wrote {args.out} and {raw_path}", file=sys.stderr)
     return 0
 
 

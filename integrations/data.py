@@ -354,8 +354,10 @@ class FileDataset(Dataset):
     def _read(self, path: str) -> torch.Tensor:
         kind = kind_of(path)
         if self._preprocess is not None and kind != "unknown":
-            out = self._preprocess({"image": path})
-            return torch.as_tensor(np.asarray(out["image"]) if not torch.is_tensor(out["image"]) else out["image"]).float()
+            image = self._preprocess({"image": path})["image"]
+            if hasattr(image, "as_tensor"):  # a MONAI MetaTensor: keep the plain tensor
+                image = image.as_tensor()
+            return torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image).float()
         config = self.data_config
         if kind == "image":
             if config.spatial_dims != 2:

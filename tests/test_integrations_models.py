@@ -301,3 +301,19 @@ def test_prepare_monai_model_keeps_outputs(monai):
         after = net(x)
     assert torch.equal(before, after)
     assert not any(getattr(m, "inplace", False) for m in net.modules())
+
+
+@pytest.mark.xfail(strict=True, reason="core: nn.MultiheadAttention never calls out_proj.forward, so its "
+                                        "parameters get no per-sample gradient (silently)")
+def test_core_torchvision_vit_multihead_attention_out_proj():
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                              num_classes=3).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    from nnsim_hooks import attach
+
+    with attach(model) as handle:
+        grads = handle.per_sample_gradients(x)
+    assert set(grads) == set(per_sample_loop(model, x))
