@@ -54,6 +54,9 @@ def load_timm(
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
     kwargs.pop("pretrained", None)  # never download; weights come from a local checkpoint
+    if "checkpoint_path" in kwargs:
+        raise ModelError("pass the weights as checkpoint= (--checkpoint), which reads them with "
+                         "torch.load(weights_only=True), not as timm's checkpoint_path model kwarg")
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as exc:
@@ -129,7 +132,7 @@ def timm_data_config(model: nn.Module, model_kwargs: Optional[Dict[str, Any]] = 
     """timm's resolved data config (input size, mean/std, interpolation, crop) as a
     :class:`DataConfig`. An ``img_size`` given in ``model_kwargs`` overrides the default
     input size, since timm keeps the pretrained config's size on the model."""
-    timm = _timm()
+    _timm()
     from timm.data import resolve_model_data_config
 
     resolved = resolve_model_data_config(model)
@@ -144,7 +147,6 @@ def timm_data_config(model: nn.Module, model_kwargs: Optional[Dict[str, Any]] = 
     if len(mean) != channels:  # timm keeps RGB statistics when in_chans changes
         mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
     resolved = dict(resolved, input_size=(channels, *spatial), mean=mean, std=std)
-    del timm
     return DataConfig(
         channels=channels,
         spatial_dims=2,
