@@ -276,11 +276,15 @@ class GlobalResponseNormRule(AffineRule):
         return tuple(param.numel() if s == -1 else 1 for s in module.wb_shape[1:])
 
 
-class Conv2dSameRule(ConvRule):
+class Conv2dSameRule(LayerRule):
     """timm's Conv2dSame: pad the input as ``pad_same`` does, then the plain conv rule
-    (the layer's own ``padding`` is 0)."""
+    (the layer's own ``padding`` is 0). Delegates to a private ConvRule so that the
+    input is padded once, whichever of its paths calls which."""
 
     name = "timm_conv2d_same"
+
+    def __init__(self):
+        self._conv = ConvRule()
 
     def supports(self, module):
         return tuple(module.padding) == (0, 0) and module.padding_mode == "zeros"
@@ -292,13 +296,13 @@ class Conv2dSameRule(ConvRule):
         return pad_same(activation, module.weight.shape[-2:], module.stride, module.dilation)
 
     def grad_sample(self, module, activation, backprops):
-        return super().grad_sample(module, self._padded(module, activation), backprops)
+        return self._conv.grad_sample(module, self._padded(module, activation), backprops)
 
     def gram(self, module, activation, backprops):
-        return super().gram(module, self._padded(module, activation), backprops)
+        return self._conv.gram(module, self._padded(module, activation), backprops)
 
     def sketch(self, module, activation, backprops, sketches):
-        return super().sketch(module, self._padded(module, activation), backprops, sketches)
+        return self._conv.sketch(module, self._padded(module, activation), backprops, sketches)
 
 
 # -- norm + activation ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""timm's layer subclasses: each registered rule against the per-sample loop oracle."""
+"""timm's layer subclasses: each registered rule against the per-sample loop oracle, on
+all three paths (per-sample gradients, the exact Gram matrix, the sketch)."""
 
 from __future__ import annotations
 
@@ -120,16 +121,36 @@ def _layers():
 LAYERS = _layers()
 
 
-def _compare(model, x, output):
-    with attach(model, output=output) as handle:
+def _similarity_from(reference, batch, d):
+    jac = torch.cat([g.reshape(batch, d, -1) for g in reference.values()], -1)  # [B, d, p]
+    white = []
+    for i in range(batch):
+        evals, evecs = torch.linalg.eigh(jac[i] @ jac[i].T)
+        white.append(evecs @ torch.diag(evals.rsqrt()) @ evecs.T @ jac[i])
+    white = torch.stack(white)
+    return torch.einsum("adp,bdp->ab", white, white) / d
+
+
+def _compare(model, x, output, check_similarity=True):
+    # param_dim and sketch_dim above the model's size: the sketch is exact (no random
+    # matrices), so features() must give the exact similarity through each rule's sketch path.
+    with attach(model, output=output, param_dim=1 << 16, sketch_dim=4096) as handle:
         status = {r.module: r.status for r in handle.coverage.rows}
         hooked = handle.per_sample_gradients(x)
+        exact = handle.similarity(x).detach()
+        features = handle.features(x).detach()
+        assert handle.sketcher.exact
     reference = per_sample_loop(model, x, output=output)
     assert set(hooked) == set(reference)
     errors = {}
     for name, ref in reference.items():
         scale = ref.abs().max().item()
         errors[name] = (hooked[name] - ref).abs().max().item() / (scale or 1.0)
+    d = 1 if output != "full" else next(iter(reference.values())).shape[1]
+    if check_similarity:
+        expected = _similarity_from(reference, x.shape[0], d)
+        assert torch.allclose(exact, expected, atol=1e-8), "gram path"
+        assert torch.allclose((features @ features.T).double(), expected, atol=1e-8), "sketch path"
     return status, errors
 
 
@@ -158,7 +179,7 @@ def test_plain_batchnorm_rule_on_batchnorm_act_is_wrong():
     with pytest.warns(UserWarning, match="replaced"):  # registering over the timm rule warns
         add_rule(L.BatchNormAct2d, BatchNormRule())
     try:
-        _, errors = _compare(model, x, "auto")
+        _, errors = _compare(model, x, "auto", check_similarity=False)
     finally:
         with pytest.warns(UserWarning):
             add_rule(L.BatchNormAct2d, previous)
