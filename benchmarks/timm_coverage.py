@@ -268,8 +268,12 @@ KNOWN_MODELS = {
     "naflexvit_base_patch16_parfac_gap": "core: an in-place add on the projection's output (a view) hides its "
                                          "gradient from the hook",
     "rdnet_tiny": "core: the fallback re-runs a block on its list argument, which grew after the call",
-    "gemma4_vit_167m": "core: the sketch of its [2, 10240, 768] position table draws a 512 x 7.9M Gaussian matrix",
+    "gemma4_vit_167m": "core: the sketch of its [2, 10240, 768] position table draws a 512 x 7.9M Gaussian matrix "
+                       "(32 GB in float64)",
+    "qwen3_vit_88m": "core: the sketch of its [1, 2304, 768] pos_embed draws a 1024 x 1.77M Gaussian matrix "
+                     "(14 GB in float64)",
     "xcit_nano_12_p8_224": "core: the positional-encoding conv runs on a batch-independent grid",
+    "test_vit_relpos": "core: the relative-position MLP runs on a batch-independent coordinate table",
     "sequencer2d_s": "core: an LSTM with the sequence first (batch not first)",
     "levit_128s": "core: BatchNorm1d on flattened tokens (LinearNorm): a reshaped batch",
 }
