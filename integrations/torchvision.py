@@ -13,8 +13,6 @@ import inspect
 import logging
 from typing import Any, Dict, Optional
 
-import torch.nn as nn
-
 from nnsim_hooks.errors import ModelError
 
 from .checkpoints import load_checkpoint
