@@ -1,0 +1,206 @@
+"""Small generated datasets in the real layouts, for examples, tests and trying things out
+where nothing can be downloaded.
+
+- :func:`make_image_folder`: ``root/<class>/<i>.png``, classes told apart by colour and
+  a shape, with optional exact duplicates;
+- :func:`make_nifti_datalist`: NIfTI volumes (through nibabel) with a bright blob
+  whose position depends on the class, and a MONAI datalist JSON listing them;
+- :func:`make_nifti_folder`: the same volumes in ImageFolder layout;
+- :func:`make_bundle`: a MONAI bundle folder (``configs/inference.json``,
+  ``configs/metadata.json``, ``models/model.pt``) around a small network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._optional import require
+
+
+def _write_json(path: str, content: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_image_folder(
+    root: str,
+    classes: Sequence[str] = ("circle", "square"),
+    per_class: int = 6,
+    size: Tuple[int, int] = (40, 48),
+    seed: int = 0,
+    duplicates: int = 0,
+    grey: bool = False,
+) -> List[str]:
+    """Write an ImageFolder of PNGs: class k has a filled disc (k even) or square (k odd)
+    of a class colour on noise. ``duplicates`` copies the first image of class 0 that
+    many times. Returns the written paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    paths = []
+    for k, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        os.makedirs(folder, exist_ok=True)
+        colour = np.array([(70 * k + 60) % 256, (130 * k + 200) % 256, (40 * k + 100) % 256], dtype=np.float64)
+        for i in range(per_class):
+            image = rng.normal(40, 20, (h, w, 3))
+            cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
+            r = rng.integers(min(h, w) // 6, min(h, w) // 3)
+            inside = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) if k % 2 == 0 else (
+                (abs(yy - cy) <= r) & (abs(xx - cx) <= r))
+            image[inside] = colour + rng.normal(0, 10, 3)
+            array = np.clip(image, 0, 255).astype(np.uint8)
+            pil = Image.fromarray(array).convert("L") if grey else Image.fromarray(array)
+            path = os.path.join(folder, f"{name}_{i:03d}.png")
+            pil.save(path)
+            paths.append(path)
+    for j in range(duplicates):
+        source = paths[0]
+        target = os.path.join(os.path.dirname(source), f"duplicate_{j:03d}.png")
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            dst.write(src.read())
+        paths.append(target)
+    return paths
+
+
+def _blob_volume(rng, grid, shape, label: int, classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    centre = np.array(shape, dtype=np.float64) * (0.3 + 0.4 * label / max(1, classes - 1))
+    centre += rng.normal(0, 1.0, 3)
+    blob = np.exp(-((grid - centre) ** 2).sum(-1) / (2 * 3.0 ** 2))
+    return (100 * blob + rng.normal(0, 5, shape)).astype(np.float32), blob
+
+
+def make_nifti_folder(
+    root: str,
+    per_class: int = 4,
+    shape: Tuple[int, int, int] = (20, 24, 16),
+    classes: Sequence[str] = ("left", "right"),
+    seed: int = 0,
+) -> List[str]:
+    """Write NIfTI volumes in ImageFolder layout, ``root/<class>/case_XXX.nii.gz`` (the
+    blob of :func:`make_nifti_datalist`). Returns the written paths."""
+    require("nibabel", "writing NIfTI volumes")
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float64)
+    paths = []
+    for label, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            volume, _ = _blob_volume(rng, grid, shape, label, len(classes))
+            path = os.path.join(root, name, f"case_{i:03d}.nii.gz")
+            nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.5, 2.0, 1.0])), path)
+            paths.append(path)
+    return paths
+
+
+def make_nifti_datalist(
+    root: str,
+    n: int = 8,
+    shape: Tuple[int, int, int] = (20, 24, 16),
+    classes: int = 2,
+    seed: int = 0,
+    with_masks: bool = False,
+    name: str = "datalist.json",
+) -> str:
+    """Write ``n`` NIfTI volumes ``root/volumes/case_XXX.nii.gz`` (a Gaussian blob whose
+    position encodes the class, on noise) and ``root/<name>``, a MONAI datalist
+    ``{"training": [{"image": ..., "label": k}]}`` with paths relative to ``root``.
+    ``with_masks`` adds ``"mask"`` entries with the blob's segmentation."""
+    require("nibabel", "writing NIfTI volumes")
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "volumes")
+    os.makedirs(folder, exist_ok=True)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float64)
+    items: List[Dict[str, Any]] = []
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    for i in range(n):
+        label = i % classes
+        volume, blob = _blob_volume(rng, grid, shape, label, classes)
+        image = os.path.join("volumes", f"case_{i:03d}.nii.gz")
+        nib.save(nib.Nifti1Image(volume, affine), os.path.join(root, image))
+        item: Dict[str, Any] = {"image": image, "label": label}
+        if with_masks:
+            mask = os.path.join("volumes", f"case_{i:03d}_mask.nii.gz")
+            nib.save(nib.Nifti1Image((blob > 0.5).astype(np.uint8), affine), os.path.join(root, mask))
+            item["mask"] = mask
+        items.append(item)
+    path = os.path.join(root, name)
+    _write_json(path, {"training": items})
+    return path
+
+
+def make_bundle(
+    root: str,
+    network_def: Optional[Dict[str, Any]] = None,
+    input_channels: int = 1,
+    spatial_shape: Optional[Sequence[int]] = (16, 16, 16),
+    output_format: str = "classification",
+    output_channels: int = 2,
+    seed: int = 0,
+    weights: bool = True,
+) -> str:
+    """Write a MONAI bundle folder at ``root``: ``configs/inference.json`` with
+    ``network_def`` (default: a small 3-D DenseNet121), ``configs/metadata.json`` with
+    the input/output format, and ``models/model.pt`` holding the network's seeded
+    random weights (a plain state_dict). Returns ``root``."""
+    require("monai", "building MONAI bundles")
+    import torch
+    from monai.bundle import ConfigParser
+
+    network_def = network_def or {
+        "_target_": "DenseNet121", "spatial_dims": 3, "in_channels": input_channels,
+        "out_channels": output_channels, "init_features": 8, "growth_rate": 4, "block_config": [1, 1],
+    }
+    os.makedirs(os.path.join(root, "configs"), exist_ok=True)
+    os.makedirs(os.path.join(root, "models"), exist_ok=True)
+    inference = {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "network_def": network_def,
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+                {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                {"_target_": "ScaleIntensityd", "keys": "image"},
+                {"_target_": "Resized", "keys": "image", "spatial_size": list(spatial_shape)},
+                {"_target_": "EnsureTyped", "keys": "image", "track_meta": False},
+            ],
+        } if spatial_shape else None,
+    }
+    if inference["preprocessing"] is None:
+        del inference["preprocessing"]
+    metadata = {
+        "version": "0.1.0",
+        "task": "generated for nnsim_hooks tests",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "num_channels": input_channels,
+                                 "spatial_shape": list(spatial_shape) if spatial_shape else ["16*n"] * 3}},
+            "outputs": {"pred": {"type": "probabilities" if output_format == "classification" else "image",
+                                 "format": output_format, "num_channels": output_channels}},
+        },
+    }
+    _write_json(os.path.join(root, "configs", "inference.json"), inference)
+    _write_json(os.path.join(root, "configs", "metadata.json"), metadata)
+    if weights:
+        torch.manual_seed(seed)
+        parser = ConfigParser({"network_def": network_def})
+        net = parser.get_parsed_content("network_def")
+        tmp = os.path.join(root, "models", "model.pt.tmp")
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, os.path.join(root, "models", "model.pt"))
+    return root
