@@ -111,21 +111,11 @@ def load_monai(
 
 
 def prepare_monai_model(model: nn.Module) -> nn.Module:
-    """Eval mode, and in-place activations made out of place (same numbers).
+    """Eval mode (BatchNorm and dropout frozen, as the similarity is defined for).
 
-    MONAI's blocks put ``InstanceNorm`` before in-place activations (BasicUNet,
-    DynUNet: ``LeakyReLU(inplace=True)``). ``F.instance_norm`` returns a *view*, and an
-    in-place op on a view re-routes its gradient around the hook on the norm's output,
-    so the norm's parameters would get no per-sample gradient (a core limitation,
-    reported). Out-of-place activations keep the gradient where the hook sees it.
+    Nothing else changes: MONAI's InstanceNorm-before-in-place-activation blocks are
+    handled by the core (it copies a module output that is a view before hooking it).
     """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "inplace", None) is True and not list(module.parameters(recurse=False)):
-            module.inplace = False
-            changed += 1
-    if changed:
-        logger.debug("made %d in-place activations out of place", changed)
     return model.eval()
 
 

@@ -25,6 +25,7 @@ _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Handle]" = weakref.WeakKeyDicti
 
 DEFAULT_SKETCH_DIM = 1024
 DEFAULT_STAGE1_DIM = 16384
+DEFAULT_EXACT_LIMIT = 8192
 
 
 def attach(
@@ -35,6 +36,7 @@ def attach(
     sketch_dim: int = DEFAULT_SKETCH_DIM,
     seed: int = 0,
     stage1_dim: int = DEFAULT_STAGE1_DIM,
+    exact_limit: int = DEFAULT_EXACT_LIMIT,
     batch_size: int = 64,
 ) -> "Handle":
     """Hook ``model`` for per-sample gradients, similarities and sketched features.
@@ -57,6 +59,8 @@ def attach(
         seed: the sketch seed; the same seed gives the same features anywhere.
         stage1_dim: the first-stage sketch size shared by the large parameters (see
             :mod:`nnsim_hooks.sketch`); more is more accurate and slower.
+        exact_limit: parameters with at most this many entries enter the second stage
+            whole, unprojected.
         batch_size: how many samples go through the model at once when a method is given
             more than that.
     """
@@ -69,7 +73,7 @@ def attach(
         )
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1 (samples per pass through the model), got {batch_size}")
-    handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, stage1_dim), batch_size)
+    handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, stage1_dim, exact_limit), batch_size)
     _ATTACHED[model] = handle
     return handle
 

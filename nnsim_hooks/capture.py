@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import InputError
 
@@ -132,7 +132,7 @@ class Capture:
             if not self.active:
                 return None
             self._check(name, module)
-            leaves, _ = tree_flatten(output)
+            leaves, spec = tree_flatten(output)
             positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
             if not positions:
                 return None  # ran without gradient (torch.no_grad inside the model): contributes nothing
@@ -142,6 +142,15 @@ class Capture:
                 # the batch, sequence first): the module that mixes it in takes it.
                 self.on_unbatched(module)
                 return None
+            replaced = None
+            if any(leaves[k]._is_view() for k in positions):
+                # An in-place op on a view (F.instance_norm's output, then ReLU(inplace=True))
+                # re-routes the gradient around a hook on the view, so the module's parameters
+                # would silently get none. A copy is not a view; its gradient is the same.
+                for k in positions:
+                    if leaves[k]._is_view():
+                        leaves[k] = leaves[k].clone()
+                replaced = tree_unflatten(leaves, spec)
             out_leaves = [leaves[k] for k in positions]
             in_leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
@@ -150,7 +159,7 @@ class Capture:
             self.calls.append(call)
             for i, leaf in enumerate(out_leaves):
                 self._tensor_handles.append(leaf.register_hook(self._make_tensor_hook(call, i)))
-            return None
+            return replaced
 
         return forward_hook
 

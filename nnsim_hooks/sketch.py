@@ -2,22 +2,24 @@
 
 Two stages (the idea of LoGra and Captum's TracInCPFastRandProj, then a dense stage):
 
-1. **Per parameter, Kronecker-factored.** A parameter is viewed as a matrix
-   ``rows x cols`` (``shape[0] x prod(shape[1:])``). Its per-sample gradient is
-   ``G = sum_u delta_u a_u^T`` for linear and conv layers, so the sketch
+1. **Per parameter, Kronecker-factored.** A parameter with at most ``exact_limit``
+   entries is kept whole, unprojected. A larger one is viewed as a matrix
+   ``rows x cols`` (``shape[0] x prod(shape[1:])``) and gets an even share of
+   ``stage1_dim`` (at least ``min_param_dim``). Its per-sample gradient is
+   ``G = sum_u delta_u a_u^T`` for linear and conv layers, so a sketch
    ``S_row G S_col^T = sum_u (S_row delta_u)(S_col a_u)^T`` is formed from the two
-   hook factors without ever forming ``G``. A side that is already small is kept
-   exactly (no matrix), and a parameter with at most ``param_dim`` entries is kept
-   whole, unprojected.
+   hook factors without ever forming ``G``. The share is spent on ``repeats``
+   independent ``block x block`` Kronecker sketches (averaged), or, when one side is
+   at most ``block`` long, that side is kept exactly and the other one projected.
 2. **Dense Gaussian to ``dim``.** The per-parameter sketches (``M`` numbers in all)
    are mapped to ``dim`` by one dense Gaussian matrix, stored as one block per
    parameter. When ``M <= dim`` nothing is projected: the rows are padded with zeros
    and the features are exact.
 
-Seed recipe (version 1), written into every index manifest: each matrix is drawn with
+Seed recipe (version 2), written into every index manifest: each matrix is drawn with
 ``torch.randn(shape, generator=g, dtype=float32)`` on the CPU, where ``g`` is seeded
 with the first 8 bytes (little-endian, masked to 63 bits) of
-``sha256("nnsim_hooks/sketch/v1|{seed}|{parameter name}|{role}")`` and ``role`` is
+``sha256("nnsim_hooks/sketch/v2|{seed}|{parameter name}|{role}")`` and ``role`` is
 ``row``, ``col`` or ``dense``; it is then scaled by ``1/sqrt(k)``, ``k`` the number of
 its rows. The same seed therefore gives the same matrices on any machine and device,
 and each matrix is independent of which other parameters are sketched.
@@ -32,7 +34,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+#: a table ``[few, N, C]`` with more entries per row than this is folded (see matrix_view)
+FOLD_COLS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,21 @@ def seeded_gaussian(seed: int, name: str, role: str, shape: Sequence[int], std: 
     return matrix.mul_(std)
 
 
-def matrix_view(shape: Sequence[int]) -> Tuple[int, int]:
-    """How a parameter of this shape is seen as a matrix: (shape[0], rest)."""
+def matrix_view(shape: Sequence[int], block: int = 4) -> Tuple[int, int]:
+    """How a parameter of this shape is seen as a matrix: (shape[0], rest).
+
+    Except a table of three or more dimensions with at most ``block`` rows and more than
+    ``FOLD_COLS`` entries per row (a ViT's ``[1, tokens, C]`` position table): it is seen
+    as ``(prod(shape[:-1]), shape[-1])``, because projecting one very long side would take
+    a ``[budget, tokens * C]`` Gaussian matrix (gigabytes for large position tables).
+    No layer with a factored rule has such a weight.
+    """
     if len(shape) == 0:
         return 1, 1
-    return int(shape[0]), int(math.prod(shape[1:]))
+    rows, cols = int(shape[0]), int(math.prod(shape[1:]))
+    if len(shape) >= 3 and rows <= block and cols > FOLD_COLS:
+        return int(math.prod(shape[:-1])), int(shape[-1])
+    return rows, cols
 
 
 def factor_dims(rows: int, cols: int, budget: int, k: int) -> Tuple[int, int, int]:
@@ -189,15 +203,18 @@ class Sketcher:
     """All the matrices of one recipe for one list of parameters (name -> shape)."""
 
     def __init__(self, recipe: SketchRecipe, param_shapes: Dict[str, Tuple[int, ...]]):
-        if recipe.dim < 1 or recipe.stage1_dim < 1:
-            raise ValueError(f"sketch dimensions must be positive, got dim={recipe.dim}, stage1_dim={recipe.stage1_dim}")
+        if recipe.dim < 1 or recipe.stage1_dim < 1 or recipe.exact_limit < 0:
+            raise ValueError(
+                f"sketch sizes must be positive, got dim={recipe.dim}, stage1_dim={recipe.stage1_dim}, "
+                f"exact_limit={recipe.exact_limit} (attach(sketch_dim=..., stage1_dim=..., exact_limit=...))"
+            )
         self.recipe = recipe
         self.params: Dict[str, ParamSketch] = {}
         self.offsets: Dict[str, int] = {}
         budgets = split_budget(recipe, param_shapes)
         total = 0
         for name, shape in param_shapes.items():
-            rows, cols = matrix_view(shape)
+            rows, cols = matrix_view(shape, recipe.block)
             repeats, k_row, k_col = factor_dims(rows, cols, budgets[name], recipe.block)
             row_m = col_m = None
             if k_row < rows:

@@ -108,6 +108,6 @@ def test_3d_conv_features_never_materialise_per_sample_weight_gradients(monkeypa
     torch.manual_seed(0)
     model = TinySeg3d().eval()
     x = torch.randn(4, 1, 8, 8, 8)
-    with attach(model, output=foreground_sum(), sketch_dim=64, param_dim=16) as handle:
+    with attach(model, output=foreground_sum(), sketch_dim=64, exact_limit=16) as handle:
         features = handle.features(x)
     assert features.shape == (4, 64) and torch.isfinite(features).all()

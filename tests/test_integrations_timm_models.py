@@ -24,13 +24,11 @@ MODELS = [
     "test_efficientnet_evos", "test_efficientnet_gn", "test_efficientnet_ln", "test_mambaout", "test_nfnet",
     "test_resnet", "test_vit", "test_vit2", "test_vit3", "test_vit4",
     "mobilenetv3_small_050", "tf_mobilenetv3_small_minimal_100",
+    # Parameters applied to a reshaped batch (test_maxvit's windows fold into the batch)
+    # or to no batch (test_vit_relpos's bias MLP runs on a coordinate table): the core
+    # hands them to the module that mixes them in.
+    "test_maxvit", "test_vit_relpos",
 ]
-
-# A core limitation, reported: modules whose parameters act on a reshaped batch
-# (windows: test_maxvit's qkv gets [B * windows, ...] gradients) or on no batch at all
-# (test_vit_relpos's bias MLP runs on a coordinate table). Strict, so a fix is noticed.
-CORE_RESHAPED_BATCH = ["test_maxvit", "test_vit_relpos"]
-
 
 def _create(name):
     try:
@@ -69,12 +67,6 @@ def _check(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_family_matches_the_per_sample_loop(name):
-    assert _check(name) < 1e-8
-
-
-@pytest.mark.xfail(strict=True, reason="core: parameters applied to a reshaped batch or to no batch")
-@pytest.mark.parametrize("name", CORE_RESHAPED_BATCH)
-def test_windowed_families_core_limitation(name):
     assert _check(name) < 1e-8
 
 

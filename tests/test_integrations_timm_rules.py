@@ -132,9 +132,9 @@ def _similarity_from(reference, batch, d):
 
 
 def _compare(model, x, output, check_similarity=True):
-    # param_dim and sketch_dim above the model's size: the sketch is exact (no random
+    # sketch_dim above the model's size (and each parameter under exact_limit): the sketch is exact (no random
     # matrices), so features() must give the exact similarity through each rule's sketch path.
-    with attach(model, output=output, param_dim=1 << 16, sketch_dim=4096) as handle:
+    with attach(model, output=output, sketch_dim=4096) as handle:
         status = {r.module: r.status for r in handle.coverage.rows}
         hooked = handle.per_sample_gradients(x)
         exact = handle.similarity(x).detach()

@@ -43,7 +43,7 @@ def test_whitened_features_give_the_matrix_kernel():
 
 
 def test_matrices_follow_the_documented_seed_recipe():
-    digest = hashlib.sha256(b"nnsim_hooks/sketch/v1|7|layer.weight|row").digest()
+    digest = hashlib.sha256(b"nnsim_hooks/sketch/v2|7|layer.weight|row").digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     expected = torch.randn(5, 9, generator=g) * 0.5
     torch.testing.assert_close(seeded_gaussian(7, "layer.weight", "row", (5, 9), 0.5), expected, rtol=0, atol=0)
@@ -158,3 +158,29 @@ def test_resnet18_sketch_error_within_1_2x_of_ideal_at_1024():
             errors.append(((f @ f.T) - exact)[iu[0], iu[1]].abs().mean().item())
     ratio = sum(errors) / len(errors) / ideal_error(exact, 1024)
     assert ratio <= 1.2, ratio
+
+
+def test_long_position_table_is_folded_not_projected_along_one_huge_side():
+    # [1, tokens, C] with tokens * C > FOLD_COLS: projecting the single row's 320k entries
+    # would need a [budget, 320000] matrix; folded to [tokens, C] it gets Kronecker blocks.
+    from nnsim_hooks.sketch import FOLD_COLS, SketchRecipe, Sketcher, matrix_view
+
+    assert matrix_view((1, 40_000, 8)) == (40_000, 8)
+    assert matrix_view((1, 100, 8)) == (1, 800)  # small tables keep the usual view
+    assert matrix_view((1, 40_000, 8, 1, 1), block=4) == (40_000 * 8, 1)
+    assert matrix_view((2, FOLD_COLS + 1)) == (2, FOLD_COLS + 1)  # 2-D weights never fold
+    sketcher = Sketcher(SketchRecipe(dim=64, stage1_dim=4096), {"pos_embed": (1, 40_000, 8)})
+    part = sketcher.params["pos_embed"]
+    entries = sum(m.numel() for m in (part.row_matrix, part.col_matrix) if m is not None)
+    assert entries * 10 < 4096 * 40_000 * 8  # far below a dense [budget, 320000] matrix
+    # The fold keeps the projection an unbiased inner-product estimate: average over seeds.
+    torch.manual_seed(0)
+    g = torch.randn(2, 1, 1, 40_000, 8)
+    g[1] = 0.5 * g[0] + torch.randn_like(g[0])
+    exact = (g[0] * g[1]).sum() / (g[0].norm() * g[1].norm())
+    estimates = []
+    for seed in range(8):
+        p = Sketcher(SketchRecipe(dim=64, seed=seed, stage1_dim=4096), {"pos_embed": (1, 40_000, 8)})
+        s = p.params["pos_embed"].project_gradients(g)[:, 0]
+        estimates.append(float(s[0] @ s[1] / (s[0].norm() * s[1].norm())))
+    assert abs(sum(estimates) / len(estimates) - float(exact)) < 0.05
