@@ -143,16 +143,23 @@ class Capture:
                 self.on_unbatched(module)
                 return None
             replaced = None
-            if any(leaves[k]._is_view() for k in positions):
-                # An in-place op on a view (F.instance_norm's output, then ReLU(inplace=True))
-                # re-routes the gradient around a hook on the view, so the module's parameters
-                # would silently get none. A copy is not a view; its gradient is the same.
+            several = len(positions) > 1
+            if several or any(leaves[k]._is_view() for k in positions):
+                # Hook a copy, returned in place of the output, when
+                # - it is a view: an in-place op on a view (F.instance_norm's output, then
+                #   ReLU(inplace=True)) re-routes the gradient around a hook on the view;
+                # - the module has several outputs: one may be computed from another inside
+                #   it ((y, h) with y from h), and the hook on h would also see y's gradient.
+                # The copy's gradient is exactly what flows in from outside the module.
                 for k in positions:
-                    if leaves[k]._is_view():
+                    if several or leaves[k]._is_view():
                         leaves[k] = leaves[k].clone()
                 replaced = tree_unflatten(leaves, spec)
             out_leaves = [leaves[k] for k in positions]
-            in_leaves, _ = tree_flatten((args, kwargs))
+            in_leaves, in_spec = tree_flatten((args, kwargs))
+            # A copy of the containers (not the tensors): a list argument that grows after
+            # the call (DenseNet-style feature lists) must not change what the rule reruns.
+            args, kwargs = tree_unflatten(in_leaves, in_spec)
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
             call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions, skip=self.covered(module))
             call.out_versions = [t._version for t in out_leaves]

@@ -183,3 +183,61 @@ def test_a_parameter_free_layer_mixing_samples_is_refused():
     with nnsim_hooks.attach(BatchCentred().eval(), output="sum") as h:
         with pytest.raises(nnsim_hooks.BatchCouplingError, match="mixes the samples"):
             h.per_sample_gradients(torch.randn(4, 4))
+
+
+def test_output_computed_from_another_output_of_the_same_module():
+    """(y, h) with y computed from h inside the module (timm's EfficientViM HSMSSD): the
+    gradient arriving at h from outside must not include the part that flows through y."""
+    torch.manual_seed(0)
+
+    class StateMixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.state = nn.Linear(6, 6)
+            self.gate = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            h = self.state(x) * self.gate
+            y = torch.tanh(h) * self.gate
+            return y, h
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer = StateMixer()
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            y, h = self.mixer(x)
+            return self.head(y + 0.5 * h)
+
+    assert_matches_loop(Net().eval(), torch.randn(4, 6), output="contrast")
+
+
+def test_list_argument_that_grows_after_the_call():
+    """DenseNet-style blocks get the list of earlier features, which is then appended to:
+    the generic rule must rerun the block on the list as it was at the call."""
+    torch.manual_seed(0)
+
+    class Concat(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(c))
+
+        def forward(self, feats):
+            return torch.stack(feats, 0).sum(0) * self.scale
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.blocks = nn.ModuleList([Concat(4), Concat(4)])
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, x):
+            feats = [self.stem(x)]
+            for block in self.blocks:
+                feats.append(torch.tanh(block(feats)))
+            return self.head(torch.cat(feats, 1))
+
+    assert_matches_loop(Net().eval(), torch.randn(5, 4), output="contrast")
