@@ -1,7 +1,7 @@
 """The ``nnsim`` command line.
 
     nnsim audit --out DIR                 # the embedded default: digits, planted noise, a CNN
-    nnsim audit --data DIR --model SPEC --out DIR    # an image folder (ImageFolder layout)
+    nnsim audit --data DIR --model SPEC --out DIR    # ImageFolder, folder of files, CSV or MONAI datalist
 
 Exit codes: 0 done, 1 an error (the message says what and how to fix it), 2 bad
 arguments, 130 interrupted (run the same command again to resume).
@@ -60,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="nnsim-audit", help="output folder (default: %(default)s)")
     a.add_argument("--overwrite", action="store_true", help="replace a finished audit in --out")
     data = a.add_argument_group("your data (all optional: without --data the demo runs)")
-    data.add_argument("--data", help="an image folder in ImageFolder layout (one sub-folder per class)")
+    data.add_argument(
+        "--data",
+        help="ImageFolder (one sub-folder per class), a folder of files, a CSV of path,label or a MONAI "
+        "datalist JSON; images, NIfTI/MHA/NRRD volumes or .npy arrays",
+    )
     data.add_argument("--model", help="timm:NAME, torchvision:NAME, monai:NAME or package.module:function")
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")

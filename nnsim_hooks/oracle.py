@@ -7,7 +7,7 @@ two, for users who want to verify their own model before trusting the numbers.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn

@@ -1,7 +1,6 @@
 """Sketched features against exact similarities and against an ideal dense sketch."""
 
 import hashlib
-import math
 
 import pytest
 import torch

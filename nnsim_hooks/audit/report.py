@@ -163,7 +163,6 @@ def _headline(s: Dict[str, Any]) -> str:
             return ""
         rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in extra.items())
         return f'<section><h2>Run information</h2><table class="data">{rows}</table></section>'
-    agree = s.get("agreement", {})
     den = s.get("denoising", {})
     found = extra.get("label_issue_recall")
     prec = extra.get("label_issue_precision")

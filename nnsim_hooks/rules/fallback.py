@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 from torch.func import functional_call, vjp, vmap
