@@ -250,32 +250,18 @@ def run_isolated(name: str, timeout: float, max_params: float) -> Dict[str, Any]
     return result
 
 
-# Failures whose cause is known to lie in the core (see the integrations report).
+# Failure patterns with a known cause (messages of nnsim_hooks' own errors).
 KNOWN_CAUSES = (
-    ("must match the size of tensor", "core: a parameter applied to a reshaped batch (windows, blocks, tokens)"),
-    ("is invalid for input of size", "core: a parameter applied to a reshaped batch (windows)"),
-    ("whose first dimension is not the batch", "core: a parameter applied to a reshaped batch"),
-    ("per-row gradients", "core: a parameter applied to a reshaped batch (windows, blocks, tokens)"),
-    ("without hooked gradients", "core: parameters used outside their module's forward get no gradient"),
+    ("mixes the samples", "the model couples the samples of a batch: per-sample gradients are not defined"),
+    ("BatchCouplingError", "the model couples the samples of a batch: per-sample gradients are not defined"),
 )
 
 
-# Failures diagnosed by hand (minimal repros in the integrations report).
+# Failures diagnosed by hand.
 KNOWN_MODELS = {
-    "csatv2": "timm bug: SpatialTransformerBlock attends across the batch (q @ k.T is [B, B]), so a sample's "
-              "gradient depends on the others in its batch",
-    "efficientvim_m1": "core: HSMSSD returns (y, h) with y computed from h; the hook on h sees y's gradient too",
-    "naflexvit_base_patch16_parfac_gap": "core: an in-place add on the projection's output (a view) hides its "
-                                         "gradient from the hook",
-    "rdnet_tiny": "core: the fallback re-runs a block on its list argument, which grew after the call",
-    "gemma4_vit_167m": "core: the sketch of its [2, 10240, 768] position table draws a 512 x 7.9M Gaussian matrix "
-                       "(32 GB in float64)",
-    "qwen3_vit_88m": "core: the sketch of its [1, 2304, 768] pos_embed draws a 1024 x 1.77M Gaussian matrix "
-                     "(14 GB in float64)",
-    "xcit_nano_12_p8_224": "core: the positional-encoding conv runs on a batch-independent grid",
-    "test_vit_relpos": "core: the relative-position MLP runs on a batch-independent coordinate table",
-    "sequencer2d_s": "core: an LSTM with the sequence first (batch not first)",
-    "levit_128s": "core: BatchNorm1d on flattened tokens (LinearNorm): a reshaped batch",
+    "csatv2": "timm bug: SpatialTransformerBlock attends across the batch (q @ k.T is [B, B]) after a "
+              "LayerNorm over 1 feature, whose output is the same for every sample: the forward values do "
+              "not show the mixing (the layout check cannot see it), the gradients do",
 }
 
 
