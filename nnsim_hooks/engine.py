@@ -304,9 +304,10 @@ class Engine:
     def _check_finite(self, results: List[Tuple[str, torch.Tensor]]) -> None:
         if not results:
             return
-        # A NaN or Inf anywhere makes the sum non-finite: one reduction, no mask as large
-        # as the per-sample gradients.
-        flags = torch.isfinite(torch.stack([r.sum(dtype=torch.float64) for _, r in results]))
+        # A NaN or Inf anywhere makes the sum non-finite: one reduction in the tensor's own
+        # dtype (no copy, no mask as large as the per-sample gradients). A sum that merely
+        # overflows is confirmed element-wise below before anything is raised.
+        flags = torch.isfinite(torch.stack([r.sum().to(torch.float64) for _, r in results]))
         if bool(flags.all()):
             return
         # Backward visits the modules in reverse; the first non-finite one from the output
@@ -315,6 +316,8 @@ class Engine:
             if not ok:
                 target = self.targets[name]
                 bad = (~torch.isfinite(r.reshape(r.shape[0], -1))).any(1).nonzero().flatten()[:10].tolist()
+                if not bad:
+                    continue  # the sum overflowed; every entry is finite
                 raise NonFiniteGradientError(
                     f"the per-sample gradient of module '{name}' ({type(target.module).__name__}) is NaN or Inf "
                     f"for samples {bad}; check the inputs for NaN/Inf and the model for overflow there"
