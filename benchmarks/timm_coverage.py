@@ -260,8 +260,8 @@ KNOWN_CAUSES = (
 # Failures diagnosed by hand.
 KNOWN_MODELS = {
     "csatv2": "timm bug: SpatialTransformerBlock attends across the batch (q @ k.T is [B, B]) after a "
-              "LayerNorm over 1 feature, whose output is the same for every sample: the forward values do "
-              "not show the mixing (the layout check cannot see it), the gradients do",
+              "LayerNorm over 1 feature, whose output is the same for every sample: the forward values do not "
+              "show it, the gradients do; refused with BatchCouplingError (per-sample gradients are not defined)",
 }
 
 

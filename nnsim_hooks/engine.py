@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .capture import Capture, LayerCall
 from .direct import split_grads
-from .layout import Trace, not_batch_first
+from .layout import Trace, gradient_mixing, not_batch_first
 from .errors import BatchCouplingError, ModelError, NonFiniteGradientError
 from .outputs import OutputSpec, check_no_mixing
 from .rules.base import gram_of_grads
@@ -85,6 +85,7 @@ class Engine:
         self._layout_checked: Set[int] = set()
         self._warned_many = False
         self._not_batch_first: Set[int] = set()
+        self._gradient_layout_checked: Set[int] = set()
         self.capture = Capture({}, self._check_module)
         self._stack: Optional[ModuleStack] = None
         try:
@@ -171,8 +172,8 @@ class Engine:
                 capture.active = False
                 self._stack.active = False
                 if check_layout:
-                    self._layout_checked.add(batch)
                     bad = not_batch_first(self.model, inputs, batch, self._stack.trace, outputs) - self._not_batch_first
+                    self._layout_checked.add(batch)  # after: a model that mixes samples is refused every time
                     if bad:  # this pass took those modules as batch first: run it again
                         self._not_batch_first |= bad
                         raise _Replan()
@@ -227,8 +228,27 @@ class Engine:
             recorder.remove_hooks()
             capture.remove()
             self._stack.remove()
+        if batch >= 2 and batch not in self._gradient_layout_checked:
+            self._check_gradient_layout(inputs, targets, batch)  # raises again next time if it fails
+            self._gradient_layout_checked.add(batch)
         detached = outputs.detach() if torch.is_tensor(outputs) else outputs
         return Pass(calls, detached, values.detach(), vector, batch, recorder.uses, recorder.unsplittable)
+
+    def _check_gradient_layout(self, inputs, targets, batch: int) -> None:
+        """Once per batch size: samples mixed in the backward only (see layout.py)."""
+        modules = [t.module for t in self.targets.values()]
+        try:
+            culprit = gradient_mixing(self.model, modules, inputs, targets, batch, self.output, self._not_batch_first)
+        except Exception as exc:  # the check itself must never break a model that works
+            logger.debug("gradient layout check skipped: %s", exc)
+            return
+        if culprit is not None:
+            raise BatchCouplingError(
+                f"the gradient reaching module '{culprit}' for one sample changes when the other samples of the "
+                "batch change, although the forward values do not: a later layer mixes the samples (attention or "
+                "a product across the batch dimension), so per-sample gradients are not defined. Check the layers "
+                "after it for operations over dimension 0."
+            )
 
     def _covered(self, module: nn.Module) -> Set[str]:
         """Parameters of ``module`` that a running generic-rule ancestor also holds: its

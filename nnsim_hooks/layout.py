@@ -10,7 +10,10 @@ per-sample gradients are not defined.
 
 The whole batch's trace is the captured pass's own (recorded by the module stack), so
 the check costs two forwards without gradient. Tensors are compared through per-sample
-summaries (sum and sum of squares), enough to see samples mixed or reordered.
+summaries (sum and norm), enough to see samples mixed or reordered.
+
+:func:`gradient_mixing` does the same for the gradients reaching the hooked modules'
+outputs (three forward+backward passes), which also shows mixing the values hide.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any, List, Optional, Set
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batching
 from .errors import BatchCouplingError
@@ -48,8 +51,9 @@ def summary(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     )
 
 
-def _joined(whole, first, second) -> bool:
-    """Are ``whole``'s per-sample summaries the halves' ones joined?"""
+def _joined(whole, first, second, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
+    """Are ``whole``'s per-sample summaries the halves' ones joined (``atol`` relative to
+    the largest summary)?"""
     if whole is None or first is None or second is None:
         return False
     if first.shape[0] + second.shape[0] != whole.shape[0]:
@@ -59,7 +63,7 @@ def _joined(whole, first, second) -> bool:
     if not bool((finite == torch.isfinite(joined)).all()):
         return False
     scale = whole[finite].abs().max().item() if bool(finite.any()) else 0.0
-    return bool(torch.allclose(joined[finite], whole[finite], rtol=1e-4, atol=1e-6 * scale + 1e-9))
+    return bool(torch.allclose(joined[finite], whole[finite], rtol=rtol, atol=atol * scale + 1e-9))
 
 
 class Trace:
@@ -143,3 +147,94 @@ def _mixing_message(model, whole, first, second, batch, same_path) -> str:
         "change (a normalisation or a mean over the batch, for example), so per-sample gradients are not "
         "defined. Use per-sample layers, or call model.eval() for BatchNorm."
     )
+
+
+# -- the same check on gradients ------------------------------------------------------
+#
+# Some layers mix samples in a way the forward values cannot show: timm's csatv2 attends
+# across the batch right after a LayerNorm over one feature, whose output is the same for
+# every sample, so every value is the halves' values joined while each sample's gradient
+# still flows into the other samples' activations. The gradients arriving at the hooked
+# modules' outputs show it: for per-sample maths they too are the halves' ones joined.
+
+
+def _output_gradients(model: nn.Module, modules: List[nn.Module], inputs: Any, targets: Any, differentiate,
+                      weights: torch.Tensor):
+    """Per call of ``modules`` (in call order): (module, shape, summary of the gradient of
+    ``sum_i weights_i f_i`` with respect to the call's first output), f the first
+    differentiated output row."""
+    n = weights.shape[0]
+    records: List[list] = []
+    handles = []
+
+    def forward_hook(module, args, output):
+        flat, spec = tree_flatten(output)
+        positions = [k for k, t in enumerate(flat) if torch.is_tensor(t) and t.requires_grad]
+        if not positions:
+            return None
+        k = positions[0]
+        # As in capture: hook a copy of a view (an in-place op on it would re-route the
+        # gradient) and of every output of a multi-output module.
+        replaced = None
+        if len(positions) > 1 or flat[k]._is_view():
+            flat = list(flat)
+            for i in positions:
+                flat[i] = flat[i].clone()
+            replaced = tree_unflatten(flat, spec)
+        record = [module, tuple(flat[k].shape), None]
+        records.append(record)
+
+        def tensor_hook(grad, record=record):
+            record[2] = summary(grad)
+
+        flat[k].register_hook(tensor_hook)
+        return replaced
+
+    try:
+        for module in modules:
+            handles.append(module.register_forward_hook(forward_hook))
+        with torch.enable_grad():
+            outputs = call_model(model, inputs)
+            values = differentiate(outputs, targets, n)
+            first_row = values if values.dim() == 1 else values[:, 0]
+            # Differentiate for the parameters (not the hooked outputs, which later in-place
+            # ops may have replaced), so that backward passes every hooked output.
+            params = list({id(p): p for m in modules for p in m.parameters(recurse=False) if p.requires_grad}.values())
+            torch.autograd.grad((first_row * weights.to(first_row)).sum(), params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def gradient_mixing(model: nn.Module, modules: List[nn.Module], inputs: Any, targets: Any, batch: int,
+                    differentiate, skip: Set[int]) -> Optional[str]:
+    """The name of the first of ``modules`` whose output gradient for the whole batch is
+    not the two halves' joined (samples mixed in the backward only), or None."""
+    half = batch // 2
+    # Random weights per sample: a plain sum is blind to mixing that shares a quantity
+    # out evenly (the gradients of a batch mean still add up to the same).
+    weights = torch.rand(batch, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    runs = [
+        _output_gradients(model, modules, batching.take(inputs, sl), batching.take(targets, sl), differentiate,
+                          weights[sl])
+        for sl in (slice(0, batch), slice(0, half), slice(half, batch))
+    ]
+    whole, first, second = runs
+    if not (len(whole) == len(first) == len(second)) or any(
+        a[0] is not b[0] or a[0] is not c[0] for a, b, c in zip(whole, first, second)
+    ):
+        logger.debug("gradient layout check skipped: the halves took another path through the model")
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    for (module, shape, g), (_, shape_a, a), (_, shape_b, b) in zip(whole, first, second):
+        if id(module) in skip or g is None or a is None or b is None:
+            continue
+        if not (_batch_first(shape, batch) and _batch_first(shape_a, half) and _batch_first(shape_b, batch - half)):
+            continue
+        # Norms only (the sum of a gradient can cancel), and looser than for values: a
+        # float32 backward through a batch of another size rounds differently. Mixing
+        # moves the norms far more.
+        if not _joined(g[:, 1:], a[:, 1:], b[:, 1:], rtol=1e-3, atol=1e-4):
+            return names.get(id(module), "?")
+    return None

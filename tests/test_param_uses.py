@@ -241,3 +241,48 @@ def test_list_argument_that_grows_after_the_call():
             return self.head(torch.cat(feats, 1))
 
     assert_matches_loop(Net().eval(), torch.randn(5, 4), output="contrast")
+
+
+class _InvisibleMixer(nn.Module):
+    """Attention across the batch on a per-sample constant (csatv2's pattern): the forward
+    values do not depend on the other samples, the gradients do."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(1)
+        self.qk = nn.Linear(1, 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        t = self.norm(x.unsqueeze(-1)).mean(1)  # [B, 1], the norm's bias for every sample
+        q, k = self.qk(t).unbind(-1)  # [B] each
+        attn = (q[:, None] * k[None, :]).softmax(-1)  # [B, B]: across the batch
+        mixed = attn @ k  # constant across samples, like the inputs
+        return self.head(x) + mixed[:, None] * torch.tensor([1.0, -1.0, 0.5])  # moves the classes apart
+
+
+def test_samples_mixed_only_in_the_backward_are_refused():
+    torch.manual_seed(0)
+    model = _InvisibleMixer().eval()
+    x = torch.randn(4, 4)
+    with torch.no_grad():  # the forward values are per sample
+        torch.testing.assert_close(model(x), torch.cat([model(x[:2]), model(x[2:])]))
+    with nnsim_hooks.attach(model) as h:
+        for _ in range(2):  # refused every time, not only on the first call
+            with pytest.raises(nnsim_hooks.errors.BatchCouplingError, match="'norm'"):
+                h.per_sample_gradients(x)
+
+
+def test_a_model_that_mixes_samples_is_refused_on_every_call():
+    class BatchCentre(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x - x.mean(0))
+
+    with nnsim_hooks.attach(BatchCentre().eval()) as h:
+        for _ in range(2):
+            with pytest.raises(nnsim_hooks.errors.BatchCouplingError):
+                h.features(torch.randn(4, 3))
