@@ -88,7 +88,7 @@ def bench_size(n: int, args, workdir: Path) -> list:
     print(f"generated in {t.s:.1f} s", flush=True)
     queries = clustered(args.queries, args.dim, args.clusters, args.noise, seed=1)
     with Timer() as t_store:
-        idx = GradientIndex.from_features(raw, path=workdir / f"index_{n}", overwrite=True)
+        idx = GradientIndex.from_features(raw, path=workdir / f"index_{n}", overwrite=True, gpu=args.gpu)
     del raw
     raw_path.unlink()
     print(f"stored in {t_store.s:.1f} s", flush=True)
@@ -129,7 +129,7 @@ def markdown(results, args, command: str) -> str:
     import faiss
 
     lines = [
-        "# Index benchmark (CPU)",
+        f"# Index benchmark ({'GPU, faiss-gpu' if args.gpu else 'CPU'})",
         "",
         f"Command: `{command}`",
         "",
@@ -175,6 +175,7 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="N values (default 10^5)")
     p.add_argument("--large", action="store_true", help="also N = 10^6 (4 GB of features, several minutes)")
     p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--gpu", action="store_true", help="FAISS indexes on the GPU (needs faiss-gpu); default: CPU")
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--noise", type=float, default=1.5, help="noise around the centres (1.5: same-cluster cosine ~0.3)")
     p.add_argument("--queries", type=int, default=1000)
