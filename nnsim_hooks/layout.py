@@ -19,7 +19,7 @@ outputs (three forward+backward passes), which also shows mixing the values hide
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional, Set
+from typing import Any, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batching
 from .errors import BatchCouplingError
-from .validation import call_model
+from .validation import call_model, model_device_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,21 @@ def _joined(whole, first, second, rtol: float = 1e-4, atol: float = 1e-6) -> boo
         return False
     scale = whole[finite].abs().max().item() if bool(finite.any()) else 0.0
     return bool(torch.allclose(joined[finite], whole[finite], rtol=rtol, atol=atol * scale + 1e-9))
+
+
+def tolerances(model: nn.Module) -> Tuple[float, float]:
+    """(rtol, atol relative to the largest summary) for comparing a batch with its halves.
+
+    The same maths on another batch size rounds differently: more so in half precision,
+    and on CUDA, where float32 convolutions and matmuls may run in TF32. Mixed samples
+    change the numbers far more than that.
+    """
+    device, dtype = model_device_dtype(model)
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    rtol = max(1e-4, 100 * eps)
+    if device.type != "cpu" and dtype == torch.float32:
+        rtol = max(rtol, 1e-2)
+    return rtol, rtol / 100
 
 
 class Trace:
@@ -111,11 +126,16 @@ def not_batch_first(model: nn.Module, inputs: Any, batch: int, whole: Trace, out
     """Ids of the modules some call of which gets an input that is not the halves' inputs
     joined. Raises :class:`BatchCouplingError` naming the module that mixes samples."""
     half = batch // 2
+    rtol, atol = tolerances(model)
     first, out_first = _trace(model, batching.take(inputs, slice(0, half)))
     second, out_second = _trace(model, batching.take(inputs, slice(half, batch)))
     same_path = [id(c[0]) for c in whole.calls] == [id(c[0]) for c in first.calls] == [id(c[0]) for c in second.calls]
     for a, b, c in zip(tree_flatten(outputs)[0], tree_flatten(out_first)[0], tree_flatten(out_second)[0]):
-        if torch.is_tensor(a) and _batch_first(tuple(a.shape), batch) and not _joined(summary(a), summary(b), summary(c)):
+        if (
+            torch.is_tensor(a)
+            and _batch_first(tuple(a.shape), batch)
+            and not _joined(summary(a), summary(b), summary(c), rtol, atol)
+        ):
             # Failure path: trace again, outputs included, to name the module.
             traces = [_trace(model, batching.take(inputs, sl), outputs=True)[0]
                       for sl in (slice(0, batch), slice(0, half), slice(half, batch))]
@@ -125,18 +145,24 @@ def not_batch_first(model: nn.Module, inputs: Any, batch: int, whole: Trace, out
         return set()
     bad: Set[int] = set()
     for (module, shape, a, _, _), (_, _, b, _, _), (_, _, c, _, _) in zip(whole.calls, first.calls, second.calls):
-        if _batch_first(shape, batch) and not _joined(a, b, c):
+        if _batch_first(shape, batch) and not _joined(a, b, c, rtol, atol):
             bad.add(id(module))
     return bad
 
 
 def _mixing_message(model, whole, first, second, batch, same_path) -> str:
     culprit = None
+    rtol, atol = tolerances(model)
     if same_path:
         for (module, shape, a, oshape, out), (_, _, b, _, ob), (_, _, c, _, oc) in zip(
             whole.calls, first.calls, second.calls
         ):
-            if _batch_first(shape, batch) and _joined(a, b, c) and _batch_first(oshape, batch) and not _joined(out, ob, oc):
+            if (
+                _batch_first(shape, batch)
+                and _joined(a, b, c, rtol, atol)
+                and _batch_first(oshape, batch)
+                and not _joined(out, ob, oc, rtol, atol)
+            ):
                 culprit = module  # the innermost such module is the last one to start
                 if not any(True for _ in module.children()):
                     break
@@ -227,6 +253,8 @@ def gradient_mixing(model: nn.Module, modules: List[nn.Module], inputs: Any, tar
         logger.debug("gradient layout check skipped: the halves took another path through the model")
         return None
     names = {id(m): n for n, m in model.named_modules()}
+    rtol, atol = tolerances(model)
+    rtol, atol = max(1e-3, 2 * rtol), max(1e-4, 2 * atol)
     for (module, shape, g), (_, shape_a, a), (_, shape_b, b) in zip(whole, first, second):
         if id(module) in skip or g is None or a is None or b is None:
             continue
@@ -235,6 +263,6 @@ def gradient_mixing(model: nn.Module, modules: List[nn.Module], inputs: Any, tar
         # Norms only (the sum of a gradient can cancel), and looser than for values: a
         # float32 backward through a batch of another size rounds differently. Mixing
         # moves the norms far more.
-        if not _joined(g[:, 1:], a[:, 1:], b[:, 1:], rtol=1e-3, atol=1e-4):
+        if not _joined(g[:, 1:], a[:, 1:], b[:, 1:], rtol, atol):
             return names.get(id(module), "?")
     return None

@@ -286,3 +286,13 @@ def test_a_model_that_mixes_samples_is_refused_on_every_call():
         for _ in range(2):
             with pytest.raises(nnsim_hooks.errors.BatchCouplingError):
                 h.features(torch.randn(4, 3))
+
+
+def test_batch_comparison_tolerances_follow_precision_and_device():
+    from nnsim_hooks.layout import tolerances
+
+    assert tolerances(nn.Linear(2, 2)) == (1e-4, 1e-6)  # float32 on CPU
+    rtol16, _ = tolerances(nn.Linear(2, 2).half())
+    assert 0.05 < rtol16 < 0.2  # float16 rounds ~1e-3 per op
+    rtol64, _ = tolerances(nn.Linear(2, 2).double())
+    assert rtol64 == 1e-4
