@@ -9,7 +9,8 @@ user takes its parameters); an output that is not means the model couples sample
 per-sample gradients are not defined.
 
 The whole batch's trace is the captured pass's own (recorded by the module stack), so
-the check costs two forwards without gradient. Tensors are compared through per-sample
+the check costs two forwards (with gradients on, as the captured pass; nothing is
+backpropagated). Tensors are compared through per-sample
 summaries (sum and norm), enough to see samples mixed or reordered.
 
 :func:`gradient_mixing` does the same for the gradients reaching the hooked modules'
@@ -110,7 +111,10 @@ def _trace(model: nn.Module, inputs: Any, outputs: bool = False):
         for module in model.modules():
             handles.append(module.register_forward_pre_hook(trace.enter))
             handles.append(module.register_forward_hook(lambda m, a, o: trace.leave(m, o), always_call=True))
-        with torch.no_grad():
+        # With gradients on, as in the captured pass: some layers take another kernel
+        # without them (nn.MultiheadAttention's fused fast path), and their rounding
+        # differences would read as mixed samples.
+        with torch.enable_grad():
             outputs = call_model(model, inputs)
     finally:
         for h in handles:

@@ -296,3 +296,20 @@ def test_batch_comparison_tolerances_follow_precision_and_device():
     assert 0.05 < rtol16 < 0.2  # float16 rounds ~1e-3 per op
     rtol64, _ = tolerances(nn.Linear(2, 2).double())
     assert rtol64 == 1e-4
+
+
+def test_layout_check_runs_the_kernels_of_the_captured_pass():
+    """nn.MultiheadAttention takes a fused fast path when gradients are off; its rounding
+    differs. The halves must run as the captured pass does, or that reads as mixing."""
+
+    class FastPathWhenNoGrad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y if torch.is_grad_enabled() else y * 1.01  # another kernel, other rounding
+
+    with nnsim_hooks.attach(FastPathWhenNoGrad().eval()) as h:
+        assert h.features(torch.randn(4, 3)).shape == (4, 1024)
