@@ -261,7 +261,7 @@ KNOWN_CAUSES = (
 KNOWN_MODELS = {
     "csatv2": "timm bug: SpatialTransformerBlock attends across the batch (q @ k.T is [B, B]) after a "
               "LayerNorm over 1 feature, whose output is the same for every sample: the forward values do not "
-              "show it, the gradients do; refused with BatchCouplingError (per-sample gradients are not defined)",
+              "show it, the gradients do; nnsim_hooks warns (RuntimeWarning from its gradient layout check)",
 }
 
 

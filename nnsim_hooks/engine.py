@@ -229,13 +229,18 @@ class Engine:
             capture.remove()
             self._stack.remove()
         if batch >= 2 and batch not in self._gradient_layout_checked:
-            self._check_gradient_layout(inputs, targets, batch)  # raises again next time if it fails
             self._gradient_layout_checked.add(batch)
+            self._check_gradient_layout(inputs, targets, batch)
         detached = outputs.detach() if torch.is_tensor(outputs) else outputs
         return Pass(calls, detached, values.detach(), vector, batch, recorder.uses, recorder.unsplittable)
 
     def _check_gradient_layout(self, inputs, targets, batch: int) -> None:
-        """Once per batch size: samples mixed in the backward only (see layout.py)."""
+        """Once per batch size: samples mixed in the backward only (see layout.py).
+
+        A warning, not an error: some models' backward kernels give gradients that differ
+        by batch size (timm's efficientformer_l1 on CPU, about 1% in float64) while the
+        per-sample gradients still match a per-sample loop, so this check cannot tell
+        such rounding from mixing for sure."""
         modules = [t.module for t in self.targets.values()]
         try:
             culprit = gradient_mixing(self.model, modules, inputs, targets, batch, self.output, self._not_batch_first)
@@ -243,11 +248,14 @@ class Engine:
             logger.debug("gradient layout check skipped: %s", exc)
             return
         if culprit is not None:
-            raise BatchCouplingError(
-                f"the gradient reaching module '{culprit}' for one sample changes when the other samples of the "
-                "batch change, although the forward values do not: a later layer mixes the samples (attention or "
-                "a product across the batch dimension), so per-sample gradients are not defined. Check the layers "
-                "after it for operations over dimension 0."
+            warnings.warn(
+                f"nnsim_hooks: the gradient reaching module '{culprit}' for one sample changes when the other "
+                "samples of the batch change, although the forward values do not. Either a later layer mixes the "
+                "samples in a way the values hide (attention across the batch dimension: per-sample gradients are "
+                "then not defined and these numbers are wrong), or the model's backward rounds differently by batch "
+                "size. Check with nnsim_hooks.oracle.check_per_sample_gradients(model, inputs).",
+                RuntimeWarning,
+                stacklevel=5,
             )
 
     def _covered(self, module: nn.Module) -> Set[str]:

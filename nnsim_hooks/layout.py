@@ -14,7 +14,8 @@ backpropagated). Tensors are compared through per-sample
 summaries (sum and norm), enough to see samples mixed or reordered.
 
 :func:`gradient_mixing` does the same for the gradients reaching the hooked modules'
-outputs (three forward+backward passes), which also shows mixing the values hide.
+outputs (three forward+backward passes), which also shows mixing the values hide; the
+engine only warns on it (some backward kernels differ by batch size, see engine.py).
 """
 
 from __future__ import annotations
