@@ -68,6 +68,26 @@ class LayerCall:
         return torch.stack(rows)
 
 
+def copies_to_hook(leaves: list, spec, positions: List[int]):
+    """The output leaves to hook, and the output to return in place of the module's (None
+    to keep it). A copy is hooked, and returned instead, when
+
+    - a leaf is a view: an in-place op on a view (F.instance_norm's output, then
+      ReLU(inplace=True)) re-routes the gradient around a hook on the view;
+    - the module has several outputs: one may be computed from another inside it ((y, h)
+      with y from h), and the hook on h would also see y's gradient.
+
+    The copy's gradient is exactly what flows in from outside the module."""
+    several = len(positions) > 1
+    if not (several or any(leaves[k]._is_view() for k in positions)):
+        return leaves, None
+    leaves = list(leaves)
+    for k in positions:
+        if several or leaves[k]._is_view():
+            leaves[k] = leaves[k].clone()
+    return leaves, tree_unflatten(leaves, spec)
+
+
 class Capture:
     """Hooks the target modules during a pass; records :class:`LayerCall` s while active.
 
@@ -142,19 +162,7 @@ class Capture:
                 # the batch, sequence first): the module that mixes it in takes it.
                 self.on_unbatched(module)
                 return None
-            replaced = None
-            several = len(positions) > 1
-            if several or any(leaves[k]._is_view() for k in positions):
-                # Hook a copy, returned in place of the output, when
-                # - it is a view: an in-place op on a view (F.instance_norm's output, then
-                #   ReLU(inplace=True)) re-routes the gradient around a hook on the view;
-                # - the module has several outputs: one may be computed from another inside
-                #   it ((y, h) with y from h), and the hook on h would also see y's gradient.
-                # The copy's gradient is exactly what flows in from outside the module.
-                for k in positions:
-                    if several or leaves[k]._is_view():
-                        leaves[k] = leaves[k].clone()
-                replaced = tree_unflatten(leaves, spec)
+            leaves, replaced = copies_to_hook(leaves, spec, positions)
             out_leaves = [leaves[k] for k in positions]
             in_leaves, in_spec = tree_flatten((args, kwargs))
             # A copy of the containers (not the tensors): a list argument that grows after

@@ -25,10 +25,11 @@ from typing import Any, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from . import batching
 from .errors import BatchCouplingError
+from .capture import copies_to_hook
 from .validation import call_model, model_device_dtype
 
 logger = logging.getLogger(__name__)
@@ -204,14 +205,7 @@ def _output_gradients(model: nn.Module, modules: List[nn.Module], inputs: Any, t
         if not positions:
             return None
         k = positions[0]
-        # As in capture: hook a copy of a view (an in-place op on it would re-route the
-        # gradient) and of every output of a multi-output module.
-        replaced = None
-        if len(positions) > 1 or flat[k]._is_view():
-            flat = list(flat)
-            for i in positions:
-                flat[i] = flat[i].clone()
-            replaced = tree_unflatten(flat, spec)
+        flat, replaced = copies_to_hook(flat, spec, positions)  # as capture hooks them
         record = [module, tuple(flat[k].shape), None]
         records.append(record)
 
