@@ -141,7 +141,7 @@ def test_fingerprint_differences_say_what_differs():
 
 
 def test_from_features_reads_a_memmap_block_by_block_and_cleans_up_on_bad_rows(tmp_path, monkeypatch):
-    import nnsim_hooks.index.gradient_index as gi
+    import nnsim_hooks.index.persist as gi
 
     monkeypatch.setattr(gi, "BLOCK_BYTES", 16 * D * 4)  # blocks of 16 rows
     rows = clustered_rows(N, D, seed=2)

@@ -8,12 +8,14 @@
     >>> idx = nnsim_hooks.load_index("features/")          # later, elsewhere
 
 Modules: :mod:`.build` (extraction), :mod:`.data` (batches), :mod:`.store` (folder
-format), :mod:`.backend` (FAISS), :mod:`.gradient_index` (queries), :mod:`.moments`
-and :mod:`.exact` (the computations).
+format), :mod:`.backend` (FAISS), :mod:`.gradient_index` (the index class, assembled from
+:mod:`.columns`, :mod:`.search` and :mod:`.queries`), :mod:`.persist` (folders),
+:mod:`.lock` (one writer per folder), :mod:`.moments` and :mod:`.exact` (the computations).
 """
 
 from .backend import INDEX_KINDS
 from .build import build_index
-from .gradient_index import GradientIndex, load_index
+from .gradient_index import GradientIndex
+from .persist import load_index
 
 __all__ = ["build_index", "load_index", "GradientIndex", "INDEX_KINDS"]

@@ -11,7 +11,9 @@ import torch
 
 from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
 from .data import Batch, BatchSource, to_device
-from .gradient_index import GradientIndex, finish
+from .gradient_index import GradientIndex
+from .persist import finish
+from .lock import FolderLock
 from .manifest import check_fingerprint, new_manifest
 from .store import ColumnSpec, Store, is_store, remove_store_files
 
@@ -85,6 +87,19 @@ def build_index(
     if source.total == 0:
         raise DataError(f"the dataset is empty ({source.describe()} of length 0): there is nothing to index")
     folder_existed = path is not None and Path(path).exists()
+    lock = FolderLock(path, "build_index") if path is not None else None
+    if lock is not None:
+        lock.acquire()  # one writer per folder: a second build_index here gets a StoreError naming us
+    try:
+        return _build(handle, source, path, lock, folder_existed, overwrite, progress, index, index_options, gpu,
+                      store_outputs, task, use_targets)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(handle, source: BatchSource, path, lock, folder_existed: bool, overwrite: bool, progress: bool, index,
+           index_options, gpu, store_outputs, task, use_targets) -> GradientIndex:
     store = _open_store(handle, path, overwrite, source, use_targets)
     try:
         if not store.manifest.get("extraction_complete"):
@@ -95,6 +110,7 @@ def build_index(
                     store.close()
                     remove_store_files(store.path)
                     if not folder_existed:
+                        lock.release()  # deletes the lock file, so the folder can go
                         _remove_if_empty(store.path)
                 raise
         elif source.total is not None and source.total != store.count:

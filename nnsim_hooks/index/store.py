@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .atomic import describe_os_error, store_errors, write_all, write_atomic, write_json_atomic
+from .lock import LOCK_FILE
 from .manifest import MANIFEST, now, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def prepare_folder(path: Path, overwrite: bool) -> None:
             if not overwrite:
                 raise StoreError(f"'{path}' already holds an index; pass overwrite=True to replace it")
             remove_store_files(path)
-        leftover = [p.name for p in path.iterdir()]
+        leftover = [p.name for p in path.iterdir() if p.name != LOCK_FILE]
         if leftover:
             raise StoreError(
                 f"'{path}' is not empty ({', '.join(sorted(leftover)[:5])}...) and is not an nnsim_hooks index; "

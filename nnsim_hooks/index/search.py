@@ -1,0 +1,168 @@
+"""FAISS glue of a :class:`~nnsim_hooks.index.GradientIndex`: the backend index, its
+options and rebuilds, k-nearest-neighbour and range search (exact torch code where a GPU
+index cannot answer)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from . import exact
+from .atomic import store_errors, write_json_atomic
+from .backend import FaissIndex, gpu_available, make_spec
+from .checks import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
+from .manifest import MANIFEST, now
+from .store import INDEX_FILE
+
+logger = logging.getLogger(__name__)
+
+# Results per FAISS range-search call: bounds its memory (12 bytes per result).
+_RANGE_RESULTS_PER_CALL = 5_000_000
+
+
+class FaissSearch:
+    """Neighbour search over the stored feature rows (mixed into ``GradientIndex``)."""
+
+    @property
+    def backend(self) -> FaissIndex:
+        """The FAISS index (built, or read from the folder, on first use)."""
+        if self._backend is None:
+            file = self.path / INDEX_FILE if self.path is not None else None
+            if file is not None and not self.spec.exact and file.is_file():
+                self._backend = FaissIndex.read(file, self.spec, self.dim)
+            else:
+                if file is not None and not self.spec.exact:
+                    logger.warning("%s is missing; rebuilding the %s index from the stored features", file, self.kind)
+                self._backend = FaissIndex.build(self.features, self.valid, self.spec)
+            self._move_to_gpu()
+        return self._backend
+
+    def _move_to_gpu(self) -> None:
+        if self._gpu is not False and gpu_available():
+            self._backend.to_gpu()
+
+    @property
+    def _device(self) -> torch.device:
+        """Where exact torch fallbacks run: the GPU when the FAISS index is there."""
+        on_gpu = self._backend is not None and self._backend.on_gpu
+        return torch.device("cuda") if on_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+    def tune(self, **options: int) -> "FaissSearch":
+        """Change search-time options: ``nprobe=`` (IVF), ``ef_search=`` (HNSW)."""
+        self.backend.tune(**options)
+        self.manifest["index"] = self.spec.to_dict()
+        return self
+
+    def rebuild_index(self, index: str = "flat", *, progress: bool = True, **options) -> "FaissSearch":
+        """Replace the FAISS index by another type (same stored features); written to the
+        folder when the index has one."""
+        spec = make_spec(index, self.n_valid, options)
+        self._backend = None  # release the old one first: both may not fit in memory
+        backend = FaissIndex.build(self.features, self.valid, spec, progress=progress)
+        if self.path is not None:
+            if not spec.exact:
+                backend.write(self.path / INDEX_FILE)
+            manifest = dict(self.manifest, index=spec.to_dict(), updated=now())
+            write_json_atomic(self.path / MANIFEST, manifest)
+            if spec.exact:
+                with store_errors("deleting", self.path / INDEX_FILE):
+                    (self.path / INDEX_FILE).unlink(missing_ok=True)
+            self.manifest = manifest
+        else:
+            self.manifest["index"] = spec.to_dict()
+        self.spec, self._backend = spec, backend
+        self._move_to_gpu()
+        return self
+
+    # -- neighbour search -----------------------------------------------------------------
+
+    def search(self, queries, k: int, *, exclude=None) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` stored samples most similar to each query.
+
+        Args:
+            queries: float32 feature rows ``[Q, D]`` (numpy or torch; ``[D]`` for one).
+                Float64 is refused, not cast. NaN or zero rows get no results.
+            k: number of neighbours.
+            exclude: ids to leave out, per query: ``[Q]`` (e.g. each query's own id) or
+                ``[Q, m]`` or a list of lists. Exclusion is by id, so an exact duplicate
+                of the query is kept while the query itself is dropped.
+
+        Returns:
+            ``(scores float32 [Q, k], ids int64 [Q, k])``, best first; scores are inner
+            products (cosine similarities for unit rows). Missing results (fewer than k
+            valid samples) are ``(NaN, -1)``. Approximate index types may miss some
+            true neighbours.
+        """
+        q = as_float32_rows(queries, self.dim, "queries")
+        k = check_k(k, len(self))
+        table = exclusion_table(exclude, len(q))
+        scores = np.full((len(q), k), np.nan, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        ok = defined_rows(q)
+        if not ok.any() or self.n_valid == 0:
+            return scores, ids
+        width = table.shape[1] if table is not None else 0
+        wanted = min(k + width, self.n_valid)
+        raw_scores, raw_ids = self._raw_search(q[ok], wanted)
+        scores[ok], ids[ok] = first_k_not_excluded(raw_scores, raw_ids, table[ok] if table is not None else None, k)
+        return scores, ids
+
+    def _raw_search(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        backend = self.backend
+        if backend.max_k is not None and k > backend.max_k:
+            # FAISS-GPU caps k; exact search in torch instead
+            return exact.topk(self.features, self.valid, q, k, device=self._device)
+        return backend.search(q, k)
+
+    def search_inputs(self, handle, inputs, k: int, *, targets=None, exclude=None) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` with the features of raw ``inputs`` computed by ``handle`` (which
+        must match the index's model and sketch recipe)."""
+        features = handle.features(inputs, targets).detach()
+        self.check_handle(handle)
+        return self.search(features.float().cpu(), k, exclude=exclude)
+
+    def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096,
+                  progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest stored samples of every stored sample: ``(scores [N, k], ids [N, k])``
+        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time."""
+        k = check_k(k, len(self))
+        from tqdm.auto import tqdm
+
+        n = len(self)
+        scores = np.full((n, k), np.nan, dtype=np.float32)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        for start, end in tqdm(list(exact.blocks(n, batch_size)), desc="neighbours", unit="batch",
+                               disable=not progress, leave=False):
+            exclude = np.asarray(self.ids[start:end]) if exclude_self else None
+            scores[start:end], ids[start:end] = self.search(np.asarray(self.features[start:end]), k, exclude=exclude)
+        return scores, ids
+
+    def _range_counts(self, t: float, include_self: bool, progress: bool) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        backend = self.backend
+        n = len(self)
+        counts = np.zeros(n, dtype=np.float64)
+        valid_rows = np.flatnonzero(np.asarray(self.valid))
+        bar = tqdm(total=len(valid_rows), desc="range search", unit="query", disable=not progress, leave=False)
+        step, pos = 64, 0
+        while pos < len(valid_rows):
+            rows = valid_rows[pos : pos + step]
+            q = np.ascontiguousarray(self.features[rows[0] : rows[-1] + 1][rows - rows[0]])
+            lims, _, hit_ids = backend.range_search(q, t)
+            lims = lims.astype(np.int64)
+            per_query = np.diff(lims).astype(np.float64)
+            if not include_self:
+                owner = np.repeat(np.arange(len(rows)), np.diff(lims))
+                per_query -= np.bincount(owner[hit_ids == rows[owner]], minlength=len(rows))
+            counts[rows] = per_query
+            pos += len(rows)
+            bar.update(len(rows))
+            mean_hits = max(1.0, lims[-1] / len(rows))
+            step = int(np.clip(_RANGE_RESULTS_PER_CALL / mean_hits, 16, 8192))
+        bar.close()
+        return counts
+
