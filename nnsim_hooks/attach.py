@@ -47,7 +47,9 @@ def attach(
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, MONAI, your own). Call
-            ``model.eval()`` first if it has BatchNorm layers.
+            ``model.eval()`` first if it has BatchNorm layers. A
+            ``DistributedDataParallel`` (or ``DataParallel``) wrapper is unwrapped: the
+            hooks go on ``model.module``.
         output: what is differentiated, the paper's f: ``"auto"`` (contrast for
             classifiers, sum otherwise), ``"contrast"``, ``"logit"``, ``"loss"``,
             ``"sum"``, ``"full"`` or ``fn(outputs, targets) -> Tensor[B] | Tensor[B, d]``.
@@ -66,6 +68,7 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise AttachError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_parallel(model)
     if model in _ATTACHED:
         raise AttachError(
             f"this {type(model).__name__} is already attached; detach the first handle (handle.detach(), leave "
@@ -78,9 +81,21 @@ def attach(
     return handle
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers: hooks go on
+    its layers, its parameter names carry no ``module.`` prefix (same fingerprint as the bare
+    model), and the forward skips DDP's gradient hooks and buffer broadcasts (replicated
+    inference: nothing is exchanged between ranks)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def detach(model: nn.Module) -> bool:
     """Detach whatever handle is attached to ``model`` (True if there was one)."""
-    handle = _ATTACHED.get(model)
+    handle = _ATTACHED.get(unwrap_parallel(model))
     if handle is None:
         return False
     handle.detach()

@@ -50,3 +50,7 @@ class ExtractionError(NnsimError, RuntimeError):
 
 class DataError(NnsimError, ValueError):
     """A dataset, label file or image that cannot be used as given."""
+
+
+class DistributedError(NnsimError, RuntimeError):
+    """Ranks of a torch.distributed job that did not all reach a step, or failed one."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ def build_index(
     task: str = "auto",
     num_workers: int = 0,
     use_targets: Optional[bool] = None,
-) -> GradientIndex:
+    distributed: Optional[bool] = None,
+    shard: Optional[Tuple[int, int]] = None,
+) -> Optional[GradientIndex]:
     """Extract features of every sample of ``data`` with ``handle`` and index them.
 
     Args:
@@ -69,6 +71,14 @@ def build_index(
             function needs them (``"loss"``, or a callable of yours); the built-in outputs
             then stay label-free (the predicted class), which is what auditing possibly
             noisy labels needs. Labels are stored either way.
+        distributed: under an initialised torch.distributed group of several processes
+            (torchrun, a DDP job), None (the default) or True shares the work: each rank
+            extracts its contiguous share of the ids into ``path/shards/``, rank 0 merges
+            them, and every rank returns the merged index (see
+            :mod:`nnsim_hooks.index.sharded_build`). False: this process builds alone.
+        shard: ``(i, n)``, without a process group: build only share ``i`` of ``n`` into
+            ``path/shards/`` and return None; merge the shards with ``nnsim index merge
+            PATH`` or :func:`nnsim_hooks.index.merge_shards`.
 
     Raises:
         IndexMismatchError: ``path`` holds an index of another model, output or recipe.
@@ -81,6 +91,15 @@ def build_index(
         raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
     if task not in ("auto", "classification", "regression"):
         raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
+    # Builds shared by several processes (issue 10): nnsim_hooks.index.sharded_build.
+    from . import sharded_build
+
+    planned = sharded_build.plan(path, distributed, shard, overwrite)
+    if planned is not None:
+        return sharded_build.run(planned, handle, data, path, dict(
+            batch_size=batch_size, progress=progress, index=index, index_options=index_options, gpu=gpu,
+            overwrite=overwrite, store_outputs=store_outputs, task=task, num_workers=num_workers,
+            use_targets=use_targets))
     if use_targets is None:
         use_targets = handle.wants_targets
     source = BatchSource(data, handle.batch_size if batch_size is None else batch_size, num_workers)
@@ -209,7 +228,8 @@ def _extract_batch(handle, batch: Batch, device, store: Store, where: str, first
         ) from exc
     if first:
         _check_or_set_fingerprint(handle, store)
-    rows = batch_columns(fb, batch.targets, batch.start, _task(handle, fb, task, store), store_outputs)
+    first_id = batch.start + int((store.manifest.get("shard") or {}).get("start", 0))  # a shard's ids are global
+    rows = batch_columns(fb, batch.targets, first_id, _task(handle, fb, task, store), store_outputs)
     if not store.columns:
         store.define_columns([ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in rows.items()])
         store.manifest["feature_dim"] = int(rows["features"].shape[1])

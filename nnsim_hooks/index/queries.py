@@ -150,7 +150,7 @@ class DatasetQueries:
         p = self._consistency_values(values)
         w = self._weights(kernel)
         f = self.features
-        m = moments.cross_moment(f, p, w)
+        m = self._cross_moment(p, w)
         s = self._moment("sum", kernel)
         dist = np.empty(len(self), dtype=np.float64)
         avg_all = np.empty((len(self), p.shape[1]), dtype=np.float64) if return_average else None
@@ -171,6 +171,10 @@ class DatasetQueries:
             avg_all[~np.asarray(self.valid)] = np.nan
             return dist, avg_all
         return dist
+
+    def _cross_moment(self, p, w: Optional[np.ndarray]) -> np.ndarray:
+        """``M = sum_j w_j f_j p_j^T`` (a seam: sharded queries substitute the all-reduced sum)."""
+        return moments.cross_moment(self.features, p, w)
 
     def _consistency_values(self, values) -> Any:
         if values is not None:
