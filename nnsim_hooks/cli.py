@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from . import index_cli
 from .errors import InputError, NnsimError
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "outlier_quantile (see nnsim_hooks.audit.Thresholds)")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    index_cli.add_parser(sub)  # nnsim index merge (issue 10)
     return parser
 
 
@@ -231,8 +233,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        index_cli.init_distributed(args)  # under torchrun: the ranks share the index builds
         if args.command == "audit":
             return cmd_audit(args)
+        if args.command == "index":
+            return index_cli.run(args)
     except KeyboardInterrupt:
         print(f"\ninterrupted: what was computed is kept in {getattr(args, 'out', '.')}; run the same command again "
               "to resume", file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DataError, InputError, ModelError
+from ..index import distributed as dist_
 from .analysis import analyse
 from .data import AuditView, check_dataset, check_input, find_unreadable, resolve_labels
 from .io import prepare_out_dir
@@ -142,6 +143,12 @@ def audit(
 
     A dataset of one sample works: it has no neighbours, so every score is NaN and
     nothing is flagged.
+
+    Under torch.distributed (``torchrun --nproc_per_node=N``, every rank calling this with
+    the same arguments), the index builds are shared between the ranks (see
+    :mod:`nnsim_hooks.index.sharded_build`), every rank analyses the merged index and
+    returns the same result, and only rank 0 writes into ``out_dir`` (the ranks write
+    their shares only inside its index folders).
     """
     from .. import attach
 
@@ -155,6 +162,7 @@ def audit(
     n_total = check_dataset(dataset)
     user_labels = resolve_labels(dataset, labels, n_total)
 
+    ctx = dist_.current()  # a torch.distributed group of several processes, or None
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         run_config = config if config is not None else {
@@ -165,7 +173,8 @@ def audit(
             "seed": seed,
             "batch_size": batch_size,
         }
-        prepare_out_dir(out_path, run_config, overwrite=overwrite)
+        # under torchrun only rank 0 writes the audit's files; the ranks share the index build
+        dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 
     unreadable = find_unreadable(dataset, progress=progress)
     if unreadable is None:
@@ -237,5 +246,5 @@ def audit(
     if extra:
         result.summary["extra"] = dict(extra)
     if out_path is not None and save:
-        result.save(out_path, _finish=True)
+        dist_.on_main(ctx, "saving the audit", lambda: result.save(out_path, _finish=True))
     return result

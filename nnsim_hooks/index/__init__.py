@@ -10,12 +10,16 @@
 Modules: :mod:`.build` (extraction), :mod:`.data` (batches), :mod:`.store` (folder
 format), :mod:`.backend` (FAISS), :mod:`.gradient_index` (the index class, assembled from
 :mod:`.columns`, :mod:`.search` and :mod:`.queries`), :mod:`.persist` (folders),
-:mod:`.lock` (one writer per folder), :mod:`.moments` and :mod:`.exact` (the computations).
+:mod:`.lock` (one writer per folder), :mod:`.moments` and :mod:`.exact` (the computations);
+several processes: :mod:`.sharded_build` (torchrun, ``shard=(i, n)``), :mod:`.shards`
+(layout, checks, merge), :mod:`.sharded_queries`, :mod:`.distributed` (process groups).
 """
 
 from .backend import INDEX_KINDS
 from .build import build_index
 from .gradient_index import GradientIndex
 from .persist import load_index
+from .sharded_queries import ShardedQueries
+from .shards import merge_shards
 
-__all__ = ["build_index", "load_index", "GradientIndex", "INDEX_KINDS"]
+__all__ = ["build_index", "load_index", "merge_shards", "GradientIndex", "ShardedQueries", "INDEX_KINDS"]

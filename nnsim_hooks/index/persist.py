@@ -208,6 +208,14 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     FAISS index on GPU (None: if FAISS has GPUs).
     """
     path = Path(path)
+    if not is_store(path):
+        from .shards import has_shards  # a folder of shards (issue 10)
+
+        if has_shards(path):
+            raise StoreError(
+                f"'{path}' holds the shards of a build shared by several processes, not merged yet: finish every "
+                f"shard, then merge them (nnsim index merge {path}, or nnsim_hooks.index.merge_shards(path))"
+            )
     manifest = read_manifest(path)
     if not manifest.get("complete"):
         raise StoreError(

@@ -38,7 +38,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..errors import DataError, IndexMismatchError, InputError, StoreError
+from ..errors import DataError, IndexMismatchError, InputError
 from . import distributed as dist_
 from .lock import FolderLock, describe_holder
 from .manifest import new_manifest, read_manifest
@@ -68,6 +68,10 @@ def plan(path, distributed: Optional[bool], shard, overwrite: bool) -> Optional[
             raise InputError("shard=(i, n) needs a path: the shards are merged from the index folder")
         return ("shard", i, n)
     ctx = dist_.current(distributed)
+    if ctx is not None and path is None and distributed is None:
+        logger.warning("build_index under torch.distributed without a path: %s builds the whole index alone, in "
+                       "memory (the ranks share a build through an index folder every rank sees)", ctx)
+        return None
     if ctx is not None:
         return ("distributed", ctx)
     if path is not None and has_shards(Path(path)) and not _merged(Path(path)):
@@ -154,7 +158,7 @@ def _summary(handle, total: int, options: Dict[str, Any]) -> Dict[str, Any]:
 
 def _run_distributed(ctx, handle, data, path, batch_size: int, options: Dict[str, Any]):
     from .data import BatchSource
-    from .persist import finish, load_index
+    from .persist import load_index
 
     def prelude():
         if path is None:

@@ -269,6 +269,8 @@ def merge_shards(path, *, index: str = "flat", index_options: Optional[Dict[str,
     from .persist import finish
 
     path = Path(path)
+    if not path.is_dir():
+        raise StoreError(f"'{path}' is not a folder: give the index folder that holds shards/rank-*-of-*")
     with FolderLock(path, "merging shards"):
         if is_store(path):
             manifest = read_manifest(path)
