@@ -32,4 +32,4 @@ def audit_digits(out_dir):
     data = demo.noisy_digits(0.1, seed=0, limit=AUDIT_N)
     model = demo.small_cnn(width=4, seed=0).eval()
     return nnsim_hooks.audit(model, data.dataset(), out_dir=out_dir, k=5, progress=False, batch_size=32,
-                             sketch_dim=64)
+                             sketch_dim=64, output="contrast")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -98,12 +98,15 @@ def scenario_main(root: Path, rank: int) -> None:
     lock = FolderLock(root / "locked" / "shards" / "rank-00001-of-00002", "test: another writer")
     if rank == 0:
         lock.acquire()
-    seen["locked"] = expect_error(lambda: build(root, "locked"))
+    seen["locked"] = expect_error(lambda: build(root, "locked", data=Subset(dataset(), range(8))))
     if rank == 0:
         lock.release()
     seen["world"] = expect_error(lambda: build(root, "world3"))
     seen["iterable"] = expect_error(lambda: build(root, "iterable", data=[dataset().tensors]))
-    seen["written"] = sorted(p.name for p in root.iterdir())
+    one = build(root, "one", data=Subset(dataset(), range(1)))  # rank 1's share is empty
+    seen["one_sample_ids"] = np.asarray(one.ids).tolist()
+    seen["one_sample_labels"] = np.asarray(one.labels).tolist()
+    seen["merged_again"] = np.asarray(build(root, "ddp").ids).tolist() == list(range(len(dataset())))
 
     audit_digits(root / "audit")
     with open(root / f"main-rank{rank}.json", "w") as f:

@@ -95,6 +95,14 @@ def test_torchrun_build_equals_one_process_and_resumes_a_killed_rank(launched, r
     assert_same_index(nnsim_hooks.load_index(root / "killed"), reference)
 
 
+def test_torchrun_build_of_one_sample_leaves_a_rank_empty(launched, reference):
+    _, _, seen = launched
+    for rank in (0, 1):
+        assert seen[rank]["one_sample_ids"] == [0]
+        assert seen[rank]["one_sample_labels"] == [int(reference.labels[0])]
+        assert seen[rank]["merged_again"]  # a finished folder is returned as it is
+
+
 def test_torchrun_build_of_a_ddp_wrapped_model(launched, reference):
     root, _, _ = launched
     for rank in (0, 1):

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Subset
 from ..errors import DataError, IndexMismatchError, InputError
 from . import distributed as dist_
 from .lock import FolderLock, describe_holder
-from .manifest import new_manifest, read_manifest
+from .manifest import check_fingerprint, new_manifest, read_manifest
 from .shards import (
     check_layout,
     check_shard_arg,
@@ -176,7 +176,7 @@ def _run_distributed(ctx, handle, data, path, batch_size: int, options: Dict[str
     dist_.on_main(ctx, "locking the index folder", lock.acquire, timeout=dist_.agree_timeout())
     try:
         state = dist_.on_main(ctx, "inspecting the index folder",
-                              lambda: _prepare_folder(path, total, ctx.world, options))
+                              lambda: _prepare_folder(path, total, ctx.world, options, handle))
         state = dist_.broadcast(ctx, state, "sharing the folder's state")
         if state != "merged":
             progress = options["progress"] and ctx.main
@@ -193,7 +193,7 @@ def _run_distributed(ctx, handle, data, path, batch_size: int, options: Dict[str
     return idx
 
 
-def _prepare_folder(path: Path, total: int, world: int, options: Dict[str, Any]) -> str:
+def _prepare_folder(path: Path, total: int, world: int, options: Dict[str, Any], handle) -> str:
     """Rank 0, holding the lock: ``"merged"`` (a finished index: return it), or ``"build"``
     after clearing the folder (overwrite) or checking that its shards fit this build."""
     if options["overwrite"]:
@@ -213,6 +213,8 @@ def _prepare_folder(path: Path, total: int, world: int, options: Dict[str, Any])
                 f"the index at '{path}' holds {manifest['count']} samples but the data has {total}: it was built "
                 "from other data. Use another path, or overwrite=True"
             )
+        current = handle.fingerprint()
+        check_fingerprint(manifest.get("fingerprint"), current, path, unresolved_output=current.get("output") == "auto")
         stored = (manifest.get("source") or {}).get("use_targets", True)
         if stored != options["use_targets"]:
             raise IndexMismatchError(

@@ -145,7 +145,7 @@ class ShardedQueries:
     # -- neighbours ------------------------------------------------------------------------
 
     def _local_topk(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-        f, valid = self.index.features, self.index.valid
+        f, valid = self.index.features, np.array(self.index.valid)  # a writable copy for torch
         parts = []
         for a, b in self.local:
             if b > a and len(q):
@@ -205,7 +205,7 @@ class ShardedQueries:
         return self._pair_sums(exact.positive_power(float(power)), include_self)
 
     def _pair_sums(self, reduce, include_self: bool) -> np.ndarray:
-        f, valid = self.index.features, self.index.valid
+        f, valid = self.index.features, np.array(self.index.valid)  # a writable copy for torch
         n = len(self.index)
         out = np.zeros(n, dtype=np.float64)
         for qs, qe in exact.blocks(n, exact.QUERY_BLOCK):
