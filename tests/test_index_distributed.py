@@ -328,3 +328,12 @@ def test_attach_unwraps_a_parallel_wrapper():
         torch.testing.assert_close(h.features(x), want)
         assert h.fingerprint() == fp
     assert nnsim_hooks.attach(wrapped).detach() is None and not nnsim_hooks.detach(wrapped)
+
+
+def test_coverage_names_overlaps_and_gaps():
+    from nnsim_hooks.index.shards import _coverage_problems
+
+    assert _coverage_problems(10, [(0, 6, "a"), (5, 10, "b")]) == ["samples 5..5 are in both a and b"]
+    assert _coverage_problems(10, [(0, 3, "a"), (5, 8, "b")]) == ["samples 3..4 are in no shard",
+                                                                 "samples 8..9 are in no shard"]
+    assert _coverage_problems(4, [(0, 2, "a"), (2, 2, "empty"), (2, 4, "b")]) == []

@@ -104,7 +104,7 @@ def _control_group():
     """A gloo group over all ranks for our small messages (created once per default group)."""
     import torch.distributed as dist
 
-    key = dist.distributed_c10d._get_default_group()
+    key = dist.group.WORLD
     if key not in _CONTROL:
         if dist.get_backend() == "gloo":
             _CONTROL[key] = None  # the default group is gloo already

@@ -188,7 +188,9 @@ def _run_distributed(ctx, handle, data, path, batch_size: int, options: Dict[str
     finally:
         if ctx.main:
             lock.release()
-    idx = dist_.everywhere(ctx, "opening the merged index", lambda: load_index(path, gpu=options["gpu"]))
+    # FAISS-GPU puts an index on GPU 0: by default only rank 0 does (ShardedQueries uses every rank's GPU)
+    gpu = options["gpu"] if options["gpu"] is not None else (None if ctx.main else False)
+    idx = dist_.everywhere(ctx, "opening the merged index", lambda: load_index(path, gpu=gpu))
     idx.check_handle(handle)
     return idx
 
