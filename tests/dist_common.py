@@ -3,6 +3,9 @@ the model, the data (an odd length, so the two shares differ) and the audit run.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -23,13 +26,19 @@ def dataset() -> TensorDataset:
     return TensorDataset(torch.randn(N, 1, 8, 8, generator=g), torch.randint(0, 3, (N,), generator=g))
 
 
-def audit_digits(out_dir):
-    """The audit of a digits subset with an untrained small CNN (what matters here is that
-    torchrun and one process give the same report)."""
-    import nnsim_hooks
-    from nnsim_hooks.audit import demo
+def npy_folder(root: Path, n: int = AUDIT_N) -> Path:
+    """The first ``n`` samples as an ImageFolder of .npy arrays (one sub-folder per class)."""
+    x, y = dataset().tensors
+    for i in range(n):
+        folder = root / f"class{int(y[i])}"
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"s{i:03d}.npy", x[i].numpy())
+    return root
 
-    data = demo.noisy_digits(0.1, seed=0, limit=AUDIT_N)
-    model = demo.small_cnn(width=4, seed=0).eval()
-    return nnsim_hooks.audit(model, data.dataset(), out_dir=out_dir, k=5, progress=False, batch_size=32,
-                             sketch_dim=64, output="contrast")
+
+def cli_audit(data: Path, out: Path) -> int:
+    """``nnsim audit`` of that folder with make_cnn (under torchrun: on every rank)."""
+    from nnsim_hooks.cli import main
+
+    return main(["audit", "--data", str(data), "--model", "dist_common:make_cnn", "--out", str(out), "--k", "5",
+                 "--sketch-dim", "32", "--output", "contrast", "--batch-size", "16", "--no-progress"])

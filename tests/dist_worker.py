@@ -7,7 +7,7 @@ Scenarios (several checks per launch: each torchrun start costs seconds):
 - ``kill``: build ROOT/killed; rank 1 kills itself (SIGKILL) in the middle of its share;
 - ``main``: resume ROOT/killed; build ROOT/ddp from a DistributedDataParallel-wrapped
   model; sharded queries on it; the refusals (data length, seed, a locked shard, a folder
-  of another world size, data without a length); the audit into ROOT/audit.
+  of another world size, data without a length); ``nnsim audit`` of ROOT/npy into ROOT/audit.
 
 Each rank writes what it saw to ROOT/<scenario>-rank<R>.npz / .json for the test to check
 against its own one-process oracle.
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dist_common import BATCH, DIM, KILL_AT, audit_digits, dataset, make_cnn  # noqa: E402
+from dist_common import BATCH, DIM, KILL_AT, cli_audit, dataset, make_cnn  # noqa: E402
 
 import nnsim_hooks  # noqa: E402
 from nnsim_hooks.index.lock import FolderLock  # noqa: E402
@@ -108,7 +108,7 @@ def scenario_main(root: Path, rank: int) -> None:
     seen["one_sample_labels"] = np.asarray(one.labels).tolist()
     seen["merged_again"] = np.asarray(build(root, "ddp").ids).tolist() == list(range(len(dataset())))
 
-    audit_digits(root / "audit")
+    seen["audit_rc"] = cli_audit(root / "npy", root / "audit")
     with open(root / f"main-rank{rank}.json", "w") as f:
         json.dump(seen, f)
 

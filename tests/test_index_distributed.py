@@ -25,7 +25,7 @@ from nnsim_hooks.index.shards import merge_shards, shard_range
 from nnsim_hooks.index.sharded_queries import ShardedQueries
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import BATCH, DIM, N, audit_digits, dataset, make_cnn  # noqa: E402
+from dist_common import BATCH, DIM, N, cli_audit, dataset, make_cnn, npy_folder  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +66,7 @@ def launched(tmp_path_factory):
     """Both launches, and the state of the folder the killed rank left."""
     root = tmp_path_factory.mktemp("torchrun")
     build(root / "world3", shard=(0, 3))  # a folder of another world size, for the refusal
+    npy_folder(root / "npy")  # data for nnsim audit --data
     killed = torchrun("kill", root)
     assert killed.returncode != 0, killed.stdout + killed.stderr
     left = {}
@@ -156,12 +157,13 @@ def test_torchrun_refusals_reach_every_rank(launched, case, cls, words):
             assert word in message
 
 
-def test_torchrun_audit_equals_one_process(launched, tmp_path):
+def test_torchrun_cli_audit_equals_one_process(launched, tmp_path):
     import pandas as pd
 
-    root, _, _ = launched
+    root, _, seen = launched
+    assert seen[0]["audit_rc"] == seen[1]["audit_rc"] == 0
     single = tmp_path / "audit"
-    audit_digits(single)
+    assert cli_audit(root / "npy", single) == 0
     shared = root / "audit"
     assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in single.iterdir())
     assert not (shared / "index" / "shards").exists()
