@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,13 @@ def scenario_main(root: Path, rank: int) -> None:
     seen["merged_again"] = np.asarray(build(root, "ddp").ids).tolist() == list(range(len(dataset())))
 
     seen["audit_rc"] = cli_audit(root / "npy", root / "audit")
+
+    # last (the group is left out of step): rank 1 never calls build_index; rank 0 must not hang
+    if rank == 0:
+        os.environ["NNSIM_DIST_TIMEOUT"] = "3"
+        seen["absent"] = expect_error(lambda: build(root, "absent"))
+    else:
+        time.sleep(8)
     with open(root / f"main-rank{rank}.json", "w") as f:
         json.dump(seen, f)
 

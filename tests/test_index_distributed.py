@@ -96,6 +96,13 @@ def test_torchrun_build_equals_one_process_and_resumes_a_killed_rank(launched, r
     assert_same_index(nnsim_hooks.load_index(root / "killed"), reference)
 
 
+def test_torchrun_a_rank_that_never_comes_is_named_not_waited_for(launched):
+    _, _, seen = launched
+    name, message = seen[0]["absent"]
+    assert name == "DistributedError"
+    assert "did not all reach 'checking the data' within 3 s" in message and "Ranks 1 failed" in message
+
+
 def test_torchrun_build_of_one_sample_leaves_a_rank_empty(launched, reference):
     _, _, seen = launched
     for rank in (0, 1):
