@@ -346,3 +346,14 @@ def test_coverage_names_overlaps_and_gaps():
     assert _coverage_problems(10, [(0, 3, "a"), (5, 8, "b")]) == ["samples 3..4 are in no shard",
                                                                  "samples 8..9 are in no shard"]
     assert _coverage_problems(4, [(0, 2, "a"), (2, 2, "empty"), (2, 4, "b")]) == []
+
+
+def test_a_shard_being_written_is_refused_to_a_second_writer(tmp_path):
+    from nnsim_hooks.index.lock import FolderLock
+
+    with FolderLock(tmp_path / "shards" / "rank-00001-of-00002", "test: the first writer"):
+        with pytest.raises(StoreError, match="test: the first writer"):
+            build(tmp_path, shard=(1, 2))
+        with pytest.raises(StoreError, match="being written by .*test: the first writer"):
+            build(tmp_path, overwrite=True)  # nor deleted under its writer by a one-process overwrite
+    assert (tmp_path / "shards" / "rank-00001-of-00002").is_dir()

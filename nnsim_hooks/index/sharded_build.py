@@ -38,7 +38,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..errors import DataError, IndexMismatchError, InputError
+from ..errors import DataError, IndexMismatchError, InputError, StoreError
 from . import distributed as dist_
 from .lock import FolderLock, describe_holder
 from .manifest import check_fingerprint, new_manifest, read_manifest
@@ -75,8 +75,11 @@ def plan(path, distributed: Optional[bool], shard, overwrite: bool) -> Optional[
     if ctx is not None:
         return ("distributed", ctx)
     if path is not None and has_shards(Path(path)) and not _merged(Path(path)):
-        if overwrite and describe_holder(path) is None:
-            remove_shards(Path(path))
+        if overwrite:
+            writer = describe_holder(path)
+            if writer is not None:
+                raise StoreError(f"'{path}' is being written by {writer}: wait for it to finish, or stop it")
+            remove_shards(Path(path))  # refuses while a shard is being written
         else:
             raise IndexMismatchError(
                 f"'{path}' holds the shards of a build shared by several processes: resume it the same way (the same "

@@ -116,9 +116,16 @@ def check_layout(path: Path, n: int, total: int) -> None:
 
 def remove_shards(path: Path) -> None:
     """Delete ``path/shards`` (only the files this package writes; anything else is kept and named)."""
+    from .lock import describe_holder
+
     root = Path(path) / SHARDS_DIR
     if not root.is_dir():
         return
+    for folder, _, _ in list_shards(path):
+        writer = describe_holder(folder)
+        if writer is not None:
+            raise StoreError(f"'{folder}' is being written by {writer}: its shard cannot be deleted now. Wait for that "
+                             "process to finish, or stop it")
     for folder, _, _ in list_shards(path):
         remove_store_files(folder)
         with store_errors("deleting", folder):
