@@ -108,19 +108,32 @@ class DatasetQueries:
 
     # -- denoising (PAPER §3) -------------------------------------------------------------
 
-    def effective_neighbors(self, kernel: str = "cosine", *, include_self: bool = True) -> np.ndarray:
+    def effective_neighbors(self, kernel: str = "cosine", *, include_self: bool = True,
+                            max_memory: Optional[int] = None) -> np.ndarray:
         """``N_eff(x_i) = (sum_j k_ij)^2 / sum_j k_ij^2`` (float64 [N]), the number of equal
         neighbours that would average label noise as much (PAPER §3).
 
-        O(N D^2), never O(N^2): ``sum_j k_ij^2 = f_i^T C f_i`` with the D x D second
-        moment ``C = sum_j f_j f_j^T``. ``kernel="raw"`` uses ``K_ij = |g_i| |g_j| k_ij``
-        with the stored gradient norms (the paper's raw kernel; for d > 1 outputs its
-        scalar trace version). NaN where the denominator is 0.
+        Never the N x N matrix at once. ``sum_j k_ij^2`` comes from whichever is cheaper:
+        with more feature columns than samples (D > N, exact features), the N x N Gram
+        matrix in blocks, O(N^2 D); else the D x D second moment ``C = sum_j f_j f_j^T``,
+        ``f_i^T C f_i``, O(N D^2), built a chunk of columns at a time when it does not fit.
+        ``max_memory`` (bytes; None: half the available memory) bounds what is held; below
+        the minimum either path needs, an :class:`~nnsim_hooks.errors.InputError` names it.
+        ``kernel="raw"`` uses ``K_ij = |g_i| |g_j| k_ij`` with the stored gradient norms (the
+        paper's raw kernel; for d > 1 outputs its scalar trace version). NaN where the
+        denominator is 0.
         """
         w = self._weights(kernel)
         f = self.features
+        budget = moments.memory_budget(max_memory)
         num = moments.apply_rows(f, self._moment("sum", kernel))
-        den = moments.quadratic_forms(f, self._moment("second", kernel))
+        n, dim = f.shape
+        if dim > n:
+            den = moments.gram_squares(f, w, budget)
+        elif ("second", kernel) in self._cache or moments.second_moment_fits(dim, budget):
+            den = moments.quadratic_forms(f, self._moment("second", kernel))
+        else:
+            den = moments.chunked_quadratic_forms(f, w, budget)
         if not include_self:
             sq = moments.squared_norms(f)
             wi = w if w is not None else 1.0
@@ -130,11 +143,12 @@ class DatasetQueries:
             out = np.where(den > 0, num**2 / np.where(den > 0, den, 1.0), np.nan)
         return self._nan_where_invalid(out)
 
-    def denoising_factor(self, kernel: str = "cosine", *, include_self: bool = True) -> np.ndarray:
+    def denoising_factor(self, kernel: str = "cosine", *, include_self: bool = True,
+                         max_memory: Optional[int] = None) -> np.ndarray:
         """``1 / N_eff``: the factor by which the network divides the variance of i.i.d.
-        label noise at each sample (PAPER §3)."""
+        label noise at each sample (PAPER §3); see :meth:`effective_neighbors`."""
         with np.errstate(divide="ignore"):
-            return 1.0 / self.effective_neighbors(kernel, include_self=include_self)
+            return 1.0 / self.effective_neighbors(kernel, include_self=include_self, max_memory=max_memory)
 
     def consistency(self, kernel: str = "raw", *, include_self: bool = True, values=None,
                     return_average: bool = False):
