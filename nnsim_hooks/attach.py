@@ -243,7 +243,7 @@ class Handle:
     # -- exact dataset-scale sums ---------------------------------------------------------
 
     def density(self, data, *, include_self: bool = True, batch_size: Optional[int] = None,
-                progress: bool = True):
+                progress: bool = True, use_targets: Optional[bool] = None):
         """The paper's soft neighbour count ``N_S(x_i) = sum_j k(x_i, x_j)`` over ``data``,
         exactly: no sketch, and no per-sample gradient held for factored layers.
 
@@ -253,15 +253,17 @@ class Handle:
         ``J_j^T K_jj^{-1/2}``, giving ``Tr(K_C)/d``), the second takes each sample's
         product with it. ``include_self=False`` leaves out ``k_ii = 1``. Samples with a
         zero gradient are NaN (and a warning names them). Holds d parameter-sized sums.
+        ``use_targets``: pass the data's targets to the output function (None: when it
+        needs them, as for :meth:`build_index`).
 
         Returns numpy float64 ``[N]`` in data order.
         """
         from .dataset_kernel import exact_density
 
-        return exact_density(self, data, include_self, batch_size, progress)
+        return exact_density(self, data, include_self, batch_size, progress, use_targets)
 
     def consistency(self, data, values=None, *, include_self: bool = True, batch_size: Optional[int] = None,
-                    progress: bool = True, return_average: bool = False):
+                    progress: bool = True, return_average: bool = False, use_targets: Optional[bool] = None):
         """The label-free check of the averaging hypothesis (PAPER §3), exactly, on the raw
         kernel ``K_ij = g_i . g_j``: ``|p_i - sum_j K_ij p_j / sum_j K_ij|`` (numpy
         float64 ``[N]``, NaN where the denominator is 0).
@@ -275,7 +277,7 @@ class Handle:
         """
         from .dataset_kernel import exact_consistency
 
-        return exact_consistency(self, data, values, include_self, batch_size, progress, return_average)
+        return exact_consistency(self, data, values, include_self, batch_size, progress, return_average, use_targets)
 
     # -- sketched features --------------------------------------------------------------
 

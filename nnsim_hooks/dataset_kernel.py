@@ -33,7 +33,7 @@ MAX_ACCUMULATORS = 256
 class _Data:
     """The data's batches, on the model's device, read the same way on every pass."""
 
-    def __init__(self, handle, data, batch_size: Optional[int]):
+    def __init__(self, handle, data, batch_size: Optional[int], use_targets: Optional[bool] = None):
         from .index.data import BatchSource
 
         size = handle.batch_size if batch_size is None else batch_size
@@ -45,7 +45,7 @@ class _Data:
             raise InputError(f"the dataset is empty ({self.source.describe()} of length 0): there is nothing to sum")
         self.handle = handle
         self.device = next(iter(handle.model.parameters()), torch.empty(0)).device
-        self.use_targets = handle.wants_targets
+        self.use_targets = handle.wants_targets if use_targets is None else use_targets
         self.count: Optional[int] = None
 
     def passes(self, desc: str, progress: bool) -> Iterator[Tuple[int, Any, Any]]:
@@ -105,10 +105,10 @@ def _warn(undefined: np.ndarray, what: str) -> None:
 
 
 def exact_density(handle, data, include_self: bool = True, batch_size: Optional[int] = None,
-                  progress: bool = True) -> np.ndarray:
+                  progress: bool = True, use_targets: Optional[bool] = None) -> np.ndarray:
     """See :meth:`nnsim_hooks.Handle.density`."""
     engine = handle.engine
-    source = _Data(handle, data, batch_size)
+    source = _Data(handle, data, batch_size, use_targets)
     sums = None
     whiten: List[torch.Tensor] = []
     undefined: List[torch.Tensor] = []
@@ -172,10 +172,10 @@ def _check_values(values, n_hint: Optional[int]) -> np.ndarray:
 
 
 def exact_consistency(handle, data, values=None, include_self: bool = True, batch_size: Optional[int] = None,
-                      progress: bool = True, return_average: bool = False):
+                      progress: bool = True, return_average: bool = False, use_targets: Optional[bool] = None):
     """See :meth:`nnsim_hooks.Handle.consistency`."""
     engine = handle.engine
-    source = _Data(handle, data, batch_size)
+    source = _Data(handle, data, batch_size, use_targets)
     given = None if values is None else _check_values(values, source.source.total)
     sums = None
     kept_values: List[torch.Tensor] = []

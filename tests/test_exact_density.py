@@ -203,3 +203,45 @@ def test_bad_input_is_refused():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             h.density(x, progress=False)  # no warning when every sample has a gradient
+
+
+def test_index_density_is_exact_with_the_handle_and_says_so():
+    from nnsim_hooks.errors import IndexMismatchError
+
+    model = cnn()
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    with nnsim_hooks.attach(model, batch_size=4) as h:
+        idx = h.build_index(x, progress=False)
+        sketched = idx.density()
+        assert idx.density_method == "sketched, D=1024"
+        exact = idx.density(handle=h, data=x, progress=False)
+        assert idx.density_method == "exact"
+        np.testing.assert_allclose(exact, h.density(x, progress=False), rtol=1e-12)
+        assert np.abs(exact - sketched).max() > 1e-6  # the sketch is not exact: the test can tell them apart
+        with pytest.raises(InputError, match="both handle= .* and data="):
+            idx.density(handle=h)
+        with pytest.raises(InputError, match="data= holds 5 samples but the index 8"):
+            idx.density(handle=h, data=x[:5], progress=False)
+    other = cnn()
+    with nnsim_hooks.attach(other) as h2:
+        h2.similarity(x[:2], progress=False)  # resolve the output
+        with pytest.raises(IndexMismatchError):
+            idx.density(handle=h2, data=x, progress=False)
+
+
+def test_audit_exact_density_column_and_summary():
+    pytest.importorskip("pandas")
+    from nnsim_hooks.audit.outputs import contrast_predicted
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(24, 12)
+    ds = TensorDataset(x, torch.randint(0, 3, (24,)))
+    sketched = nnsim_hooks.audit(model, ds, progress=False, sketch_dim=64, k=3, save=False)
+    exact = nnsim_hooks.audit(model, ds, progress=False, sketch_dim=64, k=3, save=False, exact_density=True)
+    assert sketched.summary["density"] == "sketched, D=1024"
+    assert exact.summary["density"] == "exact"
+    assert "(exact)" in exact.report_html()
+    with nnsim_hooks.attach(model, output=contrast_predicted) as h:
+        ref = h.density(x, progress=False, use_targets=False)
+    np.testing.assert_allclose(exact.table["density"].to_numpy(), ref, rtol=1e-5)

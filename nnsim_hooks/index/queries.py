@@ -53,14 +53,48 @@ class DatasetQueries:
         values[~np.asarray(self.valid)] = np.nan
         return values
 
-    def density(self, *, include_self: bool = True) -> np.ndarray:
-        """The paper's soft neighbour count ``sum_j k(x_i, x_j)`` (float64 [N]), in O(N D)
-        through the sum vector ``S = sum_j f_j``. Includes ``k_ii = 1`` unless
-        ``include_self=False``. Negative similarities cancel positive ones."""
-        out = moments.apply_rows(self.features, self._moment("sum", "cosine"))
-        if not include_self:
-            out -= moments.squared_norms(self.features)
-        return self._nan_where_invalid(out)
+    def density(self, *, include_self: bool = True, handle=None, data=None, batch_size: Optional[int] = None,
+                progress: bool = True) -> np.ndarray:
+        """The paper's soft neighbour count ``sum_j k(x_i, x_j)`` (float64 [N]). Includes
+        ``k_ii = 1`` unless ``include_self=False``. Negative similarities cancel positive ones.
+
+        Without ``handle``: sketched, in O(N D) through the sum vector ``S = sum_j f_j``.
+        With ``handle=`` (attached to the model the index was built with) and ``data=`` (the
+        same samples in the same order): exact, no sketch, two passes over ``data`` (see
+        :meth:`nnsim_hooks.Handle.density`). :attr:`density_method` then says which was
+        used: ``"exact"`` or ``"sketched, D=..."``."""
+        if handle is None and data is None:
+            out = moments.apply_rows(self.features, self._moment("sum", "cosine"))
+            if not include_self:
+                out -= moments.squared_norms(self.features)
+            self.density_method = f"sketched, D={self.dim}"
+            return self._nan_where_invalid(out)
+        if handle is None or data is None:
+            raise InputError(
+                "the exact density needs both handle= (attached to the index's model) and data= (the indexed samples, "
+                "in the same order); give neither for the sketched density"
+            )
+        from .manifest import check_fingerprint
+
+        stored = self.fingerprint
+        if stored is not None:
+            current = handle.fingerprint()
+            unresolved = current.get("output") == "auto"
+            check_fingerprint({k: v for k, v in stored.items() if k != "sketch"},
+                              {k: v for k, v in current.items() if k != "sketch"},
+                              self.path or "(in memory)", unresolved_output=unresolved)
+        out = np.asarray(handle.density(data, include_self=include_self, batch_size=batch_size, progress=progress),
+                         dtype=np.float64)
+        if len(out) != len(self):
+            raise InputError(
+                f"data= holds {len(out)} samples but the index {len(self)}: give the samples the index was built from, "
+                "in the same order"
+            )
+        self.density_method = "exact"
+        return out
+
+    #: how the last :meth:`density` was computed: ``"exact"`` or ``"sketched, D=..."``
+    density_method: Optional[str] = None
 
     def neighbor_counts(self, threshold: float, *, include_self: bool = True, method: str = "auto",
                         progress: bool = True) -> np.ndarray:
