@@ -222,8 +222,9 @@ class Handle:
 
     def _pair_gram(self, inputs, targets, n: int):
         """Every pair of half-batches through the model together: memory bounded by
-        ``batch_size`` and nothing kept, but O((n / batch_size)^2) passes. Only for models
-        whose batches are not made of the same parts (calls that change with the data)."""
+        ``batch_size`` and nothing kept, but O((n / batch_size)^2) passes. Cheaper only in
+        memory, never in passes, so it runs only for models whose batches are not made of
+        the same parts (calls that change with the data), whose kept factors cannot be paired."""
         engine = self.engine
         half = max(1, self.batch_size // 2)
         blocks = list(batching.chunks(n, half))

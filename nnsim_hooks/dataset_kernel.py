@@ -141,6 +141,11 @@ def _rows(parts: List[torch.Tensor], start: int, n: int) -> torch.Tensor:
         if lo < hi:
             picked.append(part[lo - offset : hi - offset])
         offset += len(part)
+    if sum(len(x) for x in picked) != n:
+        raise InputError(
+            f"the data yielded {offset} samples on the first pass and more on the second: exact sums read it twice "
+            "and need the same samples in the same order both times"
+        )
     return torch.cat(picked)
 
 
