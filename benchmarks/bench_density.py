@@ -81,11 +81,11 @@ def bench_model(name: str, n: int, batch: int, device: str, pairs: bool):
             agree = float("nan")
     row_sums = sim.sum(1).cpu().numpy()
     err = {
-        "exact vs similarity row sums (max |diff|)": float(np.nanmax(np.abs(exact - row_sums))),
-        "sketched vs exact (mean |diff|)": float(np.nanmean(np.abs(sketched - exact))),
-        "sketched vs exact (max |diff|)": float(np.nanmax(np.abs(sketched - exact))),
+        "exact vs similarity row sums (max abs. difference)": float(np.nanmax(np.abs(exact - row_sums))),
+        "sketched vs exact (mean abs. difference)": float(np.nanmean(np.abs(sketched - exact))),
+        "sketched vs exact (max abs. difference)": float(np.nanmax(np.abs(sketched - exact))),
         "exact density: std over samples": float(np.nanstd(exact)),
-        "kept factors vs pairs (max |diff| of the kernel)": agree,
+        "kept factors vs pairs (max abs. difference of the kernel)": agree,
     }
     return base, rows, err
 

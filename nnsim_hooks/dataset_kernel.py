@@ -28,6 +28,8 @@ from .kernels import inverse_sqrt
 CLASSIFIER_OUTPUTS = ("contrast", "logit", "loss")
 #: Largest accumulator set allowed before asking for values= (K x the parameter count).
 MAX_ACCUMULATORS = 256
+#: Generic-rule per-sample gradients kept within a first-pass batch, for its two uses.
+REUSE_BYTES = 512 << 20
 
 
 class _Data:
@@ -114,6 +116,7 @@ def exact_density(handle, data, include_self: bool = True, batch_size: Optional[
     undefined: List[torch.Tensor] = []
     for _, inputs, targets in source.passes("exact density: sums", progress):
         p = engine.backprop(inputs, targets)
+        engine.reuse_generic(p, REUSE_BYTES)
         w, bad = _whitening(engine.self_kernels(p))
         sums = _add(sums, engine.weighted_sums(p, w))
         whiten.append(w)
@@ -206,6 +209,7 @@ def exact_consistency(handle, data, values=None, include_self: bool = True, batc
                 f"consistency() keeps {k} accumulators the size of the model's parameters for {c} value columns; "
                 f"give values=[N, C] with at most {MAX_ACCUMULATORS - 1} columns (for dense outputs, a summary)"
             )
+        engine.reuse_generic(p, REUSE_BYTES)
         self_k = engine.self_kernels(p)
         if d == 1:  # W_j = [p_j, 1]: sum_j g_j p_j^T and sum_j g_j
             weights = torch.cat([v, torch.ones(p.batch, 1, dtype=v.dtype, device=v.device)], 1).unsqueeze(1)

@@ -58,6 +58,9 @@ class Pass:
     batch: int
     uses: List[DirectUse] = field(default_factory=list)
     unsplittable: Set[int] = field(default_factory=set)
+    #: generic-rule gradients kept for reuse within this pass (see Engine.reuse_generic)
+    reused: Optional[Dict[Tuple[int, ...], Grads]] = None
+    reuse_bytes: int = 0
 
     @property
     def d(self) -> int:
@@ -297,7 +300,24 @@ class Engine:
             call = calls[0]
             grads = target.rule.grad_sample(call.module, call.activation, call.backprops(p.d))
             return {k: v for k, v in grads.items() if k not in call.skip}
-        return self._fallback(target, calls, p)
+        if p.reused is None:
+            return self._fallback(target, calls, p)
+        key = tuple(id(c) for c in calls)
+        if key not in p.reused:
+            grads = self._fallback(target, calls, p)
+            size = sum(g.numel() * g.element_size() for g in grads.values())
+            if size > p.reuse_bytes:
+                return grads
+            p.reuse_bytes -= size
+            p.reused[key] = grads
+        return p.reused[key]
+
+    @staticmethod
+    def reuse_generic(p: Pass, max_bytes: int) -> None:
+        """Keep the generic-rule modules' per-sample gradients of ``p`` (up to ``max_bytes``)
+        for the next uses of the same pass (the exact density's self kernels, then its
+        sums), instead of re-running torch.func for each."""
+        p.reused, p.reuse_bytes = {}, max_bytes
 
     def _fallback(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
         names = list(target.param_names)

@@ -245,3 +245,29 @@ def test_audit_exact_density_column_and_summary():
     with nnsim_hooks.attach(model, output=contrast_predicted) as h:
         ref = h.density(x, progress=False, use_targets=False)
     np.testing.assert_allclose(exact.table["density"].to_numpy(), ref, rtol=1e-5)
+
+
+class _Scaled(nn.Module):
+    """A bare parameter on the root module: the root takes the generic (torch.func) rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * self.scale
+
+
+def test_generic_rule_gradients_run_once_per_pass(monkeypatch):
+    model = _Scaled().double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    flat = flatten_grads(func_per_sample_grads(model, x, REFERENCE_OUTPUTS["contrast"]))
+    with nnsim_hooks.attach(model, batch_size=6) as h:
+        h.similarity(x, progress=False)  # the one-off checks of a new batch size
+        runs = []
+        original = h.engine._fallback
+        monkeypatch.setattr(h.engine, "_fallback", lambda *a: runs.append(1) or original(*a))
+        got = h.density(x, progress=False)
+    assert len(runs) == 2  # pass 1 (self kernels and sums share it) and pass 2, not 3
+    np.testing.assert_allclose(got, brute_cosine(flat, flat).sum(1).numpy(), rtol=1e-6, atol=1e-9)
