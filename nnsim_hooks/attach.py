@@ -186,7 +186,8 @@ class Handle:
 
     # -- similarity ---------------------------------------------------------------------
 
-    def similarity(self, a, b=None, *, targets_a=None, targets_b=None, exact: bool = True) -> torch.Tensor:
+    def similarity(self, a, b=None, *, targets_a=None, targets_b=None, exact: bool = True,
+                   max_memory: Optional[int] = None, progress: bool = True) -> torch.Tensor:
         """The paper's similarity between every sample of ``a`` and every sample of ``b``.
 
         The cosine of per-sample gradients, or ``Tr(K_C)/d`` for d outputs; ``b=None``
@@ -194,12 +195,21 @@ class Handle:
         where the layer allows); ``exact=False`` uses the sketched features. A sample with
         a zero gradient has NaN similarities (and a warning).
 
+        More samples than ``batch_size`` take one pass per batch: what each batch's
+        gradients are made of (layer factors, or small per-sample gradients) is kept, in
+        RAM up to ``max_memory`` bytes (None: 2 GiB) and in a temporary folder past it,
+        and the Gram blocks between batches are computed from it (see
+        :mod:`nnsim_hooks.gram_blocks`). ``max_memory`` must hold two batches' factors.
+
         Returns ``Tensor[len(a), len(b)]`` (float64 when exact).
         """
         if not exact:
             fa = self.features(a, targets_a)
             fb = fa if b is None else self.features(b, targets_b)
             return fa @ fb.T
+        from .gram_blocks import check_max_memory
+
+        budget = check_max_memory(max_memory)
         n_a = batch_size_of(a)
         if b is None:
             inputs, targets, n_b = a, targets_a, 0
@@ -210,18 +220,27 @@ class Handle:
                 targets = batching.concat(targets_a, targets_b)
             except (RuntimeError, ValueError) as exc:
                 raise InputError(f"a and b must be batches of the same kind of input: {exc}") from exc
-        gram, d = self._exact_gram(inputs, targets, n_a + n_b)
+        gram, d = self._exact_gram(inputs, targets, n_a + n_b, budget, progress)
         rows = torch.arange(n_a, device=gram.device)
         cols = rows if b is None else torch.arange(n_a, n_a + n_b, device=gram.device)
         return kernel_from_gram(gram, d, rows, cols)
 
-    def _exact_gram(self, inputs, targets, n: int):
+    def _exact_gram(self, inputs, targets, n: int, max_memory: int, progress: bool = False):
         engine = self.engine
         if n <= self.batch_size:
             p = engine.backprop(inputs, targets)
             return engine.gram(p), p.d
-        # Several passes: each pair of half-batches goes through the model together,
-        # so that memory stays bounded by batch_size.
+        from .gram_blocks import kept_gram
+
+        result = kept_gram(engine, inputs, targets, n, self.batch_size, max_memory, progress)
+        return result if result is not None else self._pair_gram(inputs, targets, n)
+
+    def _pair_gram(self, inputs, targets, n: int):
+        """Every pair of half-batches through the model together: memory bounded by
+        ``batch_size`` and nothing kept, but O((n / batch_size)^2) passes. Cheaper only in
+        memory, never in passes, so it runs only for models whose batches are not made of
+        the same parts (calls that change with the data), whose kept factors cannot be paired."""
+        engine = self.engine
         half = max(1, self.batch_size // 2)
         blocks = list(batching.chunks(n, half))
         full = None
@@ -236,6 +255,45 @@ class Handle:
                 g = engine.gram(p).reshape(len(idx), d, len(idx), d)
                 full[idx[:, None], :, idx[None, :], :] = g.permute(0, 2, 1, 3)
         return full.reshape(n * d, n * d), d
+
+    # -- exact dataset-scale sums ---------------------------------------------------------
+
+    def density(self, data, *, include_self: bool = True, batch_size: Optional[int] = None,
+                progress: bool = True, use_targets: Optional[bool] = None):
+        """The paper's soft neighbour count ``N_S(x_i) = sum_j k(x_i, x_j)`` over ``data``,
+        exactly: no sketch, and no per-sample gradient held for factored layers.
+
+        Two passes over ``data`` (a tensor, Dataset, DataLoader that does not shuffle, or
+        iterable of batches, as for :meth:`build_index`): the first sums the unit
+        gradients, ``S = sum_j g_j / |g_j|`` (for d outputs the whitened
+        ``J_j^T K_jj^{-1/2}``, giving ``Tr(K_C)/d``), the second takes each sample's
+        product with it. ``include_self=False`` leaves out ``k_ii = 1``. Samples with a
+        zero gradient are NaN (and a warning names them). Holds d parameter-sized sums.
+        ``use_targets``: pass the data's targets to the output function (None: when it
+        needs them, as for :meth:`build_index`).
+
+        Returns numpy float64 ``[N]`` in data order.
+        """
+        from .dataset_kernel import exact_density
+
+        return exact_density(self, data, include_self, batch_size, progress, use_targets)
+
+    def consistency(self, data, values=None, *, include_self: bool = True, batch_size: Optional[int] = None,
+                    progress: bool = True, return_average: bool = False, use_targets: Optional[bool] = None):
+        """The label-free check of the averaging hypothesis (PAPER §3), exactly, on the raw
+        kernel ``K_ij = g_i . g_j``: ``|p_i - sum_j K_ij p_j / sum_j K_ij|`` (numpy
+        float64 ``[N]``, NaN where the denominator is 0).
+
+        ``values`` ``[N, C]``: what is averaged; None: the model's softmax for classifier
+        outputs (contrast, logit, loss), else its flattened outputs. Two passes, with
+        C + 1 parameter-sized sums ``sum_j g_j p_j^T`` and ``sum_j g_j``. For d > 1
+        differentiated outputs the kernel is the d x d ``J_i J_j^T`` (the authors'
+        matrix form) and ``values`` must have d columns. ``return_average=True`` also
+        returns the kernel-weighted averages ``[N, C]``.
+        """
+        from .dataset_kernel import exact_consistency
+
+        return exact_consistency(self, data, values, include_self, batch_size, progress, return_average, use_targets)
 
     # -- sketched features --------------------------------------------------------------
 

@@ -26,11 +26,12 @@ import torch
 import torch.nn as nn
 
 from .capture import Capture, LayerCall
+from . import gradient_sums
 from .direct import split_grads
+from .gram_blocks import GramTerm
 from .layout import Trace, gradient_mixing, not_batch_first
 from .errors import BatchCouplingError, ModelError, NonFiniteGradientError
 from .outputs import OutputSpec, check_no_mixing
-from .rules.base import gram_of_grads
 from .rules.fallback import fallback_grad_sample
 from .rules.norm import batch_coupling_message, uses_batch_statistics
 from .sketch import Sketcher
@@ -57,6 +58,9 @@ class Pass:
     batch: int
     uses: List[DirectUse] = field(default_factory=list)
     unsplittable: Set[int] = field(default_factory=set)
+    #: generic-rule gradients kept for reuse within this pass (see Engine.reuse_generic)
+    reused: Optional[Dict[Tuple[int, ...], Grads]] = None
+    reuse_bytes: int = 0
 
     @property
     def d(self) -> int:
@@ -296,7 +300,24 @@ class Engine:
             call = calls[0]
             grads = target.rule.grad_sample(call.module, call.activation, call.backprops(p.d))
             return {k: v for k, v in grads.items() if k not in call.skip}
-        return self._fallback(target, calls, p)
+        if p.reused is None:
+            return self._fallback(target, calls, p)
+        key = tuple(id(c) for c in calls)
+        if key not in p.reused:
+            grads = self._fallback(target, calls, p)
+            size = sum(g.numel() * g.element_size() for g in grads.values())
+            if size > p.reuse_bytes:
+                return grads
+            p.reuse_bytes -= size
+            p.reused[key] = grads
+        return p.reused[key]
+
+    @staticmethod
+    def reuse_generic(p: Pass, max_bytes: int) -> None:
+        """Keep the generic-rule modules' per-sample gradients of ``p`` (up to ``max_bytes``)
+        for the next uses of the same pass (the exact density's self kernels, then its
+        sums), instead of re-running torch.func for each."""
+        p.reused, p.reuse_bytes = {}, max_bytes
 
     def _fallback(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
         names = list(target.param_names)
@@ -376,31 +397,108 @@ class Engine:
     @torch.no_grad()
     def gram(self, p: Pass) -> torch.Tensor:
         """``[B*d, B*d]`` float64 Gram matrix of all per-sample gradients (sample-major)."""
-        n = p.batch * p.d
-        total = torch.zeros(n, n, dtype=torch.float64, device=p.values.device)
+        return self.gram_of_terms(self.gram_terms(p))
+
+    @torch.no_grad()
+    def gram_of_terms(self, terms: List[GramTerm]) -> torch.Tensor:
+        total = None
+        checks = []
+        for term in terms:
+            part = term.gram()
+            if term.grads is None:
+                checks.append((term.owner, part))
+            total = part if total is None else total + part
+        self._check_finite(checks)
+        return total
+
+    @torch.no_grad()
+    def gram_terms(self, p: Pass, keep: bool = False) -> List[GramTerm]:
+        """The additive parts of :meth:`gram` (see :mod:`nnsim_hooks.gram_blocks`): a fast
+        rule's factors for a module called once, else materialised per-sample gradients
+        (summed first over the calls of modules called twice and over tied weights).
+        ``keep=True`` (the parts are stored) materialises a fast rule's gradients too
+        where they are smaller than its factors (norms, depthwise convolutions)."""
         counts: Dict[int, int] = {}
         for call in p.calls:
             counts[id(call.module)] = counts.get(id(call.module), 0) + 1
+        terms: List[GramTerm] = []
+        seen: Dict[str, int] = {}
         pending: Grads = {}  # summed gradients of modules called twice / tied weights
         checks = []
         for target, calls in self._units(p):
+            number = seen[target.name] = seen.get(target.name, -1) + 1
+            key = f"{target.name}#{number}"
             alone = counts[id(target.module)] == 1 and not (set(target.param_names.values()) & self._shared)
             if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
                 call = calls[0]
-                part = target.rule.gram(call.module, call.activation, call.backprops(p.d))
-                checks.append((target.name, part))
-                total += part
+                term = GramTerm(key, target.name, rule=target.rule, module=call.module, activation=call.activation,
+                                backprops=call.backprops(p.d))
+                if keep and self._grad_bytes(target, p) <= term.nbytes():
+                    grads = target.rule.grad_sample(call.module, call.activation, term.backprops)
+                    checks.extend((target.name, g) for g in grads.values())
+                    term = GramTerm.of_grads(key, target.name, grads)
+                terms.append(term)
                 continue
             for local, g in self._unit_grads(target, calls, p).items():
                 name = target.param_names[local]
                 checks.append((target.name, g))
                 if alone or target.rule is None and name not in self._shared:
-                    total += gram_of_grads({name: g})
+                    terms.append(GramTerm.of_grads(f"{key}/{local}", target.name, {name: g}))
                 else:
                     pending[name] = pending[name] + g if name in pending else g
         if pending:
-            total += gram_of_grads(pending)
+            terms.append(GramTerm.of_grads("shared:" + ",".join(sorted(pending)), "shared parameters", pending))
         self._check_finite(checks)
+        if not terms:
+            raise ValueError("no trainable parameters in this pass")  # pragma: no cover - find_targets refuses
+        return terms
+
+    def _grad_bytes(self, target: Target, p: Pass) -> int:
+        numel = sum(target.module.get_parameter(local).numel() for local in target.param_names)
+        return p.batch * p.d * numel * p.values.element_size()
+
+    # -- weighted sums of per-sample gradients (exact density, consistency) -------------
+
+    @torch.no_grad()
+    def self_kernels(self, p: Pass) -> torch.Tensor:
+        """``K(x_i, x_i) = J_i J_i^T``, ``[B, d, d]`` float64 (the Gram's diagonal blocks)."""
+        g = self.gram(p).reshape(p.batch, p.d, p.batch, p.d)
+        i = torch.arange(p.batch, device=g.device)
+        return g[i, :, i, :]
+
+    @torch.no_grad()
+    def weighted_sums(self, p: Pass, weights: torch.Tensor) -> Grads:
+        """``S_k = sum_j sum_m W[j, m, k] g_{j,m}`` for ``W [B, d, K]``: ``{name: [K, *shape]}``
+        keyed by the model's parameter names (see :mod:`nnsim_hooks.gradient_sums`)."""
+        total: Grads = {}
+        for target, calls in self._units(p):
+            if len(calls) == 1 and self._fast(calls[0]):
+                call = calls[0]
+                part = gradient_sums.rule_sums(target.rule, call.module, call.activation, call.backprops(p.d), weights)
+                part = {k: v for k, v in part.items() if k not in call.skip}
+            else:
+                part = gradient_sums.sums_of_grads(self._unit_grads(target, calls, p), weights)
+            for local, s in part.items():
+                name = target.param_names[local]
+                total[name] = total[name] + s if name in total else s
+        return total
+
+    @torch.no_grad()
+    def dots(self, p: Pass, sums: Grads) -> torch.Tensor:
+        """``P[i, m, k] = g_{i,m} . S_k`` ``[B, d, K]`` float64, for accumulators ``sums`` from
+        :meth:`weighted_sums` (parameters missing from ``sums`` count as zero)."""
+        k = next(iter(sums.values())).shape[0]
+        total = torch.zeros(p.batch, p.d, k, dtype=torch.float64, device=p.values.device)
+        for target, calls in self._units(p):
+            if len(calls) == 1 and self._fast(calls[0]):
+                call = calls[0]
+                local = {n: sums[g] for n, g in target.param_names.items() if g in sums and n not in call.skip}
+                part = gradient_sums.rule_dots(target.rule, call.module, call.activation, call.backprops(p.d), local)
+            else:
+                local = {n: sums[g] for n, g in target.param_names.items() if g in sums}
+                part = gradient_sums.dots_of_grads(self._unit_grads(target, calls, p), local)
+            if part is not None:
+                total += part.double()
         return total
 
     @torch.no_grad()

@@ -26,13 +26,16 @@ def analyse(
     num_classes: Optional[int] = None,
     progress: bool = False,
     denoise_index=None,
+    density: Optional[np.ndarray] = None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
     ``positions[i]`` is the dataset position of the index's sample ``i`` (default: the
     same); ``n_total`` the dataset's length (rows not in the index are unreadable).
     ``denoise_index`` (same samples, another output) gives the density, N_eff and
-    consistency columns instead of ``index``.
+    consistency columns instead of ``index``. ``density`` (``[N]``, e.g. the exact
+    :meth:`~nnsim_hooks.Handle.density` of the same samples) replaces the sketched one; the
+    summary's ``"density"`` says which was used (``"exact"`` or ``"sketched, D=..."``).
     """
     import pandas as pd
 
@@ -83,7 +86,14 @@ def analyse(
     paper = index if denoise_index is None else denoise_index
     if len(paper) != n:
         raise DataError(f"denoise_index holds {len(paper)} samples but the index {n}; build both from the same data")
-    density = np.asarray(paper.density(), dtype=np.float64)
+    if density is None:
+        density = np.asarray(paper.density(), dtype=np.float64)
+        density_method = f"sketched, D={paper.dim}"
+    else:
+        density = np.asarray(density, dtype=np.float64)
+        if density.shape != (n,):
+            raise DataError(f"density has shape {list(density.shape)} but the index holds {n} samples")
+        density_method = "exact"
     n_eff = np.asarray(paper.effective_neighbors(), dtype=np.float64)
     denoise = np.asarray(paper.denoising_factor(), dtype=np.float64)
     try:
@@ -143,4 +153,5 @@ def analyse(
     }
     result = AuditResult.build(table, index=index, thresholds=limits, k=k, num_classes=num_classes, info=info)
     result.denoise_index = denoise_index
+    result.summary["density"] = density_method
     return result

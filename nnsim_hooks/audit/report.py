@@ -348,7 +348,8 @@ def render(result) -> str:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     sub = (f"{s['samples']:,} samples · {s.get('num_classes') or '?'} classes · model {_e(s.get('model', '?'))} · "
            f"neighbours by {_e(s.get('output', '?'))} (sketch {_e(s.get('sketch_dim', '?'))} per output) · "
-           f"density by {_e(s.get('denoising_output', s.get('output', '?')))} · k = {s['k']} · {when}")
+           f"density by {_e(s.get('denoising_output', s.get('output', '?')))} "
+           f"({_e(s.get('density', 'sketched'))}) · k = {s['k']} · {when}")
     if s["samples"] < 2:
         note = ('<section><h2>One sample</h2><p class="lead">A dataset of one sample has no neighbours: every score is '
                 'undefined and nothing is flagged.</p></section>')

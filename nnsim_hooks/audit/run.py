@@ -85,6 +85,7 @@ def audit(
     extra: Optional[Dict[str, Any]] = None,
     config: Optional[Dict[str, Any]] = None,
     save: bool = True,
+    exact_density: bool = False,
 ) -> AuditResult:
     """Audit a labelled dataset through a trained classifier's own notion of similarity.
 
@@ -137,6 +138,10 @@ def audit(
         config: what identifies this run for resuming (default: the arguments above).
         save: write the result to ``out_dir`` at the end (False: only the index is
             stored there; call :meth:`AuditResult.save` yourself).
+        exact_density: compute the density column exactly, with no sketch
+            (:meth:`nnsim_hooks.Handle.density`: two more passes over the data) instead
+            of from the index's sketched features. The summary's ``"density"`` and the
+            report say which was used.
 
     Returns:
         an :class:`AuditResult` (saved to ``out_dir`` already when one was given).
@@ -218,6 +223,11 @@ def audit(
                 denoise_index = handle.build_index(
                     view, None if out_path is None else out_path / DENOISING_INDEX,
                     batch_size=batch_size, progress=progress, task=task, use_targets=False)
+        density = None
+        if exact_density:
+            paper_output = contrast_predicted if denoise_index is not None else fn
+            with attach(model, output=paper_output, seed=seed, batch_size=batch_size) as handle:
+                density = handle.density(view, batch_size=batch_size, progress=progress, use_targets=False)
     finally:
         model.train(was_training)
 
@@ -230,6 +240,7 @@ def audit(
         num_classes=num_classes,
         progress=progress,
         denoise_index=denoise_index,
+        density=density,
     )
     result.dataset = dataset
     result.thumbnail = thumbnail

@@ -53,14 +53,48 @@ class DatasetQueries:
         values[~np.asarray(self.valid)] = np.nan
         return values
 
-    def density(self, *, include_self: bool = True) -> np.ndarray:
-        """The paper's soft neighbour count ``sum_j k(x_i, x_j)`` (float64 [N]), in O(N D)
-        through the sum vector ``S = sum_j f_j``. Includes ``k_ii = 1`` unless
-        ``include_self=False``. Negative similarities cancel positive ones."""
-        out = moments.apply_rows(self.features, self._moment("sum", "cosine"))
-        if not include_self:
-            out -= moments.squared_norms(self.features)
-        return self._nan_where_invalid(out)
+    def density(self, *, include_self: bool = True, handle=None, data=None, batch_size: Optional[int] = None,
+                progress: bool = True) -> np.ndarray:
+        """The paper's soft neighbour count ``sum_j k(x_i, x_j)`` (float64 [N]). Includes
+        ``k_ii = 1`` unless ``include_self=False``. Negative similarities cancel positive ones.
+
+        Without ``handle``: sketched, in O(N D) through the sum vector ``S = sum_j f_j``.
+        With ``handle=`` (attached to the model the index was built with) and ``data=`` (the
+        same samples in the same order): exact, no sketch, two passes over ``data`` (see
+        :meth:`nnsim_hooks.Handle.density`). :attr:`density_method` then says which was
+        used: ``"exact"`` or ``"sketched, D=..."``."""
+        if handle is None and data is None:
+            out = moments.apply_rows(self.features, self._moment("sum", "cosine"))
+            if not include_self:
+                out -= moments.squared_norms(self.features)
+            self.density_method = f"sketched, D={self.dim}"
+            return self._nan_where_invalid(out)
+        if handle is None or data is None:
+            raise InputError(
+                "the exact density needs both handle= (attached to the index's model) and data= (the indexed samples, "
+                "in the same order); give neither for the sketched density"
+            )
+        from .manifest import check_fingerprint
+
+        stored = self.fingerprint
+        if stored is not None:
+            current = handle.fingerprint()
+            unresolved = current.get("output") == "auto"
+            check_fingerprint({k: v for k, v in stored.items() if k != "sketch"},
+                              {k: v for k, v in current.items() if k != "sketch"},
+                              self.path or "(in memory)", unresolved_output=unresolved)
+        out = np.asarray(handle.density(data, include_self=include_self, batch_size=batch_size, progress=progress),
+                         dtype=np.float64)
+        if len(out) != len(self):
+            raise InputError(
+                f"data= holds {len(out)} samples but the index {len(self)}: give the samples the index was built from, "
+                "in the same order"
+            )
+        self.density_method = "exact"
+        return out
+
+    #: how the last :meth:`density` was computed: ``"exact"`` or ``"sketched, D=..."``
+    density_method: Optional[str] = None
 
     def neighbor_counts(self, threshold: float, *, include_self: bool = True, method: str = "auto",
                         progress: bool = True) -> np.ndarray:
@@ -108,19 +142,32 @@ class DatasetQueries:
 
     # -- denoising (PAPER §3) -------------------------------------------------------------
 
-    def effective_neighbors(self, kernel: str = "cosine", *, include_self: bool = True) -> np.ndarray:
+    def effective_neighbors(self, kernel: str = "cosine", *, include_self: bool = True,
+                            max_memory: Optional[int] = None) -> np.ndarray:
         """``N_eff(x_i) = (sum_j k_ij)^2 / sum_j k_ij^2`` (float64 [N]), the number of equal
         neighbours that would average label noise as much (PAPER §3).
 
-        O(N D^2), never O(N^2): ``sum_j k_ij^2 = f_i^T C f_i`` with the D x D second
-        moment ``C = sum_j f_j f_j^T``. ``kernel="raw"`` uses ``K_ij = |g_i| |g_j| k_ij``
-        with the stored gradient norms (the paper's raw kernel; for d > 1 outputs its
-        scalar trace version). NaN where the denominator is 0.
+        Never the N x N matrix at once. ``sum_j k_ij^2`` comes from whichever is cheaper:
+        with more feature columns than samples (D > N, exact features), the N x N Gram
+        matrix in blocks, O(N^2 D); else the D x D second moment ``C = sum_j f_j f_j^T``,
+        ``f_i^T C f_i``, O(N D^2), built a chunk of columns at a time when it does not fit.
+        ``max_memory`` (bytes; None: half the available memory) bounds what is held; below
+        the minimum either path needs, an :class:`~nnsim_hooks.errors.InputError` names it.
+        ``kernel="raw"`` uses ``K_ij = |g_i| |g_j| k_ij`` with the stored gradient norms (the
+        paper's raw kernel; for d > 1 outputs its scalar trace version). NaN where the
+        denominator is 0.
         """
         w = self._weights(kernel)
         f = self.features
+        budget = moments.memory_budget(max_memory)
         num = moments.apply_rows(f, self._moment("sum", kernel))
-        den = moments.quadratic_forms(f, self._moment("second", kernel))
+        n, dim = f.shape
+        if dim > n:
+            den = moments.gram_squares(f, w, budget)
+        elif ("second", kernel) in self._cache or moments.second_moment_fits(dim, budget):
+            den = moments.quadratic_forms(f, self._moment("second", kernel))
+        else:
+            den = moments.chunked_quadratic_forms(f, w, budget)
         if not include_self:
             sq = moments.squared_norms(f)
             wi = w if w is not None else 1.0
@@ -130,11 +177,12 @@ class DatasetQueries:
             out = np.where(den > 0, num**2 / np.where(den > 0, den, 1.0), np.nan)
         return self._nan_where_invalid(out)
 
-    def denoising_factor(self, kernel: str = "cosine", *, include_self: bool = True) -> np.ndarray:
+    def denoising_factor(self, kernel: str = "cosine", *, include_self: bool = True,
+                         max_memory: Optional[int] = None) -> np.ndarray:
         """``1 / N_eff``: the factor by which the network divides the variance of i.i.d.
-        label noise at each sample (PAPER §3)."""
+        label noise at each sample (PAPER §3); see :meth:`effective_neighbors`."""
         with np.errstate(divide="ignore"):
-            return 1.0 / self.effective_neighbors(kernel, include_self=include_self)
+            return 1.0 / self.effective_neighbors(kernel, include_self=include_self, max_memory=max_memory)
 
     def consistency(self, kernel: str = "raw", *, include_self: bool = True, values=None,
                     return_average: bool = False):
