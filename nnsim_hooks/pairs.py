@@ -291,6 +291,8 @@ class PairSimilarity:
                 f"pair_similarity compares a[i] with b[i]: a and b need the same length, got len(a) = {n_a} and "
                 f"len(b) = {n_b}"
             )
+        if n_a == 0:
+            raise InputError("pair_similarity got no pairs: a and b are empty")
         if (targets_a is None) != (targets_b is None):
             raise InputError("give targets for both a and b (targets_a=, targets_b=) or for neither")
         try:

@@ -6,7 +6,6 @@ forms the cosine (or Tr(K_C)/d with an eigh-based inverse square root) and back-
 (relative to each parameter's largest gradient), in float64, with the models in train().
 """
 
-import warnings
 
 import pytest
 import torch
@@ -247,6 +246,10 @@ def test_lengths_differ():
     with nnsim_hooks.attach(mlp()) as h:
         with pytest.raises(InputError, match=r"len\(a\) = 4 and len\(b\) = 3"):
             h.pair_similarity(a, b[:3])
+        with pytest.raises(InputError, match="no pairs"):
+            h.pair_similarity(a[:0], b[:0])
+        with pytest.raises(InputError, match="targets for both"):
+            h.pair_similarity(a, b, targets_a=torch.zeros(4, dtype=torch.long))
 
 
 def test_zero_gradient_pair_gives_zero_without_nan():

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import nnsim_hooks
-from nnsim_hooks.errors import ExtractionError, OutputSpecError
+from nnsim_hooks.errors import OutputSpecError
 from nnsim_hooks.oracle import per_sample_loop
 
 DT = torch.float64
