@@ -298,3 +298,14 @@ def test_training_step_lowers_the_term():
         with torch.no_grad():
             after = float((1 - h.pair_similarity(a, b)).mean())
     assert after < before
+
+
+def test_torchvision_vit_matches_oracle():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
+    ).to(DT).train()
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision zeroes the head
+    a, b = _data(3, 16, 16, n=2)
+    assert_matches_oracle(model, a, b, "contrast", reference=_math_oracle)
