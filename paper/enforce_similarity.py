@@ -20,6 +20,7 @@ the term, so that the comparison is paired.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -97,6 +98,30 @@ def interval(values: np.ndarray):
     return mean, half
 
 
+def verdict(points: List[int], diff: np.ndarray, half: np.ndarray) -> str:
+    """The paper's claim, tested: a gain early (20 and 40 minibatches, or the nearest points)
+    whose interval excludes 0, and no significant difference at the end."""
+    def at(n):
+        c = int(np.argmin([abs(p - n) for p in points]))
+        return points[c], diff[c], half[c]
+
+    early = [at(20), at(40)]
+    end = (points[-1], diff[-1], half[-1])
+    gain = any(d - h > 0 for _, d, h in early)
+    loss = any(d + h < 0 for _, d, h in early)
+    same_end = abs(end[1]) <= end[2]
+    parts = ", ".join(f"{d:+.1f} ± {h:.1f} points at {n}" for n, d, h in early + [end])
+    if gain and same_end:
+        result = "**supported**: faster early training, the same final accuracy within the interval"
+    elif gain:
+        result = "**partly supported**: faster early training, but the final accuracies differ"
+    elif loss or end[1] + end[2] < 0:
+        result = "**not supported**: the term slows training"
+    else:
+        result = "**not supported**: no early difference beyond the interval"
+    return f"Verdict (paired difference with − without: {parts} minibatches): the paper's claim is {result} here."
+
+
 def write_results(out: str, points: List[int], plain: np.ndarray, term: np.ndarray, command: str, settings: Dict):
     os.makedirs(out, exist_ok=True)
     m0, h0 = interval(plain * 100)
@@ -123,6 +148,10 @@ def write_results(out: str, points: List[int], plain: np.ndarray, term: np.ndarr
         lines.append(
             f"| {n} | {m0[c]:.1f} ± {h0[c]:.1f} | {m1[c]:.1f} ± {h1[c]:.1f} | {md[c]:+.1f} ± {hd[c]:.1f} | {pw} | {pt} |"
         )
+    lines += ["", verdict(points, md, hd)]
+    with open(os.path.join(out, "enforce_similarity.json"), "w") as f:
+        json.dump({"points": points, "without": plain.tolist(), "with": term.tolist(), "command": command,
+                   "settings": settings}, f)
     with open(os.path.join(out, "enforce_similarity.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib
