@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError, NnsimError
+from .outputs import batched_outputs
 
 
 def model_device_dtype(model: nn.Module):
@@ -87,8 +88,6 @@ def call_model(model: nn.Module, inputs: Any):
 
     A 0-d output of a one-sample batch (a model ending in ``.squeeze()``) comes back as
     ``[1]``; see :func:`nnsim_hooks.outputs.batched_outputs`."""
-    from .outputs import batched_outputs
-
     try:
         if isinstance(inputs, dict):
             outputs = model(**inputs)
