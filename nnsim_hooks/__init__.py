@@ -25,6 +25,7 @@ from .errors import (
 )
 from .index import GradientIndex, load_index
 from .rules import LayerRule, add_rule, register_rule
+from . import training
 from . import audit  # the package is callable: nnsim_hooks.audit(model, dataset)
 
 __version__ = "0.1.0"

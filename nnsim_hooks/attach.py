@@ -116,6 +116,7 @@ class Handle:
             g: tuple(getattr(t.module, local).shape) for t in targets for local, g in t.param_names.items()
         }
         self._sketcher: Optional[Sketcher] = None
+        self._pairs = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -224,6 +225,30 @@ class Handle:
         rows = torch.arange(n_a, device=gram.device)
         cols = rows if b is None else torch.arange(n_a, n_a + n_b, device=gram.device)
         return kernel_from_gram(gram, d, rows, cols)
+
+    def pair_similarity(self, a, b, *, targets_a=None, targets_b=None) -> torch.Tensor:
+        """The similarity of each pair ``(a[i], b[i])``, differentiable in the parameters.
+
+        The cosine ``g(a_i).g(b_i) / (|g(a_i)| |g(b_i)|)``, or ``Tr(K_C)/d`` for d outputs
+        (whitened as in :meth:`similarity`), as a tensor ``[P]`` with a graph (double
+        back-propagation), for the paper's training term (PAPER section 4)::
+
+            loss = task_loss + lam * (1 - h.pair_similarity(x_a, x_b, targets_a=y, targets_b=y)).mean()
+
+        ``1 - k`` enforces similarity; the authors' released code adds ``+lam * k``, which
+        pushes the gradients apart. All 2P inputs go through the model in one pass, in the
+        model's current mode: each input gets one dropout mask, as in
+        ``model(torch.cat([a, b]))``, and its gradient is that masked network's. BatchNorm
+        with batch statistics raises :class:`BatchCouplingError` (see
+        :func:`nnsim_hooks.training.batchnorm_running_stats`). A pair with a zero gradient
+        on one side gets k = 0, with no gradient, and a warning. Under ``torch.no_grad()``
+        the result has no graph. Details: :mod:`nnsim_hooks.pairs`.
+        """
+        if self._pairs is None:
+            from .pairs import PairSimilarity
+
+            self._pairs = PairSimilarity(self)
+        return self._pairs(a, b, targets_a, targets_b)
 
     def _exact_gram(self, inputs, targets, n: int, max_memory: int, progress: bool = False):
         engine = self.engine

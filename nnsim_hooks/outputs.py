@@ -129,6 +129,24 @@ def make_output_spec(output: Union[str, OutputFn]) -> OutputSpec:
     raise OutputSpecError(f"output={output!r} is not one of {NAMES} nor a callable fn(outputs, targets)")
 
 
+def batched_outputs(outputs, batch: int):
+    """The model's outputs with the batch first, also for a batch of one sample.
+
+    A model that ends with ``.squeeze()`` turns ``[B, 1]`` into ``[B]``, and a one-sample
+    batch ``[1, 1]`` into a 0-d tensor: that scalar is sample 0's output, so it becomes
+    ``[1]``. A 0-d output for a larger batch is one number for the whole batch (a mean,
+    a loss) and has no per-sample meaning."""
+    if not torch.is_tensor(outputs) or outputs.dim() > 0:
+        return outputs
+    if batch == 1:
+        return outputs.reshape(1)
+    raise OutputSpecError(
+        f"the model returned a 0-d tensor for a batch of {batch} samples; expected its outputs with the batch "
+        f"first, [{batch}, ...] (one row per sample). If it reduces over the batch (a mean or a loss), return the "
+        "per-sample values instead"
+    )
+
+
 def check_values(values, batch: int, name: str) -> torch.Tensor:
     """The differentiated values must be ``[B]`` or ``[B, d]``."""
     if not torch.is_tensor(values):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError, NnsimError
+from .outputs import batched_outputs
 
 
 def model_device_dtype(model: nn.Module):
@@ -83,13 +84,17 @@ def check_inputs(model: nn.Module, inputs: Any) -> int:
 
 
 def call_model(model: nn.Module, inputs: Any):
-    """``model(inputs)`` (tuple -> *args, dict -> **kwargs), with shape context on failure."""
+    """``model(inputs)`` (tuple -> *args, dict -> **kwargs), with shape context on failure.
+
+    A 0-d output of a one-sample batch (a model ending in ``.squeeze()``) comes back as
+    ``[1]``; see :func:`nnsim_hooks.outputs.batched_outputs`."""
     try:
         if isinstance(inputs, dict):
-            return model(**inputs)
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
+            outputs = model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            outputs = model(*inputs)
+        else:
+            outputs = model(inputs)
     except NnsimError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -97,6 +102,7 @@ def call_model(model: nn.Module, inputs: Any):
             f"the model's forward failed on inputs {describe(inputs)}: {exc}. "
             f"The model expects {expected_input(model)}."
         ) from exc
+    return batched_outputs(outputs, batch_size_of(inputs))
 
 
 def check_targets(targets, batch: int, device) -> Optional[torch.Tensor]:

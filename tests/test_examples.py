@@ -40,3 +40,10 @@ def test_monai_nifti_example(tmp_path, capsys):
     for audit in ("audit-folder", "audit-datalist"):
         assert (root / audit / "report.html").stat().st_size > 10_000
         assert (root / audit / "table.csv").is_file()
+
+
+def test_train_with_similarity_example(capsys):
+    example = _load("train_with_similarity")
+    assert example.main(["--steps", "6", "--batch-size", "8", "--pairs", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= result["validation_accuracy"] <= 1 and -1 <= result["mean_same_class_similarity"] <= 1
