@@ -36,7 +36,7 @@ from .config import DataConfig, LoadedModel
 #: modes read as numbers in float, and the value that becomes 1.0
 HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0,
                   "I": float(2 ** 31 - 1), "F": 1.0}
-_GREY_MODES = ("1", "L", "LA", "La")
+_GREY_MODES = ("1", "L", "LA")
 _TO_TENSOR = ("ToTensor", "MaybeToTensor", "PILToTensor")
 
 

@@ -107,7 +107,7 @@ def file_picture(path: str, kind: str, spatial_dims: int, size: int = DEFAULT_SI
         image = open_image(path)
         if image.mode in HIGH_BIT_MODES:
             return fit(to_uint8(np.asarray(image)), size)
-        grey = image.mode in ("1", "L", "LA", "La")
+        grey = image.mode in ("1", "L", "LA")
         return fit(np.asarray(convert_image(image, 1 if grey else 3)), size)
     if kind == "volume":
         from .volumes import load_volume
