@@ -18,8 +18,9 @@ PIL mode of the file              what the model gets (before its resize and nor
 A 1-channel model gets the grey value (RGB via PIL's ITU-R 601-2 luma); a 3-channel model
 gets grey images repeated on the three channels. 8-bit images go through the model's
 transform as they are (timm's own for timm models, or resize / centre crop / ToTensor /
-Normalize); 16-bit, 32-bit and float images go through the same resize and crop in
-32-bit float (PIL mode ``F``), then the same normalisation.
+Normalize, or min-max scaling per image for ``intensity="scale"``, MONAI's convention);
+16-bit, 32-bit and float images go through the same resize and crop in 32-bit float
+(PIL mode ``F``), then the same normalisation.
 """
 
 from __future__ import annotations
@@ -94,7 +95,23 @@ def image_transform(config: DataConfig, loaded: Optional[LoadedModel] = None) ->
     steps.append(T.ToTensor())
     if config.intensity == "normalize" and config.mean is not None and config.std is not None:
         steps.append(T.Normalize(config.mean, config.std))
+    elif config.intensity == "scale":
+        steps.append(ScaleIntensity())
     return T.Compose(steps)
+
+
+class ScaleIntensity:
+    """Min-max to [0, 1] per sample, as MONAI's ``ScaleIntensity`` (what ``intensity="scale"``
+    means for volumes too); a constant image becomes zeros, as MONAI's does."""
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        low, high = tensor.min(), tensor.max()
+        if high <= low:
+            return torch.zeros_like(tensor)
+        return (tensor - low) / (high - low)
+
+    def __repr__(self) -> str:
+        return "ScaleIntensity()"
 
 
 def split_transform(transform: Callable) -> Tuple[Callable, Callable]:

@@ -127,3 +127,16 @@ def test_thumbnails_of_every_mode(tmp_path, mode):
     root = one_image_folder(tmp_path, image, "x.tif" if mode == "CMYK" else "x.png")
     thumb = load_dataset(root, RGB).thumbnail(0, size=16)
     assert thumb.dtype == np.uint8 and thumb.shape[:2] == (8, 16) and len(np.unique(thumb)) > 8
+
+
+def test_scale_intensity_is_min_max_per_image_for_8_and_16_bit(tmp_path):
+    """intensity="scale" (MONAI models) means min-max per sample, for 2-D images as for volumes."""
+    scale = DataConfig(channels=1, spatial_dims=2, intensity="scale")
+    for bits, dtype, low, high in ((8, np.uint8, 50, 150), (16, np.uint16, 1000, 40000)):
+        array = np.linspace(low, high, 16 * 32).reshape(16, 32).astype(dtype)
+        root = one_image_folder(tmp_path / str(bits), Image.fromarray(array))
+        x, _ = load_dataset(root, scale)[0]
+        expected = (array.astype(np.float64) - array.min()) / (array.max() - array.min())
+        assert torch.allclose(x[0], torch.from_numpy(expected).float(), atol=1e-5), bits
+    constant = one_image_folder(tmp_path / "flat", Image.fromarray(np.full((4, 4), 9, np.uint8)))
+    assert torch.equal(load_dataset(constant, scale)[0][0], torch.zeros(1, 4, 4))
