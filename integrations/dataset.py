@@ -13,8 +13,8 @@ from nnsim_hooks.errors import DataError
 
 from .config import DataConfig, LoadedModel
 from .files import SHOW, kind_of, unknown_extension
-from .images import ImageReader, open_image, read_grey
-from .thumbnails import DEFAULT_SIZE, file_picture
+from .images import HIGH_BIT_MODES, ImageReader, open_image, read_grey
+from .thumbnails import DEFAULT_SIZE, file_picture, image_picture
 from .volumes import VolumeReader, read_array
 
 _SHAPES = {2: "[C, H, W]", 3: "[C, D, H, W]", 1: "[C, L]"}
@@ -77,10 +77,13 @@ class FileDataset(Dataset):
     def loader(self, path: str):
         """The file as people look at it, without the model's transform (ImageFolder's
         ``loader`` convention; audits call it to find unreadable files, reports draw it):
-        a decoded PIL image for 2-D images, the uint8 central slice of a volume."""
+        a decoded PIL image for 8-bit 2-D images, a uint8 picture of 16-bit, 32-bit and
+        float ones (stretched: a report's 8-bit conversion would clip them), the uint8
+        central slice of a volume."""
         kind = kind_of(path)
         if kind == "image":
-            return open_image(path)
+            image = open_image(path)
+            return image_picture(image, size=1 << 16) if image.mode in HIGH_BIT_MODES else image
         if kind in ("volume", "array"):
             return file_picture(path, kind, self.data_config.spatial_dims, size=1 << 16)
         raise DataError(unknown_extension(path))

@@ -97,18 +97,25 @@ def thumbnail_of(dataset, index: int, size: int = DEFAULT_SIZE) -> np.ndarray:
     return from_tensor(torch.as_tensor(tensor), size=size)
 
 
+def image_picture(image, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """uint8 picture of a PIL image: 16-bit, 32-bit and float images stretched between
+    percentiles (8 bits cannot hold them), others in grey or RGB, alpha dropped."""
+    from .images import HIGH_BIT_MODES, convert_image
+
+    if image.mode in HIGH_BIT_MODES:
+        return fit(to_uint8(np.asarray(image)), size)
+    grey = image.mode in ("1", "L", "LA")
+    return fit(np.asarray(convert_image(image, 1 if grey else 3)), size)
+
+
 def file_picture(path: str, kind: str, spatial_dims: int, size: int = DEFAULT_SIZE) -> np.ndarray:
     """The picture of a data file as people look at it, without the model's transform:
     the image itself (16-bit, 32-bit and float images stretched between percentiles,
     alpha dropped) or the central slice of a volume."""
     if kind == "image":
-        from .images import HIGH_BIT_MODES, convert_image, open_image
+        from .images import open_image
 
-        image = open_image(path)
-        if image.mode in HIGH_BIT_MODES:
-            return fit(to_uint8(np.asarray(image)), size)
-        grey = image.mode in ("1", "L", "LA")
-        return fit(np.asarray(convert_image(image, 1 if grey else 3)), size)
+        return image_picture(open_image(path), size)
     if kind == "volume":
         from .volumes import load_volume
 

@@ -140,3 +140,13 @@ def test_scale_intensity_is_min_max_per_image_for_8_and_16_bit(tmp_path):
         assert torch.allclose(x[0], torch.from_numpy(expected).float(), atol=1e-5), bits
     constant = one_image_folder(tmp_path / "flat", Image.fromarray(np.full((4, 4), 9, np.uint8)))
     assert torch.equal(load_dataset(constant, scale)[0][0], torch.zeros(1, 4, 4))
+
+
+def test_reports_draw_16_bit_images_stretched_not_clipped(tmp_path):
+    from nnsim_hooks.audit.thumbnails import raw_sample, to_image
+
+    root = one_image_folder(tmp_path, Image.fromarray(ramp(np.uint16, 65535)))
+    data = load_dataset(root, GREY)
+    picture = to_image(raw_sample(data, 0))  # what the audit report draws
+    assert picture.dtype == np.uint8 and picture.shape == (16, 32)
+    assert len(np.unique(picture)) > 200  # clipped to 8 bits it would be almost all white
