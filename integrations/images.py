@@ -13,6 +13,8 @@ PIL mode of the file              what the model gets (before its resize and nor
                                   way ``PIL.Image.convert("RGB")`` in torchvision's and timm's
                                   loaders gives them, so the audit sees what training saw
 ``CMYK``, ``YCbCr``, ...          PIL's conversion to RGB (CMYK: ``255 (1 - c)(1 - k)``)
+16-bit RGB PNG (48-bit)           PIL opens it as 8-bit ``RGB`` (the high byte): range kept,
+                                  the low 8 bits lost
 ================================  ============================================================
 
 A 1-channel model gets the grey value (RGB via PIL's ITU-R 601-2 luma); a 3-channel model
