@@ -35,7 +35,7 @@ from typing import Optional, Sequence, Union
 from nnsim_hooks.errors import DataError
 
 from .config import DataConfig, LoadedModel
-from .csv_layout import read_csv
+from .csv_layout import LABEL_COLUMNS, PATH_COLUMNS, read_csv
 from .datalist_layout import read_datalist
 from .dataset import FileDataset
 from .files import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, SHOW, VOLUME_EXTENSIONS, is_data_file, kind_of
@@ -44,7 +44,7 @@ from .images import image_transform
 from .listing import Listing, check_exist
 
 __all__ = ["load_dataset", "list_samples", "FileDataset", "image_transform", "kind_of", "is_data_file",
-           "IMAGE_EXTENSIONS", "VOLUME_EXTENSIONS", "ARRAY_EXTENSIONS", "SHOW"]
+           "IMAGE_EXTENSIONS", "VOLUME_EXTENSIONS", "ARRAY_EXTENSIONS", "SHOW", "PATH_COLUMNS", "LABEL_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
