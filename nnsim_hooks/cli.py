@@ -1,7 +1,7 @@
 """The ``nnsim`` command line.
 
     nnsim audit --out DIR                 # the embedded default: digits, planted noise, a CNN
-    nnsim audit --data DIR --model SPEC --out DIR    # ImageFolder, folder of files, CSV or MONAI datalist
+    nnsim audit --data PATH --model SPEC --out DIR   # ImageFolder, folder of files, list.csv, datalist.json
 
 Exit codes: 0 done, 1 an error (the message says what and how to fix it), 2 bad
 arguments, 130 interrupted (run the same command again to resume).
@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import index_cli
 from .errors import InputError, NnsimError
@@ -44,28 +44,29 @@ def _thresholds(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def _add_audit(sub) -> None:
+    """``nnsim audit``: the embedded demo, or your data and model."""
     from .audit.demo import DEFAULT_EPOCHS, DEFAULT_NOISE
     from .audit.outputs import DEFAULT_K, DEFAULT_SKETCH_DIM
 
-    parser = argparse.ArgumentParser(prog="nnsim", description="Input similarity from the neural network's perspective.")
-    parser.add_argument("--version", action="version", version=f"nnsim_hooks {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     a = sub.add_parser(
         "audit",
         help="audit a labelled dataset (label errors, near-duplicates, outliers, denoising)",
         description="Audit a labelled dataset through a trained network's own similarity. Without --data, runs the "
         "embedded default: scikit-learn's digits with planted label noise and a small CNN trained on the fly.",
     )
+    a.set_defaults(run=cmd_audit)
     a.add_argument("--out", default="nnsim-audit", help="output folder (default: %(default)s)")
     a.add_argument("--overwrite", action="store_true", help="replace a finished audit in --out")
     data = a.add_argument_group("your data (all optional: without --data the demo runs)")
     data.add_argument(
         "--data",
-        help="ImageFolder (one sub-folder per class), a folder of files, a CSV of path,label or a MONAI "
-        "datalist JSON; images, NIfTI/MHA/NRRD volumes or .npy arrays",
+        help="ImageFolder (one sub-folder per class), a folder of files, a CSV of path,label (.csv) or a MONAI "
+        "datalist JSON (.json); images, NIfTI/MHA/NRRD volumes or .npy arrays",
     )
+    data.add_argument("--classes", default=None, metavar="NAME,NAME,...",
+                      help="class names in index order (comma-separated): CSV/datalist labels may then be these "
+                      "names or integer indices; ImageFolder folders get these indices")
     data.add_argument("--model", help="timm:NAME, torchvision:NAME, monai:NAME or package.module:function")
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
@@ -88,7 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "outlier_quantile (see nnsim_hooks.audit.Thresholds)")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    index_cli.add_parser(sub)  # nnsim index merge (issue 10)
+
+
+#: Each adds one subcommand to the parser and sets ``run=fn(args) -> exit code`` on it.
+#: A new subcommand (its own module) appends its ``add_parser(sub)`` here.
+SUBCOMMANDS: List[Callable[[Any], None]] = [_add_audit, index_cli.add_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="nnsim", description="Input similarity from the neural network's perspective.")
+    parser.add_argument("--version", action="version", version=f"nnsim_hooks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -107,15 +122,39 @@ def _load_integrations():
     return integrations
 
 
-def _audit_folder(args, thresholds) -> Any:
+DATA_LAYOUTS = ("a folder (one sub-folder of images per class, or the files themselves), a .csv of path,label "
+                "or a .json MONAI datalist")
+
+
+def _check_data_path(data: str) -> None:
+    path = Path(data)
+    if not path.exists():
+        raise CliError(f"--data {data}: no such folder or file (expected {DATA_LAYOUTS})")
+    if path.is_file() and path.suffix.lower() not in (".csv", ".json"):
+        raise CliError(f"--data {data}: a {path.suffix or 'extensionless'} file is not a data layout "
+                       f"(expected {DATA_LAYOUTS})")
+
+
+def _classes(text: Optional[str]) -> Optional[List[str]]:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise CliError(f"--classes {text!r}: empty class name; expected NAME,NAME,... in index order")
+    if len(set(names)) != len(names):
+        raise CliError(f"--classes {text!r}: class names must be distinct")
+    return names
+
+
+def _audit_data(args, thresholds) -> Any:
     from torch import nn
 
     from .audit.run import audit
 
     if not args.model:
         raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt)")
-    if not Path(args.data).is_dir():
-        raise CliError(f"--data {args.data}: no such folder (expected one sub-folder of images per class)")
+    _check_data_path(args.data)
+    classes = _classes(args.classes)
     kwargs = {}
     if args.model_kwargs:
         try:
@@ -130,7 +169,8 @@ def _audit_folder(args, thresholds) -> Any:
     model = info if isinstance(info, nn.Module) else getattr(info, "model", None)
     if not isinstance(model, nn.Module):
         raise CliError(f"integrations.load_model({args.model!r}) returned {type(info).__name__} without a model")
-    dataset = integrations.load_dataset(args.data, info)
+    # classes= only when given: the seam stays load_dataset(path, model_info) otherwise
+    dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}))
     # A model without class logits (segmentation...) comes with a suggested label-free reduction.
     suggested = getattr(info, "output", None)
     output = args.output if args.output is not None or not callable(suggested) else suggested
@@ -146,6 +186,8 @@ def _audit_folder(args, thresholds) -> Any:
         "seed": args.seed,
         "thresholds": thresholds or {},
     }
+    if classes is not None:  # only then: runs without --classes keep the configuration they resume with
+        config["classes"] = classes
     return audit(
         model,
         dataset,
@@ -210,16 +252,17 @@ def cmd_audit(args) -> int:
     thresholds = _thresholds(args.threshold)
     out = Path(args.out)
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
-                                          ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs))
+                                          ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
+                                          ("--classes", args.classes))
                  if given]
     if args.data is None:
         if demo_only:
-            raise CliError(f"{', '.join(demo_only)} given without --data: pass --data DIR too, or drop them to run the demo")
+            raise CliError(f"{', '.join(demo_only)} given without --data: pass --data PATH too, or drop them to run the demo")
         result = run_demo(out, noise=args.noise, epochs=args.epochs, limit=args.limit, seed=args.seed, k=args.k,
                           sketch_dim=args.sketch_dim, output=args.output, thresholds=thresholds,
                           overwrite=args.overwrite, progress=not args.no_progress)
     else:
-        result = _audit_folder(args, thresholds)
+        result = _audit_data(args, thresholds)
     print(format_summary(result, out))
     return 0
 
@@ -227,17 +270,14 @@ def cmd_audit(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
+    if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         index_cli.init_distributed(args)  # under torchrun: the ranks share the index builds
-        if args.command == "audit":
-            return cmd_audit(args)
-        if args.command == "index":
-            return index_cli.run(args)
+        return args.run(args)
     except KeyboardInterrupt:
         print(f"\ninterrupted: what was computed is kept in {getattr(args, 'out', '.')}; run the same command again "
               "to resume", file=sys.stderr)
@@ -245,8 +285,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (NnsimError, InputError, ImportError) as exc:
         print(f"nnsim: error: {exc}", file=sys.stderr)
         return 1
-    parser.print_help()
-    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

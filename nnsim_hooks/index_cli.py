@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     m.add_argument("--index", default="flat", help="FAISS index type of the merged index (default %(default)s)")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.add_argument("-v", "--verbose", action="store_true", help="log what happens")
-    p.set_defaults(index_parser=p)
+    p.set_defaults(index_parser=p, run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -202,3 +202,18 @@ def test_central_slice_and_scaling_are_exact():
 def test_thumbnail_of_plain_tensor_datasets():
     data = torch.utils.data.TensorDataset(torch.randn(2, 1, 6, 8, 10), torch.tensor([0, 1]))
     assert thumbnail_of(data, 1).shape == (8, 6)
+
+
+def test_the_first_sample_check_finds_the_first_readable_file(tmp_path):
+    (tmp_path / "c").mkdir()
+    for i in range(7):  # more broken files than the old check's five tries, sorted first
+        (tmp_path / "c" / f"a_broken_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "c" / "b_fine.png")
+    data = load_dataset(str(tmp_path), DataConfig(channels=3, spatial_dims=3, intensity="scale"), check=False)
+    with pytest.raises(DataError, match=r"3-D model .* sample 7 '.*b_fine.png' is 2-D"):
+        data.check()  # the mismatch is found on the first readable file
+    data = load_dataset(str(tmp_path), RGB_32)
+    assert data.check() == 7 and data[7][0].shape == (3, 32, 32)
+    os.remove(tmp_path / "c" / "b_fine.png")
+    with pytest.raises(DataError, match=r"none of the 7 files .* can be read.*a_broken_0.png.*a_broken_4.png"):
+        load_dataset(str(tmp_path), RGB_32)

@@ -7,10 +7,12 @@ labels, and count in the report. Labels passed to :func:`nnsim_hooks.audit` with
 ``labels=`` take precedence over the dataset's.
 
 Unreadable images. For datasets that read image files through a ``loader`` and list
-them in ``samples`` (torchvision's ``ImageFolder``/``DatasetFolder``), the audit first
-tries to read every file; those that fail are skipped, kept in the table with
-``readable=False`` and counted in the report. Any other dataset whose ``__getitem__``
-fails stops the audit with a :class:`~nnsim_hooks.errors.DataError` that names the sample.
+them in ``samples`` (torchvision's ``ImageFolder``/``DatasetFolder``, and
+``nnsim_hooks.integrations.load_dataset``'s folders, CSVs and datalists), the audit first
+tries to read every file; those that fail are skipped wherever they sort, kept in the
+table with ``readable=False`` and counted in the report, and the probe of the model runs
+on the first readable sample. Any other dataset whose ``__getitem__`` fails stops the
+audit with a :class:`~nnsim_hooks.errors.DataError` that names the sample.
 """
 
 from __future__ import annotations

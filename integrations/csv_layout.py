@@ -1,0 +1,70 @@
+"""A CSV of ``path,label`` rows: header optional, paths relative to the CSV's folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import List, Optional, Sequence
+
+from nnsim_hooks.errors import DataError
+
+from .files import is_data_file
+from .labels import parse_labels
+from .listing import Listing
+
+PATH_COLUMNS = ("path", "image", "file", "filename", "filepath", "img")
+LABEL_COLUMNS = ("label", "target", "class", "y", "category")
+
+
+def _read_rows(path: str) -> List[tuple]:
+    """``(line number, cells)`` of the non-blank rows; a file that is not UTF-8 text is
+    refused by name (a renamed image or spreadsheet would otherwise raise a bare
+    UnicodeDecodeError)."""
+    not_text = (f"CSV '{path}' is not a text CSV: expected UTF-8 text with one path,label row per line. "
+                "If it is a spreadsheet (.xlsx) or another encoding (UTF-16, Latin-1), export or save it as "
+                "CSV UTF-8")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{not_text} (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r})") from exc
+    if "\x00" in text:
+        raise DataError(f"{not_text} (it holds NUL bytes, so it is a binary file)")
+    reader = csv.reader(text.splitlines(keepends=True))
+    rows = []
+    try:
+        for cells in reader:
+            if cells and any(c.strip() for c in cells):
+                rows.append((reader.line_num, cells))
+    except csv.Error as exc:
+        raise DataError(f"CSV '{path}' line {reader.line_num}: {exc}") from exc
+    return rows
+
+
+def read_csv(path: str, classes: Optional[Sequence[str]] = None) -> Listing:
+    """The samples a CSV lists (see :mod:`nnsim_hooks.integrations.labels` for labels)."""
+    base = os.path.dirname(os.path.abspath(path))
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"CSV '{path}' is empty; expected rows of path,label")
+    first = rows[0][1]
+    header = [c.strip().lower() for c in first]
+    path_col, label_col = 0, 1 if len(first) > 1 else None
+    if any(h in PATH_COLUMNS for h in header):
+        path_col = next(i for i, h in enumerate(header) if h in PATH_COLUMNS)
+        label_col = next((i for i, h in enumerate(header) if h in LABEL_COLUMNS), None)
+        rows = rows[1:]
+    elif not is_data_file(first[0].strip()) and not os.path.exists(os.path.join(base, first[0].strip())):
+        raise DataError(
+            f"CSV '{path}': the first row {first} is neither a header with a column among {list(PATH_COLUMNS)} "
+            "nor a data row whose first column is an image path"
+        )
+    paths, raw, places = [], [], []
+    for line, row in rows:
+        if path_col >= len(row) or not row[path_col].strip():
+            raise DataError(f"CSV '{path}' line {line}: {row} has no path in column {path_col + 1}")
+        paths.append(os.path.join(base, row[path_col].strip()))
+        raw.append(row[label_col].strip() if label_col is not None and label_col < len(row) else None)
+        places.append(f"line {line}")
+    labels, names = parse_labels(raw, places, f"CSV '{path}'", classes)
+    return Listing(paths, labels, names, layout="csv")
