@@ -11,6 +11,7 @@ import torch
 
 from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
 from .data import Batch, BatchSource, to_device
+from .data_fingerprint import data_differences, data_record
 from .gradient_index import GradientIndex
 from .persist import finish
 from .lock import FolderLock
@@ -113,11 +114,6 @@ def _build(handle, source: BatchSource, path, lock, folder_existed: bool, overwr
                         lock.release()  # deletes the lock file, so the folder can go
                         _remove_if_empty(store.path)
                 raise
-        elif source.total is not None and source.total != store.count:
-            raise IndexMismatchError(
-                f"the index at '{path}' holds {store.count} samples but the data has {source.total}: it was built "
-                "from other data. Use another path, or overwrite=True"
-            )
         else:
             logger.info("the index at %s is complete (%d samples)", path, store.count)
     finally:
@@ -146,13 +142,34 @@ def _open_store(handle, path, overwrite: bool, source: BatchSource, use_targets:
                     f"the index at '{path}' was built with use_targets={stored}, now use_targets={use_targets}: the "
                     "features would differ. Use the same setting, or build a new index (another path, or overwrite=True)"
                 )
-            if store.count:
+            _check_same_data(store, source, path)
+            if store.count and not store.manifest.get("extraction_complete"):
                 logger.info("resuming the index at %s from sample %d", path, store.count)
             return store
     manifest = new_manifest(fingerprint, {"data": source.describe(), "batch_size": source.batch_size,
                                           "use_targets": use_targets})
     manifest["fingerprint"] = None  # set from the first batch, once the output is resolved
     return Store.create(path, manifest, overwrite=overwrite)
+
+
+def _check_same_data(store: Store, source: BatchSource, path: Path) -> None:
+    """Refuse to resume (or reuse) a folder with data other than the data it was started on."""
+    total = source.total
+    if store.manifest.get("extraction_complete") and total is not None and total != store.count:
+        raise IndexMismatchError(
+            f"the index at '{path}' holds {store.count} samples but the data has {total}: it was built from other "
+            "data. Use another path, or overwrite=True"
+        )
+    diffs = data_differences(store.manifest.get("dataset"), source.data, total)
+    if not diffs and total is not None and store.count > total:  # a folder written before data records existed
+        diffs = [f"length: the folder already holds {store.count} samples, the data has {total}"]
+    if diffs:
+        state = "a finished index" if store.manifest.get("extraction_complete") else \
+            f"an unfinished build ({store.count} samples stored)"
+        raise IndexMismatchError(
+            f"the index at '{path}' holds {state} of other data than this:\n  - " + "\n  - ".join(diffs)
+            + "\nResume with the same data in the same order, or build a new index (another path, or overwrite=True)"
+        )
 
 
 def _extract(handle, source: BatchSource, store: Store, progress: bool, store_outputs, task: str,
@@ -185,8 +202,11 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
                 continue
             rows = _extract_batch(handle, batch, device, store, where, first, store_outputs, task, use_targets)
             first = False
+            updates = {}
+            if store.on_disk and store.count == 0:  # what the first commit records of the data
+                updates["dataset"] = data_record(source.data, source.total)
             store.append(rows)
-            store.commit()
+            store.commit(**updates)
             bar.update(1)
     finally:
         bar.close()
