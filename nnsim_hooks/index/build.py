@@ -49,16 +49,19 @@ def build_index(
             not shuffle, or an iterable of ``(inputs[, targets])`` batches (see
             :mod:`nnsim_hooks.index.data`). Sample ids are positions in this order.
         path: a folder to store everything in (memory-mapped, resumable). When it holds
-            an interrupted build of the same model and recipe, extraction continues where
-            it stopped; when it holds a finished one, that index is returned (rebuilding
-            only the FAISS part if ``index`` differs). None keeps everything in memory.
+            an interrupted build of the same model, recipe and data, extraction continues
+            where it stopped (rows written but not committed are cut off first); when it
+            holds a finished one, that index is returned (rebuilding only the FAISS part if
+            ``index`` differs). None keeps everything in memory. One writer at a time: a
+            second one gets a :class:`StoreError` naming the first.
         batch_size: samples per batch for a Dataset (default: the handle's batch_size).
         progress: tqdm progress bars.
         index: ``"flat"`` (exact, default), ``"ivf"``, ``"hnsw"``, ``"sq8"``, ``"ivf_sq8"``
             or a FAISS factory string; ``index_options`` their options (see
             :mod:`nnsim_hooks.index.backend`).
         gpu: put the FAISS index on GPU (None: when FAISS has GPUs).
-        overwrite: replace an index already at ``path``.
+        overwrite: replace an index already at ``path`` (only the files the store writes
+            are deleted; other files in the folder are kept).
         store_outputs: store softmax probabilities (classifiers) or raw outputs (others)
             beside the features: ``"auto"`` when at most 256 values per sample, or
             True / False. Predictions (argmax) are stored for classifiers regardless.
@@ -72,7 +75,9 @@ def build_index(
             noisy labels needs. Labels are stored either way.
 
     Raises:
-        IndexMismatchError: ``path`` holds an index of another model, output or recipe.
+        IndexMismatchError: ``path`` holds an index of another model, output or recipe,
+            or of other data (its length, first or last sample, file list: see
+            :mod:`nnsim_hooks.index.data_fingerprint`).
         ExtractionError: a batch failed (the message names it); the folder keeps every
             sample before it, and calling again resumes.
         StoreError: writing failed (disk full...); the folder keeps what was committed.

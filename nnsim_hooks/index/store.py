@@ -160,9 +160,15 @@ class Store:
 
     @classmethod
     def reopen(cls, path: Path) -> "Store":
-        """Open an existing store to append more rows, cutting rows past the committed count."""
+        """Open an existing store to append more rows, cutting rows past the committed count
+        and deleting temporary files of writes a killed process left (the caller holds the
+        folder's lock: no other writer can be using them)."""
         store = cls(Path(path), read_manifest(path))
         store._truncate_to_count()
+        with store_errors("cleaning", path):
+            for entry in os.listdir(path):
+                if is_store_temporary(entry):
+                    os.unlink(Path(path) / entry)
         return store
 
     def _truncate_to_count(self) -> None:
