@@ -68,9 +68,10 @@ def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
 def usable_k(k: int, n_valid: int) -> int:
     """``k`` clamped to the number of neighbours a sample can have (``n_valid - 1``), with a
     warning: a larger k pads every row with missing neighbours, which shifts the label
-    vote, the outlier scores and every threshold derived from them."""
+    vote, the outlier scores and every threshold derived from them. (Below two samples
+    nobody has neighbours and every score is NaN anyway: k becomes 1, silently.)"""
     most = max(1, n_valid - 1)
-    if k > most:
+    if k > most and n_valid >= 2:
         import warnings
 
         warnings.warn(
@@ -80,7 +81,7 @@ def usable_k(k: int, n_valid: int) -> int:
             stacklevel=3,
         )
         return most
-    return k
+    return min(k, most)
 
 
 def audit(
