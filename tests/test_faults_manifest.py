@@ -310,3 +310,11 @@ def test_audit_overwrite_removes_only_what_the_audit_wrote(tmp_path):
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert left == ["demo", "demo/mine.txt", "index", "index/my_labels.csv", MARKER, "notes.md"]
     assert all(path.read_text() == "mine" for path in mine)
+
+
+def test_save_over_a_folder_with_your_files_is_refused(folder, tmp_path):
+    (folder / "notes.txt").write_text("mine")
+    idx = GradientIndex.from_features(clustered_rows(10, D))
+    with pytest.raises(StoreError, match=r"holds an index and files the index did not write \(notes.txt\)"):
+        idx.save(folder, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "mine" and len(load_index(folder)) == N
