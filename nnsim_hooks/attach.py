@@ -16,7 +16,7 @@ from .kernels import kernel_from_gram, normalize_features
 from .outputs import OutputFn, make_output_spec
 from .sketch import SketchRecipe, Sketcher
 from .targets import CoverageReport, LayerSelector, find_targets
-from .validation import batch_size_of
+from .validation import batch_size_of, describe
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,11 @@ class Handle:
     def extract(self, inputs, targets=None) -> "FeatureBatch":
         """Features plus what an index stores beside them (norms, outputs, predictions)."""
         n = batch_size_of(inputs)
+        if n == 0:
+            raise InputError(
+                f"inputs hold no samples ({describe(inputs)}): features need a batch of at least one sample "
+                "[B >= 1, ...]; skip empty batches before calling"
+            )
         parts = []
         for start, end in batching.chunks(n, self.batch_size):
             idx = slice(start, end)

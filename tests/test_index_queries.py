@@ -92,7 +92,9 @@ def test_exclude_lists_of_several_ids(data):
 def test_k_larger_than_index_pads(data):
     idx = data["idx"]
     n_valid = int(data["valid"].sum())
-    scores, ids = idx.search(data["rows"][:2], N + 5)
+    with pytest.warns(RuntimeWarning, match=f"k={N + 5} is more than the {N} samples in the index; using k={N}"):
+        scores, ids = idx.search(data["rows"][:2], N + 5)
+    assert ids.shape == (2, N)  # clamped to the index size; the invalid rows' slots are padding
     assert (ids >= 0).sum(1).tolist() == [n_valid, n_valid]
     assert np.isnan(scores[:, n_valid:]).all() and (ids[:, n_valid:] == -1).all()
 

@@ -5,7 +5,10 @@ before anything else and updated when the audit finishes:
 
 - a missing or empty folder is used as is;
 - a folder with a *finished* audit is refused unless ``overwrite=True``, which deletes
-  the audit's own files (and only them);
+  the audit's own files and only them: the files named in :data:`OUTPUT_FILES`, the
+  index folders of :data:`INDEX_FOLDERS` (only the files the index store writes; a
+  folder that then holds anything else is kept), ``demo/model.pt``. A file of yours in
+  the folder, or in ``index/`` or ``demo/``, is never deleted;
 - a folder with an *unfinished* audit of the same configuration is resumed: the
   gradient index inside it continues where it stopped (Ctrl-C, crash);
 - an unfinished audit of another configuration is refused unless ``overwrite=True``
@@ -18,36 +21,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..errors import StoreError
+from ..index.atomic import describe_os_error, store_errors
 
 logger = logging.getLogger(__name__)
 
 MARKER = "nnsim-audit.json"
-#: Everything the audit writes in its folder (what ``overwrite`` deletes).
-OUTPUTS = (
-    MARKER,
-    "index",
-    "index-denoising",
-    "report.html",
-    "table.csv",
-    "table.parquet",
-    "summary.json",
-    "per_class.csv",
-    "knn_graph.npz",
-    "demo",
-)
+#: The files the audit writes at the top of its folder (what ``overwrite`` deletes, with
+#: the two below).
+OUTPUT_FILES = (MARKER, "report.html", "table.csv", "table.parquet", "summary.json", "per_class.csv", "knn_graph.npz")
+#: The index folders it builds there (emptied of the index store's own files only).
+INDEX_FOLDERS = ("index", "index-denoising")
+#: Files in subfolders: the demo's trained model.
+NESTED_FILES = ("demo/model.pt",)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, fsync it, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with store_errors("writing", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -60,7 +58,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise StoreError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise StoreError(describe_os_error(exc, "writing", path)) from exc
     except BaseException:
         try:
             os.unlink(tmp)
@@ -131,7 +129,8 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise StoreError(f"the output path {folder} exists and is not a folder; choose another --out")
-    entries = list(folder.iterdir()) if folder.exists() else []
+    with store_errors("reading the output folder", folder):
+        entries = list(folder.iterdir()) if folder.exists() else []
     if entries:
         marker = read_marker(folder)
         if marker is None:
@@ -153,7 +152,8 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
                 "or choose another folder"
             )
         remove_outputs(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with store_errors("creating the output folder", folder):
+        folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / MARKER, {"state": "running", "config": clean_json(config)})
     return False
 
@@ -170,13 +170,36 @@ def _holds_work(folder: Path) -> bool:
 
 
 def remove_outputs(folder: Path) -> None:
-    """Delete the audit's own files in ``folder`` (nothing else)."""
-    for name in OUTPUTS:
-        path = Path(folder) / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    """Delete the audit's own files in ``folder`` (nothing else; see the module docstring)."""
+    from ..index.lock import LOCK_FILE, describe_holder
+    from ..index.store import remove_store_files
+
+    folder = Path(folder)
+    with store_errors("deleting the old audit in", folder):
+        for name in INDEX_FOLDERS:
+            path = folder / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                writer = describe_holder(path)
+                if writer is not None:
+                    raise StoreError(f"'{path}' is being written by {writer}; wait for it to finish, or stop it")
+                remove_store_files(path)
+                (path / LOCK_FILE).unlink(missing_ok=True)
+                _remove_if_empty(path)
+        for name in OUTPUT_FILES + NESTED_FILES:
+            path = folder / name
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+        _remove_if_empty(folder / "demo")
+
+
+def _remove_if_empty(path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    elif path.is_dir():
+        logger.warning("kept %s: it holds files the audit did not write (%s)", path,
+                       ", ".join(sorted(p.name for p in path.iterdir())[:5]))
 
 
 def mark_done(folder: Path, summary: Dict[str, Any]) -> None:

@@ -66,6 +66,25 @@ def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
     return out
 
 
+def usable_k(k: int, n_valid: int) -> int:
+    """``k`` clamped to the number of neighbours a sample can have (``n_valid - 1``), with a
+    warning: a larger k pads every row with missing neighbours, which shifts the label
+    vote, the outlier scores and every threshold derived from them. (Below two samples
+    nobody has neighbours and every score is NaN anyway: k becomes 1, silently.)"""
+    most = max(1, n_valid - 1)
+    if k > most and n_valid >= 2:
+        import warnings
+
+        warnings.warn(
+            f"nnsim_hooks.audit: k={k} is more than the {most} neighbours a sample can have ({n_valid} samples with a "
+            f"gradient); using k={most}. Pass a smaller --k for small datasets",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return most
+    return min(k, most)
+
+
 def audit(
     model: nn.Module,
     dataset,
@@ -121,7 +140,8 @@ def audit(
             - ``"logit"``, ``"sum"`` or a callable ``fn(outputs, targets)`` (it gets ``targets=None``).
         sketch_dim: feature dimension per output (see :func:`nnsim_hooks.attach`); None:
             1024, or ``max(128, 2048 // C)`` per output for ``"full"``.
-        k: neighbours per sample.
+        k: neighbours per sample; more than the dataset's samples with a gradient, less
+            one, is clamped to that number with a warning.
         out_dir: a folder for everything (index store, table, report). The index is built
             inside it, so an interrupted audit resumes when called again with the same
             arguments; a finished one is refused unless ``overwrite=True``. None keeps
@@ -235,7 +255,7 @@ def audit(
         index,
         positions=positions,
         n_total=n_total,
-        k=int(k),
+        k=usable_k(int(k), index.n_valid),
         thresholds=limits,
         num_classes=num_classes,
         progress=progress,

@@ -28,8 +28,10 @@ def describe_os_error(exc: OSError, what: str, path: PathLike) -> str:
     """A message for an ``OSError`` while doing ``what`` to ``path``."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         hint = "the disk is full (or over quota): free some space"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "no permission to write there: choose another folder"
+    elif exc.errno == errno.EROFS:
+        hint = "the file system is read-only: write to another folder (copy a stored index there first)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = "no permission to write there: choose another folder, or change its permissions"
     else:
         hint = os.strerror(exc.errno) if exc.errno else str(exc)
     return f"{what} '{path}' failed: {hint} ({type(exc).__name__}: {exc})"

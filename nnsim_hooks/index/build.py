@@ -11,6 +11,7 @@ import torch
 
 from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
 from .data import Batch, BatchSource, to_device
+from .data_fingerprint import data_differences, data_record
 from .gradient_index import GradientIndex
 from .persist import finish
 from .lock import FolderLock
@@ -50,16 +51,19 @@ def build_index(
             not shuffle, or an iterable of ``(inputs[, targets])`` batches (see
             :mod:`nnsim_hooks.index.data`). Sample ids are positions in this order.
         path: a folder to store everything in (memory-mapped, resumable). When it holds
-            an interrupted build of the same model and recipe, extraction continues where
-            it stopped; when it holds a finished one, that index is returned (rebuilding
-            only the FAISS part if ``index`` differs). None keeps everything in memory.
+            an interrupted build of the same model, recipe and data, extraction continues
+            where it stopped (rows written but not committed are cut off first); when it
+            holds a finished one, that index is returned (rebuilding only the FAISS part if
+            ``index`` differs). None keeps everything in memory. One writer at a time: a
+            second one gets a :class:`StoreError` naming the first.
         batch_size: samples per batch for a Dataset (default: the handle's batch_size).
         progress: tqdm progress bars.
         index: ``"flat"`` (exact, default), ``"ivf"``, ``"hnsw"``, ``"sq8"``, ``"ivf_sq8"``
             or a FAISS factory string; ``index_options`` their options (see
             :mod:`nnsim_hooks.index.backend`).
         gpu: put the FAISS index on GPU (None: when FAISS has GPUs).
-        overwrite: replace an index already at ``path``.
+        overwrite: replace an index already at ``path`` (only the files the store writes
+            are deleted; other files in the folder are kept).
         store_outputs: store softmax probabilities (classifiers) or raw outputs (others)
             beside the features: ``"auto"`` when at most 256 values per sample, or
             True / False. Predictions (argmax) are stored for classifiers regardless.
@@ -81,7 +85,9 @@ def build_index(
             PATH`` or :func:`nnsim_hooks.index.merge_shards`.
 
     Raises:
-        IndexMismatchError: ``path`` holds an index of another model, output or recipe.
+        IndexMismatchError: ``path`` holds an index of another model, output or recipe,
+            or of other data (its length, first or last sample, file list: see
+            :mod:`nnsim_hooks.index.data_fingerprint`).
         ExtractionError: a batch failed (the message names it); the folder keeps every
             sample before it, and calling again resumes.
         StoreError: writing failed (disk full...); the folder keeps what was committed.
@@ -132,11 +138,6 @@ def _build(handle, source: BatchSource, path, lock, folder_existed: bool, overwr
                         lock.release()  # deletes the lock file, so the folder can go
                         _remove_if_empty(store.path)
                 raise
-        elif source.total is not None and source.total != store.count:
-            raise IndexMismatchError(
-                f"the index at '{path}' holds {store.count} samples but the data has {source.total}: it was built "
-                "from other data. Use another path, or overwrite=True"
-            )
         else:
             logger.info("the index at %s is complete (%d samples)", path, store.count)
     finally:
@@ -165,13 +166,34 @@ def _open_store(handle, path, overwrite: bool, source: BatchSource, use_targets:
                     f"the index at '{path}' was built with use_targets={stored}, now use_targets={use_targets}: the "
                     "features would differ. Use the same setting, or build a new index (another path, or overwrite=True)"
                 )
-            if store.count:
+            _check_same_data(store, source, path)
+            if store.count and not store.manifest.get("extraction_complete"):
                 logger.info("resuming the index at %s from sample %d", path, store.count)
             return store
     manifest = new_manifest(fingerprint, {"data": source.describe(), "batch_size": source.batch_size,
                                           "use_targets": use_targets})
     manifest["fingerprint"] = None  # set from the first batch, once the output is resolved
     return Store.create(path, manifest, overwrite=overwrite)
+
+
+def _check_same_data(store: Store, source: BatchSource, path: Path) -> None:
+    """Refuse to resume (or reuse) a folder with data other than the data it was started on."""
+    total = source.total
+    if store.manifest.get("extraction_complete") and total is not None and total != store.count:
+        raise IndexMismatchError(
+            f"the index at '{path}' holds {store.count} samples but the data has {total}: it was built from other "
+            "data. Use another path, or overwrite=True"
+        )
+    diffs = data_differences(store.manifest.get("dataset"), source.data, total)
+    if not diffs and total is not None and store.count > total:  # a folder written before data records existed
+        diffs = [f"length: the folder already holds {store.count} samples, the data has {total}"]
+    if diffs:
+        state = "a finished index" if store.manifest.get("extraction_complete") else \
+            f"an unfinished build ({store.count} samples stored)"
+        raise IndexMismatchError(
+            f"the index at '{path}' holds {state} of other data than this:\n  - " + "\n  - ".join(diffs)
+            + "\nResume with the same data in the same order, or build a new index (another path, or overwrite=True)"
+        )
 
 
 def _extract(handle, source: BatchSource, store: Store, progress: bool, store_outputs, task: str,
@@ -204,8 +226,11 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
                 continue
             rows = _extract_batch(handle, batch, device, store, where, first, store_outputs, task, use_targets)
             first = False
+            updates = {}
+            if store.on_disk and store.count == 0:  # what the first commit records of the data
+                updates["dataset"] = data_record(source.data, source.total)
             store.append(rows)
-            store.commit()
+            store.commit(**updates)
             bar.update(1)
     finally:
         bar.close()

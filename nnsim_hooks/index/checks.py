@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -54,9 +55,16 @@ def defined_rows(x: np.ndarray) -> np.ndarray:
     return finite & nonzero
 
 
-def check_k(k, n: int) -> int:
+def check_k(k, n: int, what: str = "samples in the index") -> int:
+    """``k`` as an int, clamped to ``n`` (the most neighbours there can be) with a warning:
+    asking for more than exist is almost always a mistake (a k meant for another dataset)
+    that would otherwise pass unnoticed."""
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
+    n = max(int(n), 1)
+    if k > n:
+        warnings.warn(f"nnsim_hooks: k={int(k)} is more than the {n} {what}; using k={n}", RuntimeWarning, stacklevel=3)
+        return n
     return int(k)
 
 

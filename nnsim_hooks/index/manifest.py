@@ -3,6 +3,10 @@
 The manifest is the folder's commit record: column files may hold more rows than
 ``count`` after a crash (a batch written but not committed); only the first ``count``
 rows are valid, and resuming truncates the rest.
+
+:func:`read_manifest` checks every field the store relies on (see :mod:`.schema`): a
+manifest that was edited, truncated or crafted is a :class:`StoreError` naming the field,
+never a garbage read or a file deleted outside the folder.
 """
 
 from __future__ import annotations
@@ -15,8 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import IndexMismatchError, StoreError
 from .atomic import store_errors
-
-MANIFEST = "manifest.json"
+from .schema import COLUMNS, MANIFEST, REQUIRED, column_file
 FORMAT = "nnsim_hooks.index"
 FORMAT_VERSION = 1
 
@@ -89,7 +92,62 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
     for key in ("count", "columns", "complete"):
         if key not in manifest:
             raise StoreError(f"the manifest '{path}' lacks the key '{key}'; the folder is corrupt")
+    check_manifest(manifest, path)
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_manifest(manifest: Dict[str, Any], path: Any) -> None:
+    """Refuse a manifest whose fields are not exactly what the store writes (:mod:`.schema`)."""
+
+    def bad(what: str) -> StoreError:
+        return StoreError(
+            f"the manifest '{path}' is corrupt or was edited: {what}. Rebuild the index (build_index(..., "
+            "overwrite=True) or GradientIndex.save)"
+        )
+
+    count = manifest["count"]
+    if not _is_int(count) or count < 0:
+        raise bad(f'"count" must be a non-negative integer, got {count!r}')
+    for key in ("complete", "extraction_complete"):
+        if not isinstance(manifest.get(key, False), bool):
+            raise bad(f'"{key}" must be true or false, got {manifest[key]!r}')
+    dim = manifest.get("feature_dim")
+    if dim is not None and (not _is_int(dim) or dim < 1):
+        raise bad(f'"feature_dim" must be a positive integer, got {dim!r}')
+    columns = manifest["columns"]
+    if not isinstance(columns, dict):
+        raise bad(f'"columns" must be an object {{name: {{dtype, shape}}}}, got a {type(columns).__name__}')
+    for name, spec in columns.items():
+        if name not in COLUMNS:
+            raise bad(f"unknown column '{name}' (the store writes only {sorted(COLUMNS)})")
+        dtype, ndim = COLUMNS[name]
+        if not isinstance(spec, dict):
+            raise bad(f"column '{name}' must be an object, got {spec!r}")
+        if spec.get("file", column_file(name)) != column_file(name):
+            raise bad(f"column '{name}' names the file {spec['file']!r}; the store's file for it is "
+                      f"'{column_file(name)}' inside the folder, and no other is read or deleted")
+        if spec.get("dtype") != dtype:
+            raise bad(f"column '{name}' has dtype {spec.get('dtype')!r}; the store writes it as {dtype}")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) != ndim or not all(_is_int(s) and s >= 1 for s in shape):
+            want = "[]" if ndim == 0 else "[n] with n >= 1"
+            raise bad(f"column '{name}' has row shape {shape!r}; the store writes {want}")
+        if name == "features" and dim is not None and shape != [dim]:
+            raise bad(f"the features have rows of shape {shape} but \"feature_dim\" is {dim}")
+    if manifest["complete"]:
+        missing = [name for name in REQUIRED if name not in columns]
+        if missing:
+            raise bad(f"a complete index needs the columns {list(REQUIRED)}; {missing} are missing")
+        if dim is None:
+            raise bad('a complete index needs "feature_dim"')
+    for key in ("index", "index_file", "dataset"):
+        value = manifest.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise bad(f'"{key}" must be an object or null, got {value!r}')
 
 
 def fingerprint_differences(stored: Any, current: Any, prefix: str = "") -> List[str]:

@@ -3,6 +3,7 @@ reading one back (``load_index``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,7 +18,10 @@ from .atomic import store_errors, write_json_atomic
 from .backend import FaissIndex, IndexSpec, make_spec
 from .checks import UNIT_TOLERANCE, as_float32_rows, defined_rows
 from .gradient_index import GradientIndex
+from .integrity import check_index_file_size, drop_nonfinite_rows, index_file_record
+from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
+from .schema import is_store_owned
 from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, remove_store_files, write_column
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -38,15 +42,26 @@ def save_index(self: GradientIndex, path: PathLike, *, overwrite: bool = False) 
             raise StoreError(f"'{path}' is not empty and is not an nnsim_hooks index; choose a new or empty folder")
         if not overwrite:
             raise StoreError(f"'{path}' already holds an index; pass overwrite=True to replace it")
+        writer = describe_holder(path)
+        if writer is not None:
+            raise StoreError(f"'{path}' is being written by {writer}; wait for it to finish, or save elsewhere")
+        foreign = sorted(p.name for p in path.iterdir() if not is_store_owned(p.name))
+        if foreign:  # the whole folder is replaced: only when it holds nothing but the index
+            raise StoreError(
+                f"'{path}' holds an index and files the index did not write ({', '.join(foreign[:5])}); overwrite "
+                "replaces the whole folder, so move them away first, or save elsewhere"
+            )
     with store_errors("creating", path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         for name, col in self._columns.items():
             write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
+        index_file = None
         if not self.spec.exact:
             self.backend.write(tmp / INDEX_FILE)
-        manifest = dict(self.manifest, updated=now(), index=self.spec.to_dict(), complete=True)
+            index_file = index_file_record(tmp / INDEX_FILE, self.backend)
+        manifest = dict(self.manifest, updated=now(), index=self.spec.to_dict(), complete=True, index_file=index_file)
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
@@ -88,14 +103,20 @@ def index_from_features(features, labels=None, predictions=None, probabilities=N
     manifest = new_manifest(None, {"data": "from_features"})
     task = "classification" if predictions is not None else ("regression" if outputs is not None else None)
     manifest.update(feature_dim=int(feats.shape[1]), task=task)
-    specs = [ColumnSpec("features", "float32", feats.shape[1:]), ColumnSpec("valid", "bool")]
-    specs += [ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in columns.items()]
-    if norms is None:
-        specs.append(ColumnSpec("norms", "float32"))
     folder = Path(path) if path is not None else None
     existed = folder is not None and folder.exists()
-    store = Store.create(folder, manifest, overwrite=overwrite)
-    store.define_columns(specs)
+    with FolderLock(folder, "from_features") if folder is not None else contextlib.nullcontext():
+        store = Store.create(folder, manifest, overwrite=overwrite)
+        _write_rows(store, feats, columns, norms, normalize, folder, existed)
+        return finish(store, index, index_options, gpu=gpu, progress=progress)
+
+
+def _write_rows(store: Store, feats: np.ndarray, columns: Dict[str, np.ndarray], norms, normalize: bool,
+                folder: Optional[Path], existed: bool) -> None:
+    n = len(feats)
+    store.define_columns([ColumnSpec("features", "float32", feats.shape[1:]), ColumnSpec("valid", "bool")]
+                         + [ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in columns.items()]
+                         + ([ColumnSpec("norms", "float32")] if norms is None else []))
     try:
         # block by block, so that a memory-mapped [N, D] input is never loaded whole
         block = max(1, BLOCK_BYTES // max(1, feats[:1].nbytes))
@@ -116,7 +137,6 @@ def index_from_features(features, labels=None, predictions=None, probabilities=N
                 shutil.rmtree(folder, ignore_errors=True)
         raise
     store.close()
-    return finish(store, index, index_options, gpu=gpu, progress=progress)
 
 
 def _unit_rows(rows: np.ndarray, offset: int, normalize: bool) -> np.ndarray:
@@ -181,14 +201,16 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
     )
     backend = None
     if not reuse:
+        index_file = None
         if not spec.exact:  # built now, to be saved; a flat index is built on first search
             backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
             if file is not None:
                 backend.write(file)
+                index_file = index_file_record(file, backend)
         elif file is not None:
             with store_errors("deleting", file):
                 file.unlink(missing_ok=True)
-        store.commit(index=spec.to_dict(), complete=True)
+        store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
     else:
         spec = IndexSpec.from_dict(stored)
     idx = GradientIndex(arrays, store.manifest, store.path, gpu=gpu, backend=backend)
@@ -206,6 +228,12 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     ``handle``, its fingerprint is checked against the stored one
     (:class:`~nnsim_hooks.errors.IndexMismatchError` says what differs). ``gpu``: put the
     FAISS index on GPU (None: if FAISS has GPUs).
+
+    What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
+    the manifest's fields, dtypes and row shapes (:mod:`.schema`); that every column file
+    holds exactly ``count`` rows; ``index.faiss`` against its record (:mod:`.integrity`).
+    Non-finite feature rows are marked not valid, with a warning. A folder still being
+    written is refused, naming the writer.
     """
     path = Path(path)
     if not is_store(path):
@@ -218,6 +246,12 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
             )
     manifest = read_manifest(path)
     if not manifest.get("complete"):
+        writer = describe_holder(path) if path.is_dir() else None
+        if writer is not None:
+            raise StoreError(
+                f"the index at '{path}' is being built by {writer} ({manifest['count']} samples committed so far): "
+                "wait for that build to finish, then load it"
+            )
         raise StoreError(
             f"the index at '{path}' is incomplete ({manifest['count']} samples stored so far): its build was "
             "interrupted. Run handle.build_index(data, path) again with the same data to finish it"
@@ -225,10 +259,10 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     columns = open_columns(path, manifest)
     if not mmap:
         columns = {k: np.array(v) for k, v in columns.items()}
-    for needed in ("features", "ids", "valid", "norms"):
-        if needed not in columns:
-            raise StoreError(f"the index at '{path}' has no '{needed}' column; the folder is corrupt")
+    columns = drop_nonfinite_rows(columns, path, manifest)
     idx = GradientIndex(columns, manifest, path, gpu=gpu)
+    if not idx.spec.exact:
+        check_index_file_size(path / INDEX_FILE, manifest.get("index_file"), idx.n_valid, idx.dim)
     if handle is not None:
         idx.check_handle(handle)
     return idx

@@ -14,6 +14,8 @@ from . import exact
 from .atomic import store_errors, write_json_atomic
 from .backend import FaissIndex, gpu_available, make_spec
 from .checks import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
+from .integrity import index_file_record, read_index_file
+from .lock import FolderLock
 from .manifest import MANIFEST, now
 from .store import INDEX_FILE
 
@@ -32,7 +34,7 @@ class FaissSearch:
         if self._backend is None:
             file = self.path / INDEX_FILE if self.path is not None else None
             if file is not None and not self.spec.exact and file.is_file():
-                self._backend = FaissIndex.read(file, self.spec, self.dim)
+                self._backend = read_index_file(file, self.spec, self.dim, self.n_valid, self.manifest.get("index_file"))
             else:
                 if file is not None and not self.spec.exact:
                     logger.warning("%s is missing; rebuilding the %s index from the stored features", file, self.kind)
@@ -60,22 +62,31 @@ class FaissSearch:
         """Replace the FAISS index by another type (same stored features); written to the
         folder when the index has one."""
         spec = make_spec(index, self.n_valid, options)
-        self._backend = None  # release the old one first: both may not fit in memory
-        backend = FaissIndex.build(self.features, self.valid, spec, progress=progress)
         if self.path is not None:
-            if not spec.exact:
-                backend.write(self.path / INDEX_FILE)
-            manifest = dict(self.manifest, index=spec.to_dict(), updated=now())
-            write_json_atomic(self.path / MANIFEST, manifest)
-            if spec.exact:
-                with store_errors("deleting", self.path / INDEX_FILE):
-                    (self.path / INDEX_FILE).unlink(missing_ok=True)
-            self.manifest = manifest
+            with FolderLock(self.path, "rebuild_index"):  # fails early (read-only folder, another writer)
+                backend = self._build_and_write(spec, progress)
         else:
+            self._backend = None
+            backend = FaissIndex.build(self.features, self.valid, spec, progress=progress)
             self.manifest["index"] = spec.to_dict()
         self.spec, self._backend = spec, backend
         self._move_to_gpu()
         return self
+
+    def _build_and_write(self, spec, progress: bool) -> FaissIndex:
+        self._backend = None  # release the old one first: both may not fit in memory
+        backend = FaissIndex.build(self.features, self.valid, spec, progress=progress)
+        record = None
+        if not spec.exact:
+            backend.write(self.path / INDEX_FILE)
+            record = index_file_record(self.path / INDEX_FILE, backend)
+        manifest = dict(self.manifest, index=spec.to_dict(), index_file=record, updated=now())
+        write_json_atomic(self.path / MANIFEST, manifest)
+        if spec.exact:
+            with store_errors("deleting", self.path / INDEX_FILE):
+                (self.path / INDEX_FILE).unlink(missing_ok=True)
+        self.manifest = manifest
+        return backend
 
     # -- neighbour search -----------------------------------------------------------------
 
@@ -85,7 +96,8 @@ class FaissSearch:
         Args:
             queries: float32 feature rows ``[Q, D]`` (numpy or torch; ``[D]`` for one).
                 Float64 is refused, not cast. NaN or zero rows get no results.
-            k: number of neighbours.
+            k: number of neighbours; more than the samples in the index is clamped to
+                their number, with a warning.
             exclude: ids to leave out, per query: ``[Q]`` (e.g. each query's own id) or
                 ``[Q, m]`` or a list of lists. Exclusion is by id, so an exact duplicate
                 of the query is kept while the query itself is dropped.
@@ -127,8 +139,10 @@ class FaissSearch:
     def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096,
                   progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored samples of every stored sample: ``(scores [N, k], ids [N, k])``
-        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time."""
-        k = check_k(k, len(self))
+        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time.
+        ``k`` above the number of other samples is clamped to it, with a warning."""
+        k = check_k(k, len(self) - 1 if exclude_self else len(self),
+                    "other samples in the index" if exclude_self else "samples in the index")
         from tqdm.auto import tqdm
 
         n = len(self)

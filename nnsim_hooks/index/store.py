@@ -2,7 +2,7 @@
 
 Folder layout (format version 1)::
 
-    manifest.json        what follows, the committed row count, fingerprint, versions
+    manifest.json        what follows, the committed row count, fingerprints, versions
     features.bin         float32 [count, feature_dim], unit rows; zero rows where undefined
     ids.bin              int64   [count], position in the dataset's order
     valid.bin            bool    [count], False where the gradient had no direction
@@ -12,12 +12,21 @@ Folder layout (format version 1)::
     probabilities.bin    float32 [count, C], softmax of the outputs (classifiers, small C)
     outputs.bin          float32 [count, d], raw outputs (other models, small d)
     index.faiss          the FAISS index, for index types other than "flat"
+    .lock                while a writer works in the folder (:mod:`.lock`)
 
 Each ``.bin`` file is a C-ordered raw array (``np.memmap(file, dtype, shape=...)``
-reads it; dtype and row shape are in ``manifest["columns"]``). Rows are appended batch by
-batch; a batch counts once its bytes are fsync'ed and the manifest, rewritten atomically,
-says so. Rows past ``count`` (a batch cut short by a crash) are cut off when the build
-resumes.
+reads it). The manifest's ``columns`` lists the columns present with their dtype and row
+shape; names, files, dtypes and row ranks are fixed by :mod:`.schema` and anything else is
+refused. ``manifest["dataset"]`` records the data's length and a digest of its first and
+last samples (resuming with other data is refused, :mod:`.data_fingerprint`);
+``manifest["index_file"]`` the size, SHA-256, vector count and dimension of
+``index.faiss`` (checked when it is read, :mod:`.integrity`).
+
+Commits: rows are appended batch by batch; a batch counts once its bytes are fsync'ed and
+the manifest, rewritten atomically, says so. Opening a folder to write cuts every column
+file back to the committed count (files the manifest does not list yet, before the first
+commit, to zero), so a batch cut short by a crash never shows twice. A complete index has
+exactly ``count`` rows in every column file; loading checks it.
 """
 
 from __future__ import annotations
@@ -32,12 +41,14 @@ import numpy as np
 
 from ..errors import StoreError
 from .atomic import describe_os_error, store_errors, write_all, write_atomic, write_json_atomic
-from .lock import LOCK_FILE
-from .manifest import MANIFEST, now, read_manifest
+from .manifest import now, read_manifest
+from .schema import (COLUMNS, INDEX_FILE, LOCK_FILE, MANIFEST, STORE_FILES, column_file, is_store_owned,
+                     is_store_temporary)
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "index.faiss"
+__all__ = ["INDEX_FILE", "ColumnSpec", "Store", "is_store", "open_columns", "prepare_folder", "remove_store_files",
+           "write_column"]
 # Bytes written per os.write when a whole column is saved at once.
 _CHUNK_BYTES = 64 << 20
 
@@ -52,7 +63,7 @@ class ColumnSpec:
 
     @property
     def file(self) -> str:
-        return f"{self.name}.bin"
+        return column_file(self.name)
 
     @property
     def row_bytes(self) -> int:
@@ -80,39 +91,44 @@ def is_store(folder: Path) -> bool:
 
 
 def prepare_folder(path: Path, overwrite: bool) -> None:
-    """Make ``path`` an empty folder for a new store, refusing to clobber anything else."""
+    """Make ``path`` a folder for a new store, refusing to clobber anything that is not the
+    store's own (see :meth:`Store.create`, which then removes the old store's files)."""
     if path.exists() and not path.is_dir():
         raise StoreError(f"'{path}' is a file; an index needs a folder path")
     if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        foreign = [n for n in names if not is_store_owned(n)]
         if is_store(path):
             if not overwrite:
                 raise StoreError(f"'{path}' already holds an index; pass overwrite=True to replace it")
-            remove_store_files(path)
-        leftover = [p.name for p in path.iterdir() if p.name != LOCK_FILE]
-        if leftover:
+            if foreign:
+                logger.warning("replacing the index in %s; the files it did not write are kept: %s", path,
+                               ", ".join(foreign[:5]))
+        elif foreign or any(n in STORE_FILES for n in names):
+            # only temporary files of a killed first write are cleaned; anything else may be the user's
+            shown = [n for n in names if not is_store_temporary(n) and n != LOCK_FILE]
             raise StoreError(
-                f"'{path}' is not empty ({', '.join(sorted(leftover)[:5])}...) and is not an nnsim_hooks index; "
-                "choose a new or empty folder"
+                f"'{path}' is not empty ({', '.join(shown[:5])}{'...' if len(shown) > 5 else ''}) and is not an "
+                "nnsim_hooks index (no manifest.json); nothing in it is deleted: choose a new or empty folder"
             )
+        else:
+            remove_store_files(path)  # leftovers of a first manifest write that was killed
     with store_errors("creating the folder", path):
         path.mkdir(parents=True, exist_ok=True)
 
 
-def remove_store_files(path: Path) -> None:
-    """Delete the files of the store in ``path`` (only files this package writes)."""
-    manifest_path = path / MANIFEST
-    names = {INDEX_FILE}
-    try:
-        manifest = read_manifest(path)
-        names |= {spec.get("file", f"{name}.bin") for name, spec in manifest.get("columns", {}).items()}
-    except StoreError:
-        names |= {f"{n}.bin" for n in ("features", "ids", "valid", "norms", "labels", "predictions", "probabilities", "outputs")}
+def remove_store_files(path: Path, *, keep_manifest: bool = False) -> None:
+    """Delete the files the store writes in ``path`` (:mod:`.schema` names them; never a
+    name read from a manifest, never another file). The manifest goes last, so that an
+    interrupted removal still leaves an index folder."""
     with store_errors("deleting the old index in", path):
-        for name in names:
-            (path / name).unlink(missing_ok=True)
-        for tmp in path.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-        manifest_path.unlink(missing_ok=True)
+        for entry in sorted(os.listdir(path)):
+            if entry == MANIFEST or entry == LOCK_FILE:
+                continue
+            if entry in STORE_FILES or is_store_temporary(entry):
+                (path / entry).unlink(missing_ok=True)
+        if not keep_manifest:
+            (path / MANIFEST).unlink(missing_ok=True)
 
 
 class Store:
@@ -136,21 +152,36 @@ class Store:
         if path is not None:
             path = Path(path)
             prepare_folder(path, overwrite)
+            # The new, empty manifest first: from then on the folder is an empty store, however
+            # the rest is interrupted (reopening cuts leftover column files to zero rows).
             write_json_atomic(path / MANIFEST, manifest)
+            remove_store_files(path, keep_manifest=True)
         return cls(path, manifest)
 
     @classmethod
     def reopen(cls, path: Path) -> "Store":
-        """Open an existing store to append more rows, cutting rows past the committed count."""
+        """Open an existing store to append more rows, cutting rows past the committed count
+        and deleting temporary files of writes a killed process left (the caller holds the
+        folder's lock: no other writer can be using them)."""
         store = cls(Path(path), read_manifest(path))
         store._truncate_to_count()
+        with store_errors("cleaning", path):
+            for entry in os.listdir(path):
+                if is_store_temporary(entry):
+                    os.unlink(Path(path) / entry)
         return store
 
     def _truncate_to_count(self) -> None:
+        """Cut every column file to the committed rows. Before the first commit the manifest
+        lists no columns; the files the store would write are then cut to zero, so that the
+        rows of a first batch written but never committed are not counted again."""
         count = self.count
-        for spec in self.columns.values():
-            file = self.path / spec.file
-            want = count * spec.row_bytes
+        for name in COLUMNS:
+            spec = self.columns.get(name)
+            if spec is None and count > 0:
+                continue  # a column this store does not have: never written
+            file = self.path / column_file(name)
+            want = count * spec.row_bytes if spec is not None else 0
             with store_errors("checking", file):
                 size = file.stat().st_size if file.exists() else 0
                 if size < want:
@@ -266,8 +297,11 @@ class Store:
         return open_columns(self.path, self.manifest)
 
 
-def open_columns(folder: Path, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Read-only memmaps of the committed rows of each column in ``folder``."""
+def open_columns(folder: Path, manifest: Dict[str, Any], *, exact: bool = True) -> Dict[str, np.ndarray]:
+    """Read-only memmaps of the committed rows of each column in ``folder``.
+
+    ``exact``: every file must hold exactly ``count`` rows (a finished store); otherwise
+    longer files (uncommitted rows) are allowed."""
     count = int(manifest["count"])
     out = {}
     for name, raw in manifest["columns"].items():
@@ -275,10 +309,13 @@ def open_columns(folder: Path, manifest: Dict[str, Any]) -> Dict[str, np.ndarray
         file = Path(folder) / spec.file
         with store_errors("opening", file):
             size = file.stat().st_size
-        if size < count * spec.row_bytes:
+        want = count * spec.row_bytes
+        if size < want or (exact and size != want):
+            rows = f"{size // max(spec.row_bytes, 1)} rows" + (f" and {size % spec.row_bytes} bytes" if size % spec.row_bytes else "")
             raise StoreError(
-                f"'{file}' holds {size // max(spec.row_bytes, 1)} rows but the manifest commits {count}: the folder is "
-                "corrupt (copied while being written?); rebuild it"
+                f"'{file}' holds {rows} but the manifest commits {count} ({size} bytes where {count} rows of "
+                f"{spec.row_bytes} bytes make {want}): the folder is corrupt (copied while being written, or edited?); "
+                "rebuild it"
             )
         if count == 0:
             out[name] = np.empty((0,) + spec.shape, spec.dtype)
