@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnsim_hooks.errors import BatchCouplingError, ModelError
-from nnsim_hooks.rules import LayerRule, add_rule
+from nnsim_hooks.rules import RULES, LayerRule, add_rule
 from nnsim_hooks.rules.base import Grads
 from nnsim_hooks.rules.conv import ConvRule
 from nnsim_hooks.rules.linear import LinearRule
@@ -495,6 +495,11 @@ def register_timm_rules() -> Dict[type, LayerRule]:
     Returns the registered ``{type: rule}``.
     """
     if _REGISTERED:
+        # The registry may have been reset since (the test suite restores it after each
+        # test): put back whatever is missing instead of trusting the first call.
+        for layer_type, rule in _REGISTERED.items():
+            if RULES.get(layer_type) is not rule:
+                add_rule(layer_type, rule)
         return dict(_REGISTERED)
     require("timm", "the timm integration")
     import importlib

@@ -216,6 +216,16 @@ def test_registration_is_idempotent_and_covers_the_table(rules):
         assert layer not in RULES
 
 
+def test_registration_is_restored_after_the_registry_was_reset(rules):
+    # conftest restores the registry after every test: a later call must register again,
+    # not trust that the first call's rules are still there.
+    for layer in rules:
+        RULES.pop(layer, None)
+    assert L.Linear not in RULES
+    register_timm_rules()
+    assert all(RULES.get(layer) is rule for layer, rule in rules.items())
+
+
 def test_inplace_layerscale_is_not_claimed_by_the_rule():
     model = Around(L.LayerScale(C, inplace=True), channels_last=True).eval()
     with attach(model) as handle:
