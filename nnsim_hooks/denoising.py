@@ -112,7 +112,8 @@ def matrix_denoising_factor(
 def index_matrix_denoising_factor(index, *, d: Optional[int] = None, kernel: str = "cosine",
                                   include_self: bool = True) -> MatrixDenoising:
     """The d x d denoising factor of the normalized kernel ``K_C`` from a stored index of
-    d-output features, in O(N D^2) through the D x D moment of the whitened rows.
+    d-output features: O(N D^2) through the D x D moment of the whitened rows when
+    D <= 4096, else O(N^2 D) over blocks of pairs (no D x D matrix).
 
     ``kernel="raw"`` raises :class:`~nnsim_hooks.errors.InputError`: index rows are
     whitened and the d x d ``K(x,x)^{1/2}`` needed to undo it is not stored (see the module
@@ -138,15 +139,25 @@ def index_matrix_denoising_factor(index, *, d: Optional[int] = None, kernel: str
         raise InputError(f"d={d!r} does not divide the index row width {width}; pass the number of outputs")
     dim = width // d
     gsum = np.zeros((d, dim))
-    second = np.zeros((dim, dim))
     for rows in _index_blocks(index, d):
         gsum += rows.sum(0)
-        flat = rows.reshape(-1, dim)
-        second += flat.T @ flat
+    # Q_i from the D x D moment of the rows when D is small, else from blocks of pairs.
+    second = None
+    if dim <= MOMENT_LIMIT:
+        second = np.zeros((dim, dim))
+        for rows in _index_blocks(index, d):
+            flat = rows.reshape(-1, dim)
+            second += flat.T @ flat
     sums, squares = [], []
     for rows in _index_blocks(index, d):
         s = rows @ gsum.T
-        q = np.einsum("iap,pq,ibq->iab", rows, second, rows)
+        if second is not None:
+            q = np.einsum("iap,pq,ibq->iab", rows, second, rows)
+        else:
+            q = np.zeros((len(rows), d, d))
+            for other in _index_blocks(index, d, block=512):
+                k = np.einsum("iap,jbp->ijab", rows, other)
+                q += np.einsum("ijab,ijcb->iac", k, k)
         if not include_self:
             k = rows @ rows.transpose(0, 2, 1)
             s, q = s - k, q - k @ k.transpose(0, 2, 1)
@@ -163,7 +174,7 @@ def index_matrix_denoising_factor(index, *, d: Optional[int] = None, kernel: str
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _index_blocks(index, d: int, block: int = 16384):
+def _index_blocks(index, d: int, block: int = 4096):
     """Index rows as whitened ``[b, d, D]`` float64 blocks (the stored rows are ``a / sqrt(d)``)."""
     f = index.features
     for start in range(0, len(f), block):

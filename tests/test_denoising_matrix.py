@@ -8,6 +8,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import nnsim_hooks
+from nnsim_hooks import denoising
 from nnsim_hooks.denoising import index_matrix_denoising_factor, matrix_denoising_factor
 from nnsim_hooks.errors import InputError
 
@@ -98,8 +99,9 @@ def test_differs_from_scalar_trace_kernel_at_d2():
     assert np.abs(got / scalar - 1).max() > 1e-3
 
 
-@pytest.mark.parametrize("d_out", [1, 2])
-def test_index_path_matches_exact_jacobians(d_out):
+@pytest.mark.parametrize("d_out,moment_limit", [(1, 4096), (2, 4096), (2, 8)])
+def test_index_path_matches_exact_jacobians(d_out, moment_limit, monkeypatch):
+    monkeypatch.setattr(denoising, "MOMENT_LIMIT", moment_limit)  # 8: the blocks-of-pairs path
     model = mlp(d_out).float()
     x = torch.randn(40, 3)
     # 71 parameters <= sketch_dim: the stored features are the exact (whitened) Jacobians.
