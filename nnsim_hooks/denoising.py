@@ -152,7 +152,7 @@ def index_matrix_denoising_factor(index, *, d: Optional[int] = None, kernel: str
     for rows in _index_blocks(index, d):
         s = rows @ gsum.T
         if second is not None:
-            q = np.einsum("iap,pq,ibq->iab", rows, second, rows)
+            q = (rows @ second) @ rows.transpose(0, 2, 1)
         else:
             q = np.zeros((len(rows), d, d))
             for other in _index_blocks(index, d, block=512):
