@@ -110,8 +110,7 @@ def figure(results, path) -> None:
         lo = min(np.nanmin(r[ref]), np.nanmin(r["scalar 1/N_eff, cosine Tr(K_C)/2"]))
         hi = max(np.nanmax(r[ref]), np.nanmax(r["scalar 1/N_eff, cosine Tr(K_C)/2"]))
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.ticklabel_format(style="sci", scilimits=(0, 0))  # narrow ranges: linear axes read better
         ax.set_xlabel("other factor")
         ax.set_ylabel("Tr(F)/2, matrix factor, raw kernel")
         ax.set_title(f"{name} (d = 2)")
@@ -158,7 +157,7 @@ def main(argv=None) -> dict:
         "The rows `from the index` use an index of exact features (models of at most 4,096 parameters): they "
         "must match the exact rows above them; the raw matrix factor cannot come from an index (its rows are "
         "whitened). `scalar 1/N_eff, raw` is what `GradientIndex.denoising_factor(\"raw\")` computes for d > 1.", "",
-        f"Figure: `{png.name}` (per sample, log-log; the line is equality).",
+        f"Figure: `{png.name}` (per sample; the line is equality).",
     ]
     settings = ("; ".join(f"{k}: {v[0]} samples, {v[1]} epochs, {results[k]['params']} parameters"
                           for k, v in sizes.items()) + f"; seed {args.seed}")
