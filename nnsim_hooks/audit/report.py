@@ -144,7 +144,7 @@ def _cards(s: Dict[str, Any]) -> str:
          "warn" if s["duplicate_groups"] else "good"),
         (f"{s['outliers']:,}", "outliers / rare samples", "warn" if s["outliers"] else "good"),
         (_num(den.get("median_effective_neighbors")), "median effective neighbours N_eff", ""),
-        (_num(den.get("median_denoising_factor")), "median noise-variance factor 1/N_eff", ""),
+        (_num(den.get("median_denoising_factor")), "median noise-variance factor 1/N_eff (d = 1, cosine kernel)", ""),
         (_pct(s.get("agreement", {}).get("prediction_vs_label")), "predictions agreeing with labels", ""),
     ]
     if s.get("unreadable"):
@@ -210,7 +210,10 @@ def _class_table(result, names: _Names) -> str:
         )
     return (f'<section><h2>Health per class</h2><p class="lead">By given label. <b>agreement</b>: predictions equal to the '
             'label. <b>N_eff</b>: how many samples the network averages at each prediction, so label-noise variance is '
-            'divided by N_eff there (PAPER §3; medians, as samples whose similarities cancel out have N_eff near 0); '
+            'divided by N_eff there (PAPER §3; medians, as samples whose similarities cancel out have N_eff near 0). '
+            'Shown: the scalar 1/N_eff of the cosine kernel of one differentiated value, the predicted class\'s '
+            'contrast (d = 1, where the authors\' d×d matrix factor Σ_j A_ij A_ijᵀ reduces to 1/N_eff; the cosine '
+            'kernel, so that large-gradient samples do not dominate); '
             '<b>consistency</b>: distance between a prediction and the kernel-weighted average of the others\' '
             f'predictions (0 = the averaging hypothesis holds exactly).</p><table class="data">{head}{"".join(rows)}'
             '</table></section>')
