@@ -24,6 +24,7 @@ itself there, with this repository on ``PYTHONPATH``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -123,8 +124,6 @@ def peer_version(adapter_cls) -> str:
 
 def run_child(peer: str, workload_name: str, args) -> dict:
     """One (peer, workload): timing against the plain step, peak memory, features per seed."""
-    import importlib
-
     adapter_cls = importlib.import_module(f"peers.{peer}").Peer
     result = {"version": peer_version(adapter_cls)}
     try:
@@ -297,6 +296,7 @@ def main() -> None:
             cos = torch.load(Path(work) / f"{name}_exact.pt")
             for peer in peers:
                 r = call_child(["--child", peer, name, "--workdir", work, *forwarded], args.timeout)
+                r.setdefault("version", peer_version(importlib.import_module(f"peers.{peer}").Peer))
                 if "error" not in r:
                     feats = torch.load(Path(work) / f"{peer}_{name}_features.pt")
                     mae = sum(metrics.projected_mae(f, cos) for f in feats) / len(feats)
@@ -343,7 +343,20 @@ def render(rows, args, command, machine, minutes, expected=None) -> str:
         "| peer | version | workload | x plain step | peak MB | error ratio | notes |",
         "|---|---|---|---:|---:|---:|---|",
     ]
+    plain = {}  # the slowest plain step of each workload: the most conservative bound for a timed-out peer
+    for _, name, r in rows:
+        if "plain_s" in r:
+            plain[name] = max(plain.get(name, 0.0), r["plain_s"])
     for peer, name, r in rows:
+        timeout = re.fullmatch(r"timed out after (\d+) s", r.get("error", ""))
+        if timeout and name in plain:
+            # Killed inside its first batch: it takes longer than the timeout, a lower bound.
+            seconds = float(timeout.group(1))
+            lines.append(
+                f"| {peer} | {r.get('version', '')} | {name} | > {seconds / plain[name]:.0f} | | | timed out after "
+                f"{seconds:.0f} s inside its first batch (bound against the slowest plain step of the other rows, {plain[name]:.3f} s) |"
+            )
+            continue
         if "error" in r:
             lines.append(f"| {peer} | {r.get('version', '')} | {name} | | | | fails: {_cell(r['error'])} |")
             continue

@@ -116,9 +116,11 @@ def test_render_gives_a_row_per_peer_and_failures_say_why():
     ok = {"version": "1.0", "peer_s": 0.6, "plain_s": 0.3, "peak_mb": 123.4, "error_ratio": 1.37,
           "notes": "all parameters", "repeats": 5, "seeds": 4}
     table = bench_peers.render(
-        [("nnsim", "resnet18", ok), ("bergson", "resnet18", {"version": "2.5.1", "error": "rejects | the model"})],
+        [("nnsim", "resnet18", ok), ("bergson", "resnet18", {"version": "2.5.1", "error": "rejects | the model"}),
+         ("traker", "resnet18", {"version": "0.3.2", "error": "timed out after 420 s"})],
         args, "python benchmarks/bench_peers.py", "test machine", 1.0,
     )
+    assert "| traker | 0.3.2 | resnet18 | > 1400 | | | timed out after 420 s" in table  # 420 s / 0.3 s
     assert "| nnsim | 1.0 | resnet18 | 2.00 | 123 | 1.37 | all parameters" in table
     assert "| bergson | 2.5.1 | resnet18 | | | | fails: rejects / the model |" in table
     assert "Command: `python benchmarks/bench_peers.py`" in table

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import types
 
-import torch
 import torch.nn as nn
 
 from .base import Adapter, dense_gaussian_projection
