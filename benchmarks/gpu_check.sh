@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 3, as one script (about 5 minutes on one recent GPU): per-sample
+# The GPU check of issue 3, as one script (about 5 minutes on one recent GPU, plus the peers'): per-sample
 # gradients, features and sketch error on CUDA, then the index on faiss-gpu. Tables go to
 # benchmarks/results/*_cuda.md. Needs torch with CUDA and faiss-gpu installed as the README
 # says (faiss-cpu uninstalled first). CI never runs it.
@@ -13,3 +13,5 @@ assert faiss.get_num_gpus() > 0, "this FAISS build sees no GPU: install faiss-gp
 PYCHECK
 "$PY" benchmarks/bench_gradients.py --device cuda --out benchmarks/results/gradients_cuda.md
 "$PY" benchmarks/bench_index.py --gpu --sizes 100000 1000000 --no-hnsw --out benchmarks/results/index_cuda.md
+# The peer packages at the same work (makes benchmarks/.peers-venv with torch from PyPI first).
+"$PY" benchmarks/bench_peers.py --device cuda --out benchmarks/results/peers_cuda.md
