@@ -138,7 +138,8 @@ def check_manifest(manifest: Dict[str, Any], path: Any) -> None:
             raise bad(f"column '{name}' has row shape {shape!r}; the store writes {want}")
         if name == "features" and dim is not None and shape != [dim]:
             raise bad(f"the features have rows of shape {shape} but \"feature_dim\" is {dim}")
-    if manifest["complete"]:
+    empty_share = count == 0 and isinstance(manifest.get("shard"), dict)  # a rank with nothing to extract
+    if manifest["complete"] and not empty_share:
         missing = [name for name in REQUIRED if name not in columns]
         if missing:
             raise bad(f"a complete index needs the columns {list(REQUIRED)}; {missing} are missing")

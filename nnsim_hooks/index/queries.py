@@ -161,13 +161,7 @@ class DatasetQueries:
         f = self.features
         budget = moments.memory_budget(max_memory)
         num = moments.apply_rows(f, self._moment("sum", kernel))
-        n, dim = f.shape
-        if dim > n:
-            den = moments.gram_squares(f, w, budget)
-        elif ("second", kernel) in self._cache or moments.second_moment_fits(dim, budget):
-            den = moments.quadratic_forms(f, self._moment("second", kernel))
-        else:
-            den = moments.chunked_quadratic_forms(f, w, budget)
+        den = self._squared_sums(f, w, kernel, budget)
         if not include_self:
             sq = moments.squared_norms(f)
             wi = w if w is not None else 1.0
@@ -176,6 +170,16 @@ class DatasetQueries:
         with np.errstate(divide="ignore", invalid="ignore"):
             out = np.where(den > 0, num**2 / np.where(den > 0, den, 1.0), np.nan)
         return self._nan_where_invalid(out)
+
+    def _squared_sums(self, f, w, kernel: str, budget: int) -> np.ndarray:
+        """``sum_j K_ij^2`` for every row ``i`` of ``f`` (all rows of the index): the N x N
+        Gram in blocks when D > N, else the D x D second moment (whole or in column chunks)."""
+        n, dim = f.shape
+        if dim > n:
+            return moments.gram_squares(f, w, budget)
+        if ("second", kernel) in self._cache or moments.second_moment_fits(dim, budget):
+            return moments.quadratic_forms(f, self._moment("second", kernel))
+        return moments.chunked_quadratic_forms(f, w, budget)
 
     def denoising_factor(self, kernel: str = "cosine", *, include_self: bool = True,
                          max_memory: Optional[int] = None) -> np.ndarray:

@@ -61,8 +61,17 @@ class _ShareRows(DatasetQueries):
     outputs = property(lambda s: s._slice(s._index.outputs))
     predictions = property(lambda s: s._slice(s._index.predictions))
 
+    @property
+    def dim(self) -> int:
+        return int(self._index.features.shape[1])
+
     def _moment(self, name: str, kernel: str) -> np.ndarray:
         return self._owner.moment(name, kernel)
+
+    def _squared_sums(self, f, w, kernel: str, budget: int) -> np.ndarray:
+        # These rows are one share: the sums over all j come from the summed second moment
+        # (the N x N Gram path of a whole index would see only this share's columns).
+        return moments.quadratic_forms(f, self._moment("second", kernel))
 
     def _cross_moment(self, p, w) -> np.ndarray:
         return self.cross

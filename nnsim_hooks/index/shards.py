@@ -252,8 +252,12 @@ def write_merged(path: Path) -> Dict[str, Any]:
         _write_concatenated(path / spec["file"], [columns[i][name] for i, _ in filled])
     info = reference["shard"]
     manifest = {k: v for k, v in reference.items() if k != "shard"}
+    # The whole dataset's record (data_fingerprint): its length, the first share's first sample
+    # and the last share's last one, so that a later one-process build with this data reuses it.
+    first, last = (filled[0][1].get("dataset") or {}), (filled[-1][1].get("dataset") or {})
+    dataset = {"length": total, "first": first.get("first"), "last": last.get("last"), "files": None}
     manifest.update(
-        count=total, extraction_complete=True, complete=False, index=None, updated=now(),
+        dataset=dataset, count=total, extraction_complete=True, complete=False, index=None, updated=now(),
         source=dict(reference.get("source") or {}, data=info.get("data")),
         shards={"count": n, "ranges": [[m["shard"]["start"], m["shard"]["stop"]] for m in manifests], "merged": now()},
     )
