@@ -98,7 +98,7 @@ class Handle:
         self._layers = layers
         self._engine: Optional[Engine] = Engine(model, targets, make_output_spec(output), self._coverage)
         self._param_shapes = {
-            g: tuple(getattr(t.module, local).shape) for t in targets for local, g in t.param_names.items()
+            g: tuple(t.module.get_parameter(local).shape) for t in targets for local, g in t.param_names.items()
         }
         self._sketcher: Optional[Sketcher] = None
 

@@ -153,6 +153,8 @@ class Engine:
         )
         recorder.mark_batch(inputs)
         capture.on_batch = recorder.on_batch
+        capture.derives_from_batch = recorder.derives_from_batch
+        capture.rule_of = lambda module: self._by_module[id(module)].rule
         capture.on_unbatched = lambda module: recorder.unbatched_call(module, self._params_of(module))
         capture.covered = self._covered
         capture.params_of = self._params_of
@@ -276,7 +278,7 @@ class Engine:
 
     def _fast(self, call: LayerCall) -> bool:
         target = self._by_module[id(call.module)]
-        return target.rule is not None and len(call.out_leaves) == 1
+        return target.rule is not None and (len(call.out_leaves) == 1 or target.rule.multi_output)
 
     def _units(self, p: Pass) -> Iterator[Tuple[Target, List[LayerCall]]]:
         """Fast-rule calls one by one, then each generic-rule module with all its calls."""
@@ -294,7 +296,7 @@ class Engine:
         """Per-sample gradients ``[B, d, *shape]`` keyed by local parameter name."""
         if len(calls) == 1 and self._fast(calls[0]):
             call = calls[0]
-            grads = target.rule.grad_sample(call.module, call.activation, call.backprops(p.d))
+            grads = target.rule.grad_sample(call.module, *target.rule.operands(call, p.d))
             return {k: v for k, v in grads.items() if k not in call.skip}
         return self._fallback(target, calls, p)
 
@@ -387,7 +389,7 @@ class Engine:
             alone = counts[id(target.module)] == 1 and not (set(target.param_names.values()) & self._shared)
             if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
                 call = calls[0]
-                part = target.rule.gram(call.module, call.activation, call.backprops(p.d))
+                part = target.rule.gram(call.module, *target.rule.operands(call, p.d))
                 checks.append((target.name, part))
                 total += part
                 continue
@@ -414,7 +416,7 @@ class Engine:
             local = {k: sketches[g] for k, g in target.param_names.items()}
             if len(calls) == 1 and self._fast(calls[0]):
                 call = calls[0]
-                result = target.rule.sketch(call.module, call.activation, call.backprops(p.d), local)
+                result = target.rule.sketch(call.module, *target.rule.operands(call, p.d), local)
                 result = {k: v for k, v in result.items() if k not in call.skip}
             else:
                 grads = self._unit_grads(target, calls, p)
