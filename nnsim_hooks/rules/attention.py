@@ -100,13 +100,19 @@ def _forward(module: nn.MultiheadAttention, call: AttentionCall, dtype: torch.dt
     """The maths of F.multi_head_attention_forward (dropout off), batch first."""
     h, e = module.num_heads, module.embed_dim
     hd = e // h
-    xq, xk, xv = (t.to(dtype) for t in (call.query, call.key, call.value))
+    xq = call.query.to(dtype)
+    xk = xq if call.same_query_key else call.key.to(dtype)
+    xv = xk if call.same_key_value else call.value.to(dtype)
     b, length, _ = xq.shape
     (wq, wk, wv), (bq, bk, bv) = _projection_weights(module)
     cast = lambda t: None if t is None else t.detach().to(dtype)  # noqa: E731
-    q = F.linear(xq, cast(wq), cast(bq))
-    k = F.linear(xk, cast(wk), cast(bk))
-    v = F.linear(xv, cast(wv), cast(bv))
+    if module._qkv_same_embed_dim and call.same_query_key and call.same_key_value:
+        # self-attention: one matmul for the three projections, as torch does
+        q, k, v = F.linear(xq, cast(module.in_proj_weight), cast(module.in_proj_bias)).chunk(3, -1)
+    else:
+        q = F.linear(xq, cast(wq), cast(bq))
+        k = F.linear(xk, cast(wk), cast(bk))
+        v = F.linear(xv, cast(wv), cast(bv))
     extra = 0  # key columns added after the source tokens (bias_k, the zero column)
     if module.bias_k is not None:
         k = torch.cat([k, cast(module.bias_k).reshape(1, 1, e).expand(b, 1, e)], 1)
