@@ -13,9 +13,11 @@ Two stages (the idea of LoGra and Captum's TracInCPFastRandProj, then a dense st
    at most ``block`` long, that side is kept exactly and the other one projected.
    Kronecker sketches of a gradient with few positions (rank one at the end of a CNN)
    are noisier than a dense Gaussian of the same size, the more so the larger the
-   blocks: ``block = 2`` with ``stage1_dim = 16 D`` keeps the whole sketch's error
-   within about 1.1x of an ideal dense Gaussian sketch at D = 256 to 4096, where
-   ``block = 4`` and a fixed 16384 reached 1.2-1.5x at D = 4096.
+   blocks, while the work per first-stage dimension halves when the block side doubles.
+   The default is 4x4 up to D = 1024 and 2x2 above (``default_block``): with
+   ``stage1_dim = 16 D`` that keeps the error within about 1.1x of an ideal dense
+   Gaussian sketch at D = 256 to 4096 on resnet18 and a ViT, where 4x4 blocks reached
+   1.2-1.5x at D = 4096; 2x2 blocks cost about 2.4x the first-stage time of 4x4 ones.
 2. **Signed hashing (CountSketch) to ``dim``.** The per-parameter sketches (``M``
    numbers in all) are mapped to ``dim``: each of the M coordinates is added, with a
    random sign, to one random output coordinate. This is an unbiased inner-product
@@ -56,6 +58,8 @@ RECIPE_VERSION = 3
 STAGE1_PER_DIM = 16
 #: ... and at least this
 MIN_STAGE1_DIM = 16384
+#: above this ``dim`` the default Kronecker blocks are 2x2 instead of 4x4
+SMALL_BLOCK_ABOVE = 1024
 #: a table ``[few, N, C]`` with more entries per row than this is folded (see matrix_view)
 FOLD_COLS = 1 << 16
 
@@ -73,15 +77,15 @@ class SketchRecipe:
     exact_limit: int = 8192
     #: no projected parameter gets fewer first-stage dimensions than this
     min_param_dim: int = 256
-    #: side of the Kronecker blocks (see factor_dims); 2 rather than 4 since version 3:
-    #: for the same first-stage size, twice the work and a smaller error on layers with
-    #: few positions (see the module docstring)
-    block: int = 2
+    #: side of the Kronecker blocks (see factor_dims); None: ``default_block(dim)``
+    block: Optional[int] = None
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
         if self.stage1_dim is None:
             object.__setattr__(self, "stage1_dim", default_stage1_dim(self.dim))
+        if self.block is None:
+            object.__setattr__(self, "block", default_block(self.dim))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +93,13 @@ class SketchRecipe:
 
 def default_stage1_dim(dim: int) -> int:
     return max(MIN_STAGE1_DIM, STAGE1_PER_DIM * int(dim))
+
+
+def default_block(dim: int) -> int:
+    """4x4 Kronecker blocks up to D = 1024, 2x2 above: smaller blocks are more accurate on
+    gradients with few positions but cost twice as much for the same first-stage size;
+    above D = 1024 the first-stage error would otherwise dominate (see the module docstring)."""
+    return 4 if int(dim) <= SMALL_BLOCK_ABOVE else 2
 
 
 def _generator(seed: int, name: str, role: str) -> torch.Generator:

@@ -23,6 +23,11 @@ def test_default_first_stage_follows_the_sketch_dimension():
     assert SketchRecipe(2048).to_dict()["stage1_dim"] == 32768  # stored resolved in manifests
     with nnsim_hooks.attach(torch.nn.Linear(3, 2), sketch_dim=2048) as h:
         assert h.recipe.stage1_dim == 32768 and h.recipe.version == RECIPE_VERSION == 3
+    # 4x4 Kronecker blocks up to D = 1024, 2x2 above, stored resolved too
+    assert SketchRecipe(1024).block == 4 and SketchRecipe(2048).block == 2
+    assert SketchRecipe(4096, block=4).block == 4
+    sketcher = Sketcher(SketchRecipe(4096, stage1_dim=20000), {"w": (64, 400)})
+    assert (sketcher.params["w"].k_row, sketcher.params["w"].k_col) == (2, 2)
 
 
 def test_hash_follows_the_documented_seed_recipe():
