@@ -258,7 +258,6 @@ class MultiheadAttentionRule(LayerRule):
         matrices: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         vectors: Grads = {}
         t = lambda x: x.transpose(-2, -1)  # noqa: E731
-        (wq, wk, wv), _ = _projection_weights(module)
         if module._qkv_same_embed_dim:
             if module.in_proj_weight.requires_grad:
                 matrices["in_proj_weight"] = self._packed(inner, deltas, inputs)
