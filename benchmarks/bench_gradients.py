@@ -15,10 +15,12 @@ the process's state after set-up on CPU; ``max_memory_allocated`` on CUDA); the 
 step is timed again in that same process, and ratios use that local baseline.
 
 Then the sketch error: mean absolute error of sketched against exact cosine over all
-pairs of 64 samples, for D = 256, 1024, 4096, against an ideal dense Gaussian sketch of
-the exact gradients (simulated exactly from their Gram matrix).
+pairs of 64 samples, for D = 256, 1024, 4096, on the benchmark's inputs and on clustered
+ones, over several sketch seeds (with their seed-to-seed spread), against an ideal dense
+Gaussian sketch of the exact gradients (simulated exactly from their Gram matrix).
 
     python benchmarks/bench_gradients.py [--device cuda] [--out benchmarks/results/gradients_cpu.md]
+        [--skip-speed | --skip-error] [--seeds 8]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import nnsim_hooks  # noqa: E402
+from nnsim_hooks.kernels import normalize_features  # noqa: E402
 from nnsim_hooks.outputs import contrast  # noqa: E402
+from nnsim_hooks.sketch import SketchRecipe, Sketcher  # noqa: E402
 
 METHODS = [
     "plain",
@@ -127,29 +132,49 @@ def child(model_name: str, method: str, device: str, batch: int) -> dict:
     return {"seconds": seconds, "plain": baseline, "peak_mb": peak}
 
 
-def sketch_errors(model_name: str, device: str, n: int = 64, seeds: int = 12):
+def error_inputs(kind: str, n: int, device: str) -> torch.Tensor:
+    """``benchmark``: the speed table's Gaussian noise; ``clustered``: two tight clusters
+    (many large similarities, where stage-1 errors weigh most)."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "benchmark":
+        torch.manual_seed(0)
+        return torch.randn(n, 3, 32, 32, device=device)
+    centers = torch.randn(2, 3, 32, 32, generator=g)
+    return (centers[torch.arange(n) % 2] + 0.1 * torch.randn(n, 3, 32, 32, generator=g)).to(device)
+
+
+def sketch_errors(model_name: str, device: str, n: int = 64, seeds: int = 8, dims=(256, 1024, 4096)):
+    """Per input kind and D: (mean |k|, our MAE, the ideal's, ratio, our seed-to-seed spread
+    and the ideal's, both as a standard deviation over the ideal's mean)."""
     torch.manual_seed(0)
     model = common.MODELS[model_name]().to(device)
-    x = torch.randn(n, 3, 32, 32, device=device)
-    with nnsim_hooks.attach(model, batch_size=n) as h:
-        exact = h.similarity(x).cpu()
     iu = torch.triu_indices(n, n, 1)
-    chol = torch.linalg.cholesky(exact + 1e-10 * torch.eye(n, dtype=exact.dtype))
     rows = []
-    for dim in (256, 1024, 4096):
-        ours = []
-        for seed in range(seeds):
-            with nnsim_hooks.attach(model, sketch_dim=dim, seed=seed, batch_size=n) as h:
-                f = h.features(x).double().cpu()
-            ours.append(((f @ f.T) - exact)[iu[0], iu[1]].abs().mean().item())
-        ideal = []
-        for r in range(40):
-            z = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
-            g = chol @ z
-            g = g / g.norm(dim=1, keepdim=True)
-            ideal.append(((g @ g.T) - exact)[iu[0], iu[1]].abs().mean().item())
-        mine, best = sum(ours) / len(ours), sum(ideal) / len(ideal)
-        rows.append((model_name, dim, mine, best, mine / best))
+    for kind in ("benchmark", "clustered"):
+        x = error_inputs(kind, n, device)
+        with nnsim_hooks.attach(model, batch_size=n) as h:
+            p = h.engine.backprop(x)  # one captured pass, sketched with every seed and D
+            gram = h.engine.gram(p).cpu()
+            scale = gram.diagonal().sqrt()
+            exact = gram / scale[:, None] / scale[None, :]
+            chol = torch.linalg.cholesky(exact + 1e-10 * torch.eye(n, dtype=exact.dtype))
+            mean_k = exact[iu[0], iu[1]].abs().mean().item()
+            for dim in dims:
+                ours = []
+                for seed in range(seeds):
+                    sketcher = Sketcher(SketchRecipe(dim, seed), h._param_shapes)
+                    f = normalize_features(h.engine.sketch(p, sketcher))[0].double().cpu()
+                    ours.append(((f @ f.T) - exact)[iu[0], iu[1]].abs().mean().item())
+                ideal = []
+                for r in range(40):
+                    z = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1000 + r))
+                    g = chol @ z
+                    g = g / g.norm(dim=1, keepdim=True)
+                    ideal.append(((g @ g.T) - exact)[iu[0], iu[1]].abs().mean().item())
+                mine, best = statistics.mean(ours), statistics.mean(ideal)
+                rows.append((model_name, kind, mean_k, dim, sketcher.stage1_dim, mine, best, mine / best,
+                             statistics.stdev(ours) / best, statistics.stdev(ideal) / best))
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -162,6 +187,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the Markdown tables here too")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "METHOD", "DEVICE"), help=argparse.SUPPRESS)
     parser.add_argument("--skip-error", action="store_true", help="skip the sketch error table")
+    parser.add_argument("--skip-speed", action="store_true", help="skip the speed table")
+    parser.add_argument("--seeds", type=int, default=8, help="sketch seeds per D in the error table")
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 1024, 4096], help="D values of the error table")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, batch=args.batch)))
@@ -175,8 +203,10 @@ def main() -> None:
         "Peak memory is the process's own, above its state after set-up.",
         "",
     ]
-    lines += ["| model | method | s / batch | samples / s | x plain step | peak memory (MB) |", "|---|---|---:|---:|---:|---:|"]
-    for model_name in args.models:
+    if not args.skip_speed:
+        lines += ["| model | method | s / batch | samples / s | x plain step | peak memory (MB) |",
+                  "|---|---|---:|---:|---:|---:|"]
+    for model_name in args.models if not args.skip_speed else ():
         for method in args.methods:
             r = common.run_child(__file__, ["--child", model_name, method, args.device, "--batch", str(args.batch)])
             if "error" in r:
@@ -190,16 +220,19 @@ def main() -> None:
     if not args.skip_error:
         lines += [
             "",
-            "Sketch error: mean absolute error of the sketched cosine over all pairs of 64 samples, averaged "
-            "over 12 sketch seeds (one seed's MAE varies by about 20%), against an ideal dense Gaussian sketch "
-            "of the exact gradients (40 draws).",
+            f"Sketch error: mean absolute error of the sketched cosine over all pairs of 64 samples, averaged over "
+            f"{args.seeds} sketch seeds, against an ideal dense Gaussian sketch of the exact gradients (40 draws). "
+            "`spread`: the standard deviation of one seed's error over the seeds, and of one ideal draw's, both "
+            "divided by the ideal's mean. Default recipe at each D (stage 1 = max(16384, 16 D); 4x4 blocks up to "
+            "D = 1024, 2x2 above; hashed stage 2). Inputs: `benchmark` is the speed table's noise; `clustered` two tight clusters.",
             "",
-            "| model | D | MAE of sketched cosine | ideal dense sketch | ratio |",
-            "|---|---:|---:|---:|---:|",
+            "| model | inputs | mean abs cosine | D | stage 1 | MAE of sketched cosine | ideal dense sketch | ratio "
+            "| spread (ours) | spread (ideal) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for model_name in args.models:
-            for row in sketch_errors(model_name, args.device):
-                lines.append("| {} | {} | {:.4f} | {:.4f} | {:.2f} |".format(*row))
+            for row in sketch_errors(model_name, args.device, seeds=args.seeds, dims=args.dims):
+                lines.append("| {} | {} | {:.2f} | {} | {} | {:.4f} | {:.4f} | {:.2f} | {:.2f} | {:.2f} |".format(*row))
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)

@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, Handle]" = weakref.WeakKeyDictionary()
 
 DEFAULT_SKETCH_DIM = 1024
-DEFAULT_STAGE1_DIM = 16384
 DEFAULT_EXACT_LIMIT = 8192
 
 
@@ -35,7 +34,7 @@ def attach(
     layers: LayerSelector = None,
     sketch_dim: int = DEFAULT_SKETCH_DIM,
     seed: int = 0,
-    stage1_dim: int = DEFAULT_STAGE1_DIM,
+    stage1_dim: Optional[int] = None,
     exact_limit: int = DEFAULT_EXACT_LIMIT,
     batch_size: int = 64,
 ) -> "Handle":
@@ -60,7 +59,8 @@ def attach(
         sketch_dim: D, the dimension of sketched features per output.
         seed: the sketch seed; the same seed gives the same features anywhere.
         stage1_dim: the first-stage sketch size shared by the large parameters (see
-            :mod:`nnsim_hooks.sketch`); more is more accurate and slower.
+            :mod:`nnsim_hooks.sketch`); more is more accurate and slower. None: 16 x
+            sketch_dim, at least 16384.
         exact_limit: parameters with at most this many entries enter the second stage
             whole, unprojected.
         batch_size: how many samples go through the model at once when a method is given
@@ -113,7 +113,7 @@ class Handle:
         self._layers = layers
         self._engine: Optional[Engine] = Engine(model, targets, make_output_spec(output), self._coverage)
         self._param_shapes = {
-            g: tuple(getattr(t.module, local).shape) for t in targets for local, g in t.param_names.items()
+            g: tuple(t.module.get_parameter(local).shape) for t in targets for local, g in t.param_names.items()
         }
         self._sketcher: Optional[Sketcher] = None
         self._pairs = None

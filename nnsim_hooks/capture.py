@@ -110,6 +110,11 @@ class Capture:
         #: ``on_unbatched(module)`` and not recorded
         self.on_batch: Callable[..., bool] = lambda args, kwargs, module=None: True
         self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
+        #: the rule of a hooked module (None: the generic rule), asked first whether a call
+        #: ran on the batch (see LayerRule.batched); then ``derives_from_batch(args, kwargs,
+        #: module)`` must hold too
+        self.rule_of: Callable[[nn.Module], Optional[object]] = lambda module: None
+        self.derives_from_batch: Callable[..., bool] = lambda args, kwargs, module=None: True
         #: local names of the module's parameters already covered by a running ancestor
         self.covered: Callable[[nn.Module], Set[str]] = lambda module: set()
         #: the parameters a hooked module is differentiated for: its own, plus those of
@@ -156,8 +161,16 @@ class Capture:
             positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
             if not positions:
                 return None  # ran without gradient (torch.no_grad inside the model): contributes nothing
-            batch_first = all(leaves[k].dim() > 0 and leaves[k].shape[0] == self.batch for k in positions)
-            if not (batch_first and self.on_batch(args, kwargs, module)):
+            rule = self.rule_of(module)
+            verdict = None if rule is None else rule.batched(
+                module, args, kwargs, [leaves[k] for k in positions], self.batch
+            )
+            if verdict is None:
+                batch_first = all(leaves[k].dim() > 0 and leaves[k].shape[0] == self.batch for k in positions)
+                on_batch = batch_first and self.on_batch(args, kwargs, module)
+            else:  # the rule knows where this module keeps the batch
+                on_batch = verdict and self.derives_from_batch(args, kwargs, module)
+            if not on_batch:
                 # Shared by all samples (a table), or another layout (windows folded into
                 # the batch, sequence first): the module that mixes it in takes it.
                 self.on_unbatched(module)

@@ -157,6 +157,8 @@ class Engine:
         )
         recorder.mark_batch(inputs)
         capture.on_batch = recorder.on_batch
+        capture.derives_from_batch = recorder.derives_from_batch
+        capture.rule_of = lambda module: self._by_module[id(module)].rule
         capture.on_unbatched = lambda module: recorder.unbatched_call(module, self._params_of(module))
         capture.covered = self._covered
         capture.params_of = self._params_of
@@ -280,7 +282,7 @@ class Engine:
 
     def _fast(self, call: LayerCall) -> bool:
         target = self._by_module[id(call.module)]
-        return target.rule is not None and len(call.out_leaves) == 1
+        return target.rule is not None and (len(call.out_leaves) == 1 or target.rule.multi_output)
 
     def _units(self, p: Pass) -> Iterator[Tuple[Target, List[LayerCall]]]:
         """Fast-rule calls one by one, then each generic-rule module with all its calls."""
@@ -298,7 +300,7 @@ class Engine:
         """Per-sample gradients ``[B, d, *shape]`` keyed by local parameter name."""
         if len(calls) == 1 and self._fast(calls[0]):
             call = calls[0]
-            grads = target.rule.grad_sample(call.module, call.activation, call.backprops(p.d))
+            grads = target.rule.grad_sample(call.module, *target.rule.operands(call, p.d))
             return {k: v for k, v in grads.items() if k not in call.skip}
         if p.reused is None:
             return self._fallback(target, calls, p)
@@ -431,10 +433,16 @@ class Engine:
             alone = counts[id(target.module)] == 1 and not (set(target.param_names.values()) & self._shared)
             if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
                 call = calls[0]
-                term = GramTerm(key, target.name, rule=target.rule, module=call.module, activation=call.activation,
-                                backprops=call.backprops(p.d))
+                activation, backprops = target.rule.operands(call, p.d)
+                if not torch.is_tensor(activation):  # a rule of the whole call (attention): its gradients
+                    grads = target.rule.grad_sample(call.module, activation, backprops)
+                    checks.extend((target.name, g) for g in grads.values())
+                    terms.append(GramTerm.of_grads(key, target.name, grads))
+                    continue
+                term = GramTerm(key, target.name, rule=target.rule, module=call.module, activation=activation,
+                                backprops=backprops)
                 if keep and self._grad_bytes(target, p) <= term.nbytes():
-                    grads = target.rule.grad_sample(call.module, call.activation, term.backprops)
+                    grads = target.rule.grad_sample(call.module, activation, term.backprops)
                     checks.extend((target.name, g) for g in grads.values())
                     term = GramTerm.of_grads(key, target.name, grads)
                 terms.append(term)
@@ -474,7 +482,7 @@ class Engine:
         for target, calls in self._units(p):
             if len(calls) == 1 and self._fast(calls[0]):
                 call = calls[0]
-                part = gradient_sums.rule_sums(target.rule, call.module, call.activation, call.backprops(p.d), weights)
+                part = gradient_sums.rule_sums(target.rule, call.module, *target.rule.operands(call, p.d), weights)
                 part = {k: v for k, v in part.items() if k not in call.skip}
             else:
                 part = gradient_sums.sums_of_grads(self._unit_grads(target, calls, p), weights)
@@ -493,7 +501,7 @@ class Engine:
             if len(calls) == 1 and self._fast(calls[0]):
                 call = calls[0]
                 local = {n: sums[g] for n, g in target.param_names.items() if g in sums and n not in call.skip}
-                part = gradient_sums.rule_dots(target.rule, call.module, call.activation, call.backprops(p.d), local)
+                part = gradient_sums.rule_dots(target.rule, call.module, *target.rule.operands(call, p.d), local)
             else:
                 local = {n: sums[g] for n, g in target.param_names.items() if g in sums}
                 part = gradient_sums.dots_of_grads(self._unit_grads(target, calls, p), local)
@@ -512,7 +520,7 @@ class Engine:
             local = {k: sketches[g] for k, g in target.param_names.items()}
             if len(calls) == 1 and self._fast(calls[0]):
                 call = calls[0]
-                result = target.rule.sketch(call.module, call.activation, call.backprops(p.d), local)
+                result = target.rule.sketch(call.module, *target.rule.operands(call, p.d), local)
                 result = {k: v for k, v in result.items() if k not in call.skip}
             else:
                 grads = self._unit_grads(target, calls, p)

@@ -84,8 +84,16 @@ def _math_attention():
 
 def _differentiable(target: Target) -> bool:
     """Built-in rules are plain torch maths on (activation, delta), so they keep the graph;
-    rules registered elsewhere (integrations) may detach, so they go to torch.func."""
-    return target.rule is not None and type(target.rule).__module__.startswith("nnsim_hooks.rules.")
+    rules registered elsewhere (integrations) may detach, and rules of the whole call need
+    more than (activation, delta): those go to torch.func."""
+    from .rules.base import LayerRule
+
+    rule = target.rule
+    if rule is None or not type(rule).__module__.startswith("nnsim_hooks.rules."):
+        return False
+    # Rules of the whole call (nn.MultiheadAttention: q, k, v and several outputs) need more
+    # than the first input and one output that this module's hooks capture.
+    return type(rule).operands is LayerRule.operands and not getattr(rule, "multi_output", False)
 
 
 class _Call:

@@ -11,18 +11,37 @@ Two stages (the idea of LoGra and Captum's TracInCPFastRandProj, then a dense st
    hook factors without ever forming ``G``. The share is spent on ``repeats``
    independent ``block x block`` Kronecker sketches (averaged), or, when one side is
    at most ``block`` long, that side is kept exactly and the other one projected.
-2. **Dense Gaussian to ``dim``.** The per-parameter sketches (``M`` numbers in all)
-   are mapped to ``dim`` by one dense Gaussian matrix, stored as one block per
-   parameter. When ``M <= dim`` nothing is projected: the rows are padded with zeros
-   and the features are exact.
+   Kronecker sketches of a gradient with few positions (rank one at the end of a CNN)
+   are noisier than a dense Gaussian of the same size, the more so the larger the
+   blocks, while the work per first-stage dimension halves when the block side doubles.
+   The default is 4x4 up to D = 1024 and 2x2 above (``default_block``): with
+   ``stage1_dim = 16 D`` that keeps the error within about 1.1x of an ideal dense
+   Gaussian sketch at D = 256 to 4096 on resnet18 and a ViT, where 4x4 blocks reached
+   1.2-1.5x at D = 4096; 2x2 blocks cost about 2.4x the first-stage time of 4x4 ones.
+2. **Signed hashing (CountSketch) to ``dim``.** The per-parameter sketches (``M``
+   numbers in all) are mapped to ``dim``: each of the M coordinates is added, with a
+   random sign, to one random output coordinate. This is an unbiased inner-product
+   sketch whose variance is at most a dense Gaussian's for every pair of vectors
+   (``(|a|^2 |b|^2 + (a.b)^2 - 2 sum_i a_i^2 b_i^2) / dim``), in O(M) per sample instead
+   of O(M dim), so the first stage can grow with ``dim``: ``stage1_dim`` defaults to
+   ``STAGE1_PER_DIM * dim`` (at least ``MIN_STAGE1_DIM``). When ``M <= dim`` nothing is
+   projected: the rows are padded with zeros and the features are exact.
 
-Seed recipe (version 2), written into every index manifest: each matrix is drawn with
+The error of the sketched cosine is the ideal dense Gaussian's (from stage 2) plus what
+stage 1 adds, which shrinks as ``stage1_dim / dim`` grows; see the benchmark table
+``benchmarks/results/gradients_cpu.md`` for the error against D.
+
+Seed recipe (version 3), written into every index manifest: each matrix is drawn with
 ``torch.randn(shape, generator=g, dtype=float32)`` on the CPU, where ``g`` is seeded
 with the first 8 bytes (little-endian, masked to 63 bits) of
-``sha256("nnsim_hooks/sketch/v2|{seed}|{parameter name}|{role}")`` and ``role`` is
-``row``, ``col`` or ``dense``; it is then scaled by ``1/sqrt(k)``, ``k`` the number of
-its rows. The same seed therefore gives the same matrices on any machine and device,
-and each matrix is independent of which other parameters are sketched.
+``sha256("nnsim_hooks/sketch/v3|{seed}|{parameter name}|{role}")`` and ``role`` is
+``row`` or ``col``; it is then scaled by ``1/sqrt(k)``, ``k`` the number of its rows.
+Stage 2 draws, from a generator seeded the same way with role ``hash``,
+``torch.randint(dim, (m,))`` (the output coordinate of each of the parameter's m
+stage-1 coordinates) and then ``torch.randint(2, (m,))`` (its sign, 0 -> -1). The same
+seed therefore gives the same matrices on any machine and device, and each matrix is
+independent of which other parameters are sketched. Indexes built with another recipe
+version are refused.
 """
 
 from __future__ import annotations
@@ -34,7 +53,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
+#: the default first-stage size is this many times ``dim`` ...
+STAGE1_PER_DIM = 16
+#: ... and at least this
+MIN_STAGE1_DIM = 16384
+#: above this ``dim`` the default Kronecker blocks are 2x2 instead of 4x4
+SMALL_BLOCK_ABOVE = 1024
 #: a table ``[few, N, C]`` with more entries per row than this is folded (see matrix_view)
 FOLD_COLS = 1 << 16
 
@@ -45,26 +70,57 @@ class SketchRecipe:
 
     dim: int
     seed: int = 0
-    #: total first-stage size shared by the parameters that are projected
-    stage1_dim: int = 16384
+    #: total first-stage size shared by the parameters that are projected; None:
+    #: ``max(MIN_STAGE1_DIM, STAGE1_PER_DIM * dim)`` (resolved here, stored resolved)
+    stage1_dim: Optional[int] = None
     #: parameters with at most this many entries are kept whole (exact)
     exact_limit: int = 8192
     #: no projected parameter gets fewer first-stage dimensions than this
     min_param_dim: int = 256
-    #: side of the Kronecker blocks (see factor_dims)
-    block: int = 4
+    #: side of the Kronecker blocks (see factor_dims); None: ``default_block(dim)``
+    block: Optional[int] = None
     version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        if self.stage1_dim is None:
+            object.__setattr__(self, "stage1_dim", default_stage1_dim(self.dim))
+        if self.block is None:
+            object.__setattr__(self, "block", default_block(self.dim))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def seeded_gaussian(seed: int, name: str, role: str, shape: Sequence[int], std: float) -> torch.Tensor:
-    """A CPU float32 matrix of iid N(0, std^2) entries, drawn by the recipe above."""
+def default_stage1_dim(dim: int) -> int:
+    return max(MIN_STAGE1_DIM, STAGE1_PER_DIM * int(dim))
+
+
+def default_block(dim: int) -> int:
+    """4x4 Kronecker blocks up to D = 1024, 2x2 above: smaller blocks are more accurate on
+    gradients with few positions but cost twice as much for the same first-stage size;
+    above D = 1024 the first-stage error would otherwise dominate (see the module docstring)."""
+    return 4 if int(dim) <= SMALL_BLOCK_ABOVE else 2
+
+
+def _generator(seed: int, name: str, role: str) -> torch.Generator:
     digest = hashlib.sha256(f"nnsim_hooks/sketch/v{RECIPE_VERSION}|{seed}|{name}|{role}".encode()).digest()
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    matrix = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    return generator
+
+
+def seeded_hash(seed: int, name: str, m: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2 for one parameter: the output coordinate ``[m]`` (int64) and the sign ``[m]``
+    (float32, +-1) of each of its m stage-1 coordinates, drawn by the recipe above."""
+    generator = _generator(seed, name, "hash")
+    buckets = torch.randint(dim, (m,), generator=generator)
+    signs = torch.randint(2, (m,), generator=generator).float().mul_(2).sub_(1)
+    return buckets, signs
+
+
+def seeded_gaussian(seed: int, name: str, role: str, shape: Sequence[int], std: float) -> torch.Tensor:
+    """A CPU float32 matrix of iid N(0, std^2) entries, drawn by the recipe above."""
+    matrix = torch.randn(tuple(shape), generator=_generator(seed, name, role), dtype=torch.float32)
     return matrix.mul_(std)
 
 
@@ -214,7 +270,7 @@ class Sketcher:
         budgets = split_budget(recipe, param_shapes)
         total = 0
         for name, shape in param_shapes.items():
-            rows, cols = matrix_view(shape, recipe.block)
+            rows, cols = matrix_view(shape)
             repeats, k_row, k_col = factor_dims(rows, cols, budgets[name], recipe.block)
             row_m = col_m = None
             if k_row < rows:
@@ -229,8 +285,8 @@ class Sketcher:
         self.stage1_dim = total
         #: True when stage 2 is a zero padding (the features are exact)
         self.exact = total <= recipe.dim and not any(p.projected for p in self.params.values())
-        self._dense: Dict[str, torch.Tensor] = {}
-        self._dense_cache: Dict[Tuple[torch.device, torch.dtype], Dict[str, torch.Tensor]] = {}
+        self._hash: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hash_cache: Dict[Tuple[torch.device, torch.dtype], Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def dim(self) -> int:
@@ -239,19 +295,15 @@ class Sketcher:
     def param_sketches(self, names: List[str], device, dtype) -> Dict[str, ParamSketch]:
         return {n: self.params[n].to(device, dtype) for n in names}
 
-    def _dense_block(self, name: str, device, dtype) -> torch.Tensor:
+    def _hash_of(self, name: str, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         key = (torch.device(device), dtype)
-        blocks = self._dense_cache.setdefault(key, {})
-        if name not in blocks:
-            if name not in self._dense:
-                m = self.params[name].out_dim
-                # [m, dim] with N(0, 1/dim) entries: drawn as [dim, m] then transposed, so
-                # that its scale follows the recipe (1/sqrt of the number of rows = dim).
-                self._dense[name] = seeded_gaussian(
-                    self.recipe.seed, name, "dense", (self.dim, m), 1.0 / math.sqrt(self.dim)
-                ).T.contiguous()
-            blocks[name] = self._dense[name].to(device=device, dtype=dtype)
-        return blocks[name]
+        cached = self._hash_cache.setdefault(key, {})
+        if name not in cached:
+            if name not in self._hash:
+                self._hash[name] = seeded_hash(self.recipe.seed, name, self.params[name].out_dim, self.dim)
+            buckets, signs = self._hash[name]
+            cached[name] = (buckets.to(device), signs.to(device=device, dtype=dtype))
+        return cached[name]
 
     def combine(self, parts: Dict[str, torch.Tensor], batch: int, d: int, device, dtype) -> torch.Tensor:
         """Stage 2: per-parameter sketches ``[B, d, m_l]`` -> ``[B, d, dim]``."""
@@ -262,5 +314,6 @@ class Sketcher:
                 out[:, :, off : off + part.shape[-1]] += part
             return out
         for name, part in parts.items():
-            out += part @ self._dense_block(name, device, dtype)
+            buckets, signs = self._hash_of(name, device, dtype)
+            out.index_add_(2, buckets, part * signs)
         return out

@@ -116,8 +116,15 @@ def find_targets(model: nn.Module, layers: LayerSelector = None):
     targets: List[Target] = []
     rows: List[CoverageRow] = []
     matched_any = False
+    claimed: Dict[int, str] = {}  # id(param) -> the module whose rule computes it
+    by_parent_rule: Dict[str, str] = {}
     for mod_name, module in model.named_modules():
-        own = list(module.named_parameters(recurse=False))
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in claimed]
+        taken = [p for _, p in module.named_parameters(recurse=False) if id(p) in claimed]
+        if taken and select(mod_name, module):
+            owner = claimed[id(taken[0])]
+            rows.append(CoverageRow(mod_name, type(module).__name__, sum(p.numel() for p in taken if p.requires_grad),
+                                    by_parent_rule[owner], "fast", f"handled by '{owner or '<model>'}'"))
         if not own:
             continue
         count = sum(p.numel() for _, p in own)
@@ -135,6 +142,15 @@ def find_targets(model: nn.Module, layers: LayerSelector = None):
             rows.append(CoverageRow(mod_name, kind, count, rule_name, "excluded: frozen (requires_grad=False)"))
             continue
         names = {n: global_names[id(p)] for n, p in trainable}
+        if rule is not None:
+            # Children's parameters the rule computes (nn.MultiheadAttention's out_proj,
+            # whose forward never runs): this module is their target.
+            for local in rule.child_parameters(module):
+                param = module.get_parameter(local)
+                claimed[id(param)] = mod_name
+                if param.requires_grad:
+                    names[local] = global_names[id(param)]
+            by_parent_rule[mod_name] = rule.name
         targets.append(Target(mod_name, module, rule, names))
         rows.append(CoverageRow(mod_name, kind, sum(p.numel() for _, p in trainable), rule_name,
                                 "fallback" if rule is None else "fast"))

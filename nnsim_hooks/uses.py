@@ -171,6 +171,14 @@ class ParamUseRecorder(TorchFunctionMode):
                 return True
         return False
 
+    def derives_from_batch(self, args, kwargs, module: Optional[nn.Module] = None) -> bool:
+        """True when some tensor argument derives from the batch, wherever its batch
+        dimension is (the module's rule placed it), and the layout check did not flag
+        ``module``."""
+        if module is not None and id(module) in self.not_batch_first:
+            return False
+        return any(torch.is_tensor(t) and self._is_batched(t) for t in tree_flatten((args, kwargs))[0])
+
     def unbatched_call(self, module: nn.Module, params: List[nn.Parameter]) -> None:
         """A hooked module ran on something that is not the batch: its parameters go to
         the innermost running module that was called on the batch."""

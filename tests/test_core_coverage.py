@@ -88,12 +88,16 @@ def test_layer_patterns_select_modules_and_everything_inside():
 
 
 def test_parameters_moved_to_a_host_are_reported():
-    """nn.MultiheadAttention uses out_proj's weight itself: the report says where it went."""
+    """A subclass of nn.MultiheadAttention (generic rule: the attention rule matches the exact
+    type) uses out_proj's weight itself: the report says where it went."""
+
+    class MyAttention(nn.MultiheadAttention):
+        pass
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.attn = MyAttention(4, 2, batch_first=True)
             self.head = nn.Linear(4, 2)
 
         def forward(self, x):

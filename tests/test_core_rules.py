@@ -123,12 +123,16 @@ class PartlyFrozen(nn.Module):
         return self.head(torch.tanh(self.frozen(x)))
 
 
+class SubclassedAttention(nn.MultiheadAttention):
+    """A subclass: the attention rule is matched by exact type, so this one is generic."""
+
+
 class AttentionBlock(nn.Module):
     """nn.MultiheadAttention reads out_proj.weight itself: out_proj's forward never runs."""
 
-    def __init__(self):
+    def __init__(self, attention=nn.MultiheadAttention):
         super().__init__()
-        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.attn = attention(4, 2, batch_first=True)
 
     def forward(self, x):
         return self.attn(x, x, x, need_weights=False)[0]
@@ -268,13 +272,15 @@ def _cases():
     add("partly-frozen", lambda: PartlyFrozen(), lambda: r(B, 4))
     # Parameters used outside their module's forward, or on tensors whose first dimension
     # is not the batch: an enclosing module that takes the batch first hosts them.
-    add("multihead-attention", lambda: AttentionBlock(), lambda: r(B, 5, 4), "fallback")
+    add("multihead-attention", lambda: AttentionBlock(), lambda: r(B, 5, 4))
+    add("multihead-attention-subclass", lambda: AttentionBlock(SubclassedAttention), lambda: r(B, 5, 4), "fallback")
     add("head-used-by-parent", lambda: HeadUsedByParent(), lambda: r(B, 4), "mixed")
     add("tied-embedding-head", lambda: TiedEmbeddingHead(), lambda: ids(B, 5), "mixed")
     # the MLP runs on a table shared by all samples: its rows say the model handles it
     add("shared-bias-mlp", lambda: SharedBiasMlp(), lambda: r(B, 2, 3, 3), "fallback")
     add("windows-in-batch", lambda: WindowsInBatch(), lambda: r(B, 4, 4), "mixed")
-    add("sequence-first-transformer", lambda: SequenceFirstTransformer(), lambda: r(B, 5, 4), "fallback")
+    # its Linear layers see [T, B, C] (the model hosts them); its attention knows where the batch is
+    add("sequence-first-transformer", lambda: SequenceFirstTransformer(), lambda: r(B, 5, 4), "mixed")
     add("weight-norm-parametrization", _weight_norm_linear, lambda: r(B, 4), "fallback")
     return c
 

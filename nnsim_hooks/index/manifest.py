@@ -190,6 +190,14 @@ def check_fingerprint(stored: Optional[Dict[str, Any]], current: Dict[str, Any],
     if unresolved_output:
         stored = {k: v for k, v in stored.items() if k != "output"}
         current = {k: v for k, v in current.items() if k != "output"}
+    stored_version = (stored.get("sketch") or {}).get("version")
+    current_version = (current.get("sketch") or {}).get("version")
+    if stored_version != current_version:
+        raise IndexMismatchError(
+            f"the index at '{where}' holds features sketched with sketch recipe version {stored_version}; this "
+            f"nnsim_hooks sketches with version {current_version} (other random matrices), so its features cannot "
+            "be compared with the stored ones. Rebuild the index (another path, or overwrite=True)"
+        )
     diffs = fingerprint_differences(stored, current)
     if diffs:
         raise IndexMismatchError(

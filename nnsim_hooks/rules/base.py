@@ -7,6 +7,12 @@ quantities for that module's own trainable parameters:
 - ``backprops``: the gradient of each differentiated output with respect to the
   module's output, stacked as ``[d, B, ...]`` (d = 1 for a scalar output).
 
+A rule that needs more of the call (attention reads query, key, value and masks, and
+has two outputs) overrides :meth:`LayerRule.operands`, which builds these two
+arguments from the whole captured call (positional and keyword arguments, every
+output's gradient), sets ``multi_output``, and may override :meth:`LayerRule.batched`
+when the batch is not the first dimension of its input. Existing rules change nothing.
+
 From these a rule provides three things, each for all d outputs at once:
 
 - :meth:`LayerRule.grad_sample` materialises per-sample gradients ``[B, d, *shape]``;
@@ -21,12 +27,13 @@ Only :meth:`grad_sample` is required; the other two fall back to materialising.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Iterator, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..capture import LayerCall
     from ..sketch import ParamSketch
 
 Grads = Dict[str, torch.Tensor]
@@ -44,6 +51,27 @@ class LayerRule:
 
     #: short name shown in the coverage report
     name = "rule"
+    #: True: the rule also handles calls with several differentiable outputs (it reads
+    #: them through :meth:`operands`); False sends such calls to the generic rule
+    multi_output = False
+
+    def operands(self, call: "LayerCall", d: int) -> Tuple[Any, Any]:
+        """The ``(activation, backprops)`` passed to :meth:`grad_sample`, :meth:`gram` and
+        :meth:`sketch` for one captured call: by default its first tensor input and its
+        output gradients ``[d, B, ...]``."""
+        return call.activation, call.backprops(d)
+
+    def batched(self, module: nn.Module, args: Tuple, kwargs: Dict, outputs: Sequence[torch.Tensor],
+                batch: int) -> Optional[bool]:
+        """Whether this call ran on the batch, for a rule whose inputs may not have the batch
+        first (``nn.MultiheadAttention(batch_first=False)``); None: the default check (the
+        batch first in an input derived from the model's inputs and in every output)."""
+        return None
+
+    def child_parameters(self, module: nn.Module) -> List[str]:
+        """Local names (``"out_proj.weight"``) of parameters of the module's children that this
+        rule computes: the module that uses them, not the child, is then their target."""
+        return []
 
     def supports(self, module: nn.Module) -> bool:
         """False sends this module to the torch.func fallback (an unusual configuration)."""
