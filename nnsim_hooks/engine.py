@@ -434,10 +434,16 @@ class Engine:
             if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
                 call = calls[0]
                 activation, backprops = target.rule.operands(call, p.d)
-                if not torch.is_tensor(activation):  # a rule of the whole call (attention): its gradients
-                    grads = target.rule.grad_sample(call.module, activation, backprops)
-                    checks.extend((target.name, g) for g in grads.values())
-                    terms.append(GramTerm.of_grads(key, target.name, grads))
+                if not torch.is_tensor(activation):
+                    # A rule of the whole call (attention): its own Gram within this pass; kept
+                    # across batches as per-sample gradients (its operands do not concatenate).
+                    if keep:
+                        grads = target.rule.grad_sample(call.module, activation, backprops)
+                        checks.extend((target.name, g) for g in grads.values())
+                        terms.append(GramTerm.of_grads(key, target.name, grads))
+                    else:
+                        part = target.rule.gram(call.module, activation, backprops)
+                        terms.append(GramTerm(key, target.name, precomputed=part))  # checked in gram_of_terms
                     continue
                 term = GramTerm(key, target.name, rule=target.rule, module=call.module, activation=activation,
                                 backprops=backprops)

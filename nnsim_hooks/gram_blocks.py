@@ -43,6 +43,9 @@ class GramTerm:
     module: Any = None
     activation: Optional[torch.Tensor] = None
     backprops: Optional[torch.Tensor] = None  # [d, B, ...]
+    # The rule's own Gram of this batch, for rules of the whole call (attention), whose
+    # operands are not two tensors: valid within one pass, never kept across batches.
+    precomputed: Optional[torch.Tensor] = None
 
     @staticmethod
     def of_grads(key: str, owner: str, grads: Grads) -> "GramTerm":
@@ -51,6 +54,8 @@ class GramTerm:
 
     @property
     def rows(self) -> int:
+        if self.precomputed is not None:
+            return self.precomputed.shape[0]
         if self.grads is not None:
             return self.grads.shape[0]
         return self.backprops.shape[0] * self.backprops.shape[1]
@@ -69,6 +74,8 @@ class GramTerm:
 
     def gram(self) -> torch.Tensor:
         """``[B*d, B*d]`` float64."""
+        if self.precomputed is not None:
+            return self.precomputed
         if self.grads is not None:
             return (self.grads @ self.grads.T).double()
         return self.rule.gram(self.module, self.activation, self.backprops)
