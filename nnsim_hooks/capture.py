@@ -40,6 +40,10 @@ class LayerCall:
     skip: Set[str] = field(default_factory=set)
     #: version counters of out_leaves right after the call (later in-place edits show)
     out_versions: List[int] = field(default_factory=list)
+    #: taps[key][j]: gradient of output j at an autograd node inside the call that the
+    #: rule asked for (see LayerRule.tap_graph); tapped: what the rule kept of those nodes
+    taps: Dict[str, List[Optional[torch.Tensor]]] = field(default_factory=dict)
+    tapped: Optional[object] = None
 
     @property
     def activation(self) -> torch.Tensor:
@@ -187,6 +191,11 @@ class Capture:
             self.calls.append(call)
             for i, leaf in enumerate(out_leaves):
                 self._tensor_handles.append(leaf.register_hook(self._make_tensor_hook(call, i)))
+            found = None if rule is None else rule.tap_graph(call)
+            if found is not None:
+                call.tapped, nodes = found
+                for key, node in nodes.items():
+                    self._tensor_handles.append(node.register_prehook(self._make_node_hook(call, key)))
             return replaced
 
         return forward_hook
@@ -203,6 +212,16 @@ class Capture:
             return None
 
         return tensor_hook
+
+    def _make_node_hook(self, call: LayerCall, key: str):
+        def node_hook(grad_outputs):
+            slots = call.taps.setdefault(key, [])
+            while len(slots) <= self.pass_index:
+                slots.append(None)
+            slots[self.pass_index] = grad_outputs[0]
+            return None
+
+        return node_hook
 
     def grad_inputs(self) -> List[torch.Tensor]:
         """Where backward may stop: each call's tensor inputs that require grad, or, for a

@@ -441,9 +441,9 @@ class Engine:
                         grads = target.rule.grad_sample(call.module, activation, backprops)
                         checks.extend((target.name, g) for g in grads.values())
                         terms.append(GramTerm.of_grads(key, target.name, grads))
-                    else:
-                        part = target.rule.gram(call.module, activation, backprops)
-                        terms.append(GramTerm(key, target.name, precomputed=part))  # checked in gram_of_terms
+                    else:  # computed (and checked) in gram_of_terms
+                        terms.append(GramTerm(key, target.name, rule=target.rule, module=call.module,
+                                              activation=activation, backprops=backprops, whole_call=True))
                     continue
                 term = GramTerm(key, target.name, rule=target.rule, module=call.module, activation=activation,
                                 backprops=backprops)
@@ -476,9 +476,15 @@ class Engine:
     @torch.no_grad()
     def self_kernels(self, p: Pass) -> torch.Tensor:
         """``K(x_i, x_i) = J_i J_i^T``, ``[B, d, d]`` float64 (the Gram's diagonal blocks)."""
-        g = self.gram(p).reshape(p.batch, p.d, p.batch, p.d)
-        i = torch.arange(p.batch, device=g.device)
-        return g[i, :, i, :]
+        total = None
+        checks = []
+        for term in self.gram_terms(p):
+            part = term.self_gram(p.d)
+            if term.grads is None:
+                checks.append((term.owner, part))
+            total = part if total is None else total + part
+        self._check_finite(checks)
+        return total
 
     @torch.no_grad()
     def weighted_sums(self, p: Pass, weights: torch.Tensor) -> Grads:

@@ -151,6 +151,20 @@ FACTORED: Dict[type, Tuple[Sums, Dots]] = {
 }
 
 
+# -- any layer given as factors (cols [B, c, T], rows [d, B, r, T]) ------------------------
+
+
+def factored_sums(cols: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[K, r, c]``: the accumulators of ``grad = sum_t rows_t cols_t^T``."""
+    return torch.einsum("kbrt,bct->krc", mix(rows, weights), cols.to(rows.dtype))
+
+
+def factored_dots(cols: torch.Tensor, rows: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """``[B, d, K]``: each sample's products with the accumulators ``sums`` ``[K, r, c]``."""
+    y = torch.einsum("krc,bct->kbrt", sums.to(rows.dtype), cols.to(rows.dtype))
+    return torch.einsum("mbrt,kbrt->bmk", rows, y)
+
+
 # -- from materialised per-sample gradients ------------------------------------------------
 
 
@@ -179,6 +193,8 @@ def rule_sums(rule, module, activation, backprops, weights) -> Grads:
     fns = FACTORED.get(type(rule))
     if fns is not None and fns[0] is not None:
         return fns[0](module, activation, backprops, weights)
+    if hasattr(rule, "sums"):  # a rule with its own factored form (attention)
+        return rule.sums(module, activation, backprops, weights)
     return sums_of_grads(rule.grad_sample(module, activation, backprops), weights)
 
 
@@ -190,4 +206,6 @@ def rule_dots(rule, module, activation, backprops, sums: Grads) -> Optional[torc
     fns = FACTORED.get(type(rule))
     if fns is not None:
         return fns[1](module, activation, backprops, sums)
+    if hasattr(rule, "dots"):
+        return rule.dots(module, activation, backprops, sums)
     return dots_of_grads(rule.grad_sample(module, activation, backprops), sums)

@@ -43,9 +43,9 @@ class GramTerm:
     module: Any = None
     activation: Optional[torch.Tensor] = None
     backprops: Optional[torch.Tensor] = None  # [d, B, ...]
-    # The rule's own Gram of this batch, for rules of the whole call (attention), whose
-    # operands are not two tensors: valid within one pass, never kept across batches.
-    precomputed: Optional[torch.Tensor] = None
+    # A rule of the whole call (attention), whose operands are not two tensors: its own
+    # Gram of this batch, valid within one pass, never kept across batches.
+    whole_call: bool = False
 
     @staticmethod
     def of_grads(key: str, owner: str, grads: Grads) -> "GramTerm":
@@ -54,8 +54,8 @@ class GramTerm:
 
     @property
     def rows(self) -> int:
-        if self.precomputed is not None:
-            return self.precomputed.shape[0]
+        if self.whole_call:
+            return self.backprops[0].shape[0] * self.backprops[0].shape[1]
         if self.grads is not None:
             return self.grads.shape[0]
         return self.backprops.shape[0] * self.backprops.shape[1]
@@ -74,11 +74,16 @@ class GramTerm:
 
     def gram(self) -> torch.Tensor:
         """``[B*d, B*d]`` float64."""
-        if self.precomputed is not None:
-            return self.precomputed
         if self.grads is not None:
             return (self.grads @ self.grads.T).double()
         return self.rule.gram(self.module, self.activation, self.backprops)
+
+    def self_gram(self, d: int) -> torch.Tensor:
+        """The diagonal ``d x d`` blocks of :meth:`gram`, ``[B, d, d]`` float64, without the rest."""
+        if self.grads is not None:
+            flat = self.grads.reshape(-1, d, self.grads.shape[1])
+            return (flat @ flat.transpose(1, 2)).double()
+        return self.rule.self_gram(self.module, self.activation, self.backprops)
 
     def cross(self, other: "GramTerm") -> torch.Tensor:
         """``[B*d, B'*d]`` float64 inner products of this batch's gradients with ``other``'s."""

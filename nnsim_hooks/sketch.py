@@ -232,10 +232,11 @@ class ParamSketch:
         """
         d = max(row_factor.shape[0], col_factor.shape[0])
         b, length = row_factor.shape[1], row_factor.shape[-1]
-        p = row_factor.reshape(row_factor.shape[0], b, self.repeats, self.k_row, length).expand(d, -1, -1, -1, -1)
-        q = col_factor.reshape(col_factor.shape[0], b, self.repeats, self.k_col, length).expand(d, -1, -1, -1, -1)
-        out = torch.einsum("jbqrl,jbqcl->bjqrc", p, q)
-        return out.reshape(b, d, self.out_dim)
+        p = row_factor.reshape(row_factor.shape[0], b, self.repeats, self.k_row, length)
+        q = col_factor.reshape(col_factor.shape[0], b, self.repeats, self.k_col, length)
+        # one batched product of [k_row, L] by [L, k_col] blocks, on the factors as they are
+        out = torch.matmul(p, q.transpose(-2, -1))  # [d, B, repeats, k_row, k_col]
+        return out.transpose(0, 1).reshape(b, d, self.out_dim)
 
     def project_gradients(self, grads: torch.Tensor) -> torch.Tensor:
         """Sketch materialised per-sample gradients ``[B, d, *shape]`` -> ``[B, d, out_dim]``."""
@@ -251,6 +252,9 @@ class ParamSketch:
 def _apply(matrix: Optional[torch.Tensor], x: torch.Tensor, dim: int) -> torch.Tensor:
     if matrix is None:
         return x
+    if dim in (x.dim() - 2, -2):
+        # [..., n, L] -> [..., k, L]: the factors' own layout, no copy in or out
+        return torch.matmul(matrix, x)
     x = x.movedim(dim, -1)
     return (x @ matrix.T).movedim(-1, dim)
 

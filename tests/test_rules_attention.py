@@ -9,6 +9,7 @@ its factored sketch path, the sketch of the loop's gradients.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -63,7 +64,10 @@ class Block(nn.Module):
             scores = x[:, :, :2] @ x[:, :src, :2].transpose(1, 2)  # [B, L, src]
             kwargs["attn_mask"] = torch.stack([scores, -scores], 1).reshape(B * H if x.shape[0] == B else -1, L, src)
         if not self.attn.batch_first:
+            same = q is k and k is v
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+            if same:  # keep self-attention one tensor, as nn.TransformerEncoderLayer does
+                k = v = q
         out, weights = self.attn(q, k, v, **kwargs)
         if not self.attn.batch_first:
             out = out.transpose(0, 1)
@@ -182,3 +186,52 @@ def test_dropout_in_training_mode_is_refused():
     with nnsim_hooks.attach(model, output="sum") as h:
         with pytest.raises(ModelError, match=r"'attn'.*dropout=0.1.*model.eval\(\)"):
             h.per_sample_gradients(torch.randn(B, L, E, dtype=torch.float64))
+
+
+# Packed self-attention reads the two matrix products from the call's autograd graph;
+# everything else recomputes the attention. Both must give the loop's numbers (above);
+# here: which path each configuration takes, and the exact density through each.
+TAPPED = {"self", "self-sequence-first", "weights-averaged", "is-causal", "no-bias"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_packed_self_attention_is_not_recomputed(case, monkeypatch):
+    import nnsim_hooks.rules.attention as attention
+
+    calls = []
+    real = attention._forward
+    monkeypatch.setattr(attention, "_forward", lambda *a: calls.append(1) or real(*a))
+    model = _model(CASES[case])
+    x = torch.randn(B, L, E, dtype=torch.float64)
+    ref = per_sample_loop(model, x, output="sum")
+    with nnsim_hooks.attach(model, output="sum", exact_limit=0, stage1_dim=512, sketch_dim=64) as h:
+        got = h.per_sample_gradients(x)
+        h.features(x)
+    assert_grads_close(got, ref, rtol=1e-9, atol=1e-10)
+    assert (not calls) == (case in TAPPED), f"{case}: recomputed {len(calls)} times"
+
+
+@pytest.mark.parametrize("case", ["self", "weights-per-head-bias-kv-zero-attn"])
+@pytest.mark.parametrize("output", ["sum", "two"])
+def test_exact_density_through_the_attention_rule(case, output):
+    """The factored weighted sums and products (both paths) against brute force."""
+    model = _model(CASES[case])
+    x = torch.randn(7, L, E, dtype=torch.float64)
+    with torch.no_grad():
+        width = model(x).shape[1]
+    w = torch.randn(2, width, dtype=torch.float64)
+    out = (lambda o, t=None: o @ w[0]) if output == "sum" else (lambda o, t=None: o @ w.T)
+    ref_grads = per_sample_loop(model, x, output=out)
+    d = 1 if output == "sum" else 2
+    flat = torch.cat([g.reshape(7, d, -1) for g in ref_grads.values()], 2)  # [N, d, P]
+    if d == 1:
+        unit = flat[:, 0] / flat[:, 0].norm(dim=1, keepdim=True)
+        ref = (unit @ unit.T).sum(1)
+    else:  # PAPER: Tr(K_C)/d with per-sample whitening J_i -> (J_i J_i^T)^(-1/2) J_i
+        gram = flat @ flat.transpose(1, 2)
+        evals, evecs = torch.linalg.eigh(gram)
+        white = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.transpose(1, 2) @ flat
+        ref = torch.einsum("imp,jmp->ij", white, white).sum(1) / d
+    with nnsim_hooks.attach(model, output=out, batch_size=3) as h:
+        got = h.density(x, progress=False)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6, atol=1e-9)

@@ -12,6 +12,15 @@ materialising ``[B, 3E, E]`` gradients; biases, ``bias_k`` and ``bias_v`` are sm
 vectors. ``out_proj`` never runs (the module reads its weight itself), so the rule also
 takes ``out_proj.weight`` and ``out_proj.bias`` (see :meth:`LayerRule.child_parameters`).
 
+When the call is plain packed self-attention (``query is key is value``, one
+``in_proj_weight``, no ``bias_k``), nothing is recomputed: the rule finds the two matrix
+products of the call in its autograd graph (the in-projection and ``out_proj``; see
+:meth:`MultiheadAttentionRule.tap_graph`), keeps their saved inputs, and the capture
+hooks their output gradients, which autograd computes anyway. Both weights are then
+factored exactly like two ``nn.Linear`` layers, at the cost of their sketch alone.
+Any other configuration, or a graph that does not look as expected, takes the
+recomputation below.
+
 Handled: ``batch_first`` either way (sequence-first input has the batch in dim 1),
 ``kdim``/``vdim`` other than ``embed_dim`` (separate ``q/k/v_proj_weight``),
 ``bias=False``, ``add_bias_kv``, ``add_zero_attn``, ``key_padding_mask`` and
@@ -33,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import Grads, LayerRule, gram_of_grads
-from .factored import factored_gram
+from .base import Grads, LayerRule, gram_of_grads, self_gram_of_grads
+from .factored import factored_gram, factored_self_gram
 from .registry import register_rule
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -55,6 +64,9 @@ class AttentionCall:
     #: which of query, key, value are the same tensor: one token group per distinct tensor
     same_key_value: bool
     same_query_key: bool
+    #: from the call's autograd graph (packed self-attention): ``{"in_proj" | "out_proj":
+    #: (inputs [B, L, E], output gradients [d, B, L, out])}``; None: recompute
+    tapped: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
 
 
 def _bind(args, kwargs) -> Dict:
@@ -220,6 +232,37 @@ class MultiheadAttentionRule(LayerRule):
             o.shape[0] == batch for o in outputs[1:]
         )
 
+    def tap_graph(self, call):
+        """The in-projection and ``out_proj`` matrix products of a packed self-attention call,
+        found in the autograd graph between its output and its input: ``({key: saved input
+        [L*B, E]}, {key: node})``, or None (then :meth:`operands` recomputes)."""
+        module = call.module
+        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+            return None
+        weights = {"in_proj": module.in_proj_weight, "out_proj": module.out_proj.weight}
+        if not all(w.requires_grad for w in weights.values()):
+            return None
+        try:
+            a = _bind(call.args, call.kwargs)
+        except TypeError:
+            return None
+        query = a["query"]
+        if not (query is a["key"] is a["value"]) or query.dim() != 3:
+            return None
+        found = _find_products(call.out_leaves, query, weights)
+        if found is None:
+            return None
+        length, batch = (query.shape[1], query.shape[0]) if module.batch_first else query.shape[:2]
+        saved, nodes = found
+        e = module.embed_dim
+        if any(x.shape != (length * batch, e) for x in saved.values()):
+            return None
+        # rows are (token, sample) with the token outer, as F.multi_head_attention_forward lays them out
+        first = query[0, :2] if not module.batch_first else query[:2, 0]
+        if not torch.equal(saved["in_proj"][: min(2, batch)], first[: min(2, batch)].to(saved["in_proj"].dtype)):
+            return None
+        return {k: x.view(length, batch, e).transpose(0, 1) for k, x in saved.items()}, nodes
+
     def operands(self, call, d: int) -> Tuple[AttentionCall, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         module = call.module
         a = _bind(call.args, call.kwargs)
@@ -243,6 +286,8 @@ class MultiheadAttentionRule(LayerRule):
             g_out = torch.zeros(d, *query.shape[:2], module.embed_dim, dtype=g_weights.dtype, device=g_weights.device)
         elif not module.batch_first:
             g_out = g_out.transpose(1, 2)  # [d, L, B, E] -> [d, B, L, E]
+        if call.tapped is not None:
+            inputs.tapped = _tapped(call, d, g_out.dtype)
         return inputs, (g_out, g_weights)
 
     # -- the factors -----------------------------------------------------------------
@@ -250,6 +295,8 @@ class MultiheadAttentionRule(LayerRule):
     def _factors(self, module, inputs: AttentionCall, backprops):
         """``matrices``: name -> (cols ``[B, c, T]``, rows ``[d, B, r, T]``) with ``grad =
         sum_t rows_t cols_t^T``; ``vectors``: name -> per-sample gradient ``[B, d, *shape]``."""
+        if inputs.tapped is not None:
+            return _tapped_factors(module, inputs.tapped)
         g_out, g_weights = backprops
         dtype = g_out.dtype
         with torch.no_grad():
@@ -299,6 +346,30 @@ class MultiheadAttentionRule(LayerRule):
             rows.append(torch.cat([zeros if r is None else r for r in roles], -1).transpose(2, 3))
         return torch.cat(cols, -1), torch.cat(rows, -1)
 
+    # -- weighted sums and products (the exact dataset-scale queries) ----------------------
+
+    def sums(self, module, inputs, backprops, weights) -> Grads:
+        """``{name: [K, *shape]}``: see :mod:`nnsim_hooks.gradient_sums` (factored, no per-sample
+        gradient of the weights)."""
+        from ..gradient_sums import factored_sums, sums_of_grads
+
+        matrices, vectors = self._factors(module, inputs, backprops)
+        out = sums_of_grads(vectors, weights)
+        for name, (cols, rows) in matrices.items():
+            out[name] = factored_sums(cols, rows, weights)
+        return _in_order(module, out)
+
+    def dots(self, module, inputs, backprops, sums: Grads) -> Optional[torch.Tensor]:
+        from ..gradient_sums import dots_of_grads, factored_dots
+
+        matrices, vectors = self._factors(module, inputs, backprops)
+        total = dots_of_grads(vectors, sums)
+        for name, (cols, rows) in matrices.items():
+            if name in sums:
+                part = factored_dots(cols, rows, sums[name])
+                total = part if total is None else total + part
+        return total
+
     # -- the three things a rule provides ------------------------------------------------
 
     def grad_sample(self, module, activation, backprops) -> Grads:
@@ -318,6 +389,16 @@ class MultiheadAttentionRule(LayerRule):
             total += gram_of_grads(vectors)
         return total
 
+    def self_gram(self, module, activation, backprops) -> torch.Tensor:
+        matrices, vectors = self._factors(module, activation, backprops)
+        d, b = backprops[0].shape[:2]
+        total = torch.zeros(b, d, d, dtype=torch.float64, device=backprops[0].device)
+        for cols, rows in matrices.values():
+            total += factored_self_gram(cols, rows, weight=True, bias=False)
+        if vectors:
+            total += self_gram_of_grads(vectors)
+        return total
+
     def sketch(self, module, activation, backprops, sketches) -> Grads:
         matrices, vectors = self._factors(module, activation, backprops)
         out: Grads = {name: sketches[name].project_gradients(g) for name, g in vectors.items()}
@@ -325,6 +406,84 @@ class MultiheadAttentionRule(LayerRule):
             s = sketches[name]
             out[name] = s.combine_factors(s.rows_of(rows, 2), s.cols_of(cols, 1).unsqueeze(0))
         return out
+
+
+def _find_products(leaves, query: torch.Tensor, weights: Dict[str, torch.Tensor]):
+    """Walk the call's graph from its outputs back to ``query``'s node: for each weight, the
+    one matrix-product node that multiplies by its transpose, and that node's saved input."""
+    stop = query.grad_fn
+    seen, todo = set(), [t.grad_fn for t in leaves if t.grad_fn is not None]
+    saved: Dict[str, torch.Tensor] = {}
+    nodes: Dict[str, object] = {}
+    while todo:
+        node = todo.pop()
+        if node is None or node is stop or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _MAX_NODES:
+            return None
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            if type(nxt).__name__ == "TBackward0":
+                acc = nxt.next_functions[0][0]
+                for key, w in weights.items():
+                    if getattr(acc, "variable", None) is w:
+                        if key in nodes:
+                            return None  # used twice: not the layout this path assumes
+                        x = _saved_input(node)
+                        if x is None:
+                            return None
+                        saved[key], nodes[key] = x, node
+            todo.append(nxt)
+    return (saved, nodes) if len(nodes) == len(weights) else None
+
+
+#: a call's graph between its output and its input is a few dozen nodes; past this, give up
+_MAX_NODES = 512
+
+
+def _saved_input(node) -> Optional[torch.Tensor]:
+    """The left operand of ``mm(x, W.t())`` / ``addmm(b, x, W.t())``."""
+    name = type(node).__name__
+    try:
+        if name == "MmBackward0":
+            return node._saved_self
+        if name == "AddmmBackward0":
+            return node._saved_mat1
+    except RuntimeError:  # pragma: no cover - saved tensors already freed
+        return None
+    return None
+
+
+def _tapped(call, d: int, dtype: torch.dtype) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """The tapped products as ``(inputs [B, L, E], output gradients [d, B, L, out])``."""
+    out = {}
+    for key, x in call.tapped.items():
+        slots = call.taps.get(key, [])
+        rows = [slots[j] if j < len(slots) else None for j in range(d)]
+        b, length = x.shape[:2]
+        width = 3 * x.shape[2] if key == "in_proj" else x.shape[2]
+        grads = [
+            torch.zeros(b, length, width, dtype=dtype, device=x.device) if g is None
+            else g.view(length, b, width).transpose(0, 1)
+            for g in rows
+        ]
+        out[key] = (x.to(dtype), grads[0].unsqueeze(0) if d == 1 else torch.stack(grads))
+    return out
+
+
+def _tapped_factors(module, tapped):
+    matrices: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    vectors: Grads = {}
+    for key, weight, bias in (("in_proj", "in_proj_weight", "in_proj_bias"),
+                              ("out_proj", "out_proj.weight", "out_proj.bias")):
+        x, delta = tapped[key]  # [B, L, in], [d, B, L, out]
+        matrices[weight] = (x.transpose(1, 2), delta.transpose(2, 3))
+        param = module.in_proj_bias if key == "in_proj" else module.out_proj.bias
+        if param is not None and param.requires_grad:
+            vectors[bias] = delta.sum(2).transpose(0, 1)
+    return matrices, vectors
 
 
 def _in_order(module: nn.Module, grads: Grads) -> Grads:

@@ -68,6 +68,13 @@ class LayerRule:
         batch first in an input derived from the model's inputs and in every output)."""
         return None
 
+    def tap_graph(self, call: "LayerCall") -> Optional[Tuple[Any, Dict[str, Any]]]:
+        """Called right after a captured call: autograd nodes inside the call whose output
+        gradient the rule wants (``{key: node}``, hooked by the capture into
+        ``call.taps[key][j]``) and what it keeps of them at forward time (stored as
+        ``call.tapped``). None (the default): nothing to tap."""
+        return None
+
     def child_parameters(self, module: nn.Module) -> List[str]:
         """Local names (``"out_proj.weight"``) of parameters of the module's children that this
         rule computes: the module that uses them, not the child, is then their target."""
@@ -87,6 +94,10 @@ class LayerRule:
     def gram(self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
         grads = self.grad_sample(module, activation, backprops)
         return gram_of_grads(grads)
+
+    def self_gram(self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+        """The diagonal blocks of :meth:`gram`, ``[B, d, d]`` float64: each sample's own kernel."""
+        return self_gram_of_grads(self.grad_sample(module, activation, backprops))
 
     def sketch(
         self,
@@ -108,6 +119,18 @@ def gram_of_grads(grads: Grads) -> torch.Tensor:
     for g in grads.values():
         flat = g.reshape(g.shape[0] * g.shape[1], -1)
         part = (flat @ flat.T).double()
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("no trainable parameters in this module")
+    return total
+
+
+def self_gram_of_grads(grads: Grads) -> torch.Tensor:
+    """``[B, d, d]`` float64: each sample's Gram of its d gradients, summed over parameters."""
+    total = None
+    for g in grads.values():
+        flat = g.reshape(g.shape[0], g.shape[1], -1)
+        part = (flat @ flat.transpose(1, 2)).double()
         total = part if total is None else total + part
     if total is None:
         raise ValueError("no trainable parameters in this module")

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Grads, LayerRule, gram_of_grads
-from .factored import factored_gram
+from .factored import factored_gram, factored_self_gram
 from .registry import register_rule
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -103,6 +103,15 @@ class ConvRule(_ConvBase):
             return gram_of_grads(self.grad_sample(module, activation, backprops))
         cols, rows = self._factors(module, activation, backprops)
         return factored_gram(
+            cols[:, 0], rows[:, :, 0], module.weight.requires_grad,
+            module.bias is not None and module.bias.requires_grad,
+        )
+
+    def self_gram(self, module, activation, backprops) -> torch.Tensor:
+        if module.groups > 1:
+            return super().self_gram(module, activation, backprops)
+        cols, rows = self._factors(module, activation, backprops)
+        return factored_self_gram(
             cols[:, 0], rows[:, :, 0], module.weight.requires_grad,
             module.bias is not None and module.bias.requires_grad,
         )

@@ -57,6 +57,38 @@ def factored_gram(cols: torch.Tensor, rows: torch.Tensor, weight: bool, bias: bo
     return total
 
 
+def factored_self_gram(cols: torch.Tensor, rows: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
+    """The diagonal blocks of :func:`factored_gram`: ``[B, d, d]`` (float64), each sample's
+    own ``J_i J_i^T``, at a fraction of the full Gram's cost."""
+    d, batch, r, length = rows.shape
+    c = cols.shape[1]
+    total = torch.zeros(batch, d, d, dtype=torch.float64, device=rows.device)
+    if bias:
+        s = rows.sum(-1)  # [d, B, r]
+        total += torch.einsum("mbr,nbr->bmn", s, s).double()
+    if not weight:
+        return total
+    cols = cols.to(rows.dtype)
+    ghost_cost = length * length * (c + d * d * r)
+    dense_cost = d * r * c * length + d * d * r * c
+    if ghost_cost <= dense_cost:
+        # sum_{u,v} (a_u . a_v)(delta_mu . delta_nv), a sample at a time in chunks
+        step = max(1, MAX_ELEMENTS // max(1, d * d * length * length))
+        for start in range(0, batch, step):
+            a = cols[start : start + step]
+            aa = a.transpose(1, 2) @ a  # [b, L, L]
+            g = rows[:, start : start + step]  # [d, b, r, L]
+            dd = torch.einsum("mbru,nbrv->bmnuv", g, g)
+            total[start : start + step] += (dd * aa[:, None, None]).sum((3, 4)).double()
+        return total
+    step = max(1, MAX_ELEMENTS // max(1, d * r * c))
+    for start in range(0, batch, step):
+        g = torch.einsum("mbrl,bcl->bmrc", rows[:, start : start + step], cols[start : start + step])
+        flat = g.reshape(g.shape[0], d, -1)
+        total[start : start + step] += (flat @ flat.transpose(1, 2)).double()
+    return total
+
+
 def factored_sketch(module, cols, rows, sketches) -> Dict[str, torch.Tensor]:
     """Sketch of W (and b) for a layer with factors ``cols`` ``[B, c, L]`` and ``rows``
     ``[d, B, r, L]``."""

@@ -9,7 +9,7 @@ from opacus.grad_sample.linear import compute_linear_grad_sample
 
 from .base import Grads, LayerRule
 from .registry import register_rule
-from .factored import factored_gram, factored_sketch
+from .factored import factored_gram, factored_self_gram, factored_sketch
 
 
 def _tokens(activation: torch.Tensor, backprops: torch.Tensor):
@@ -37,6 +37,13 @@ class LinearRule(LayerRule):
         a, g = _tokens(activation, backprops)
         # [B, in, T] / [d, B, out, T]: the generic factored form used by convolutions too.
         return factored_gram(
+            a.transpose(1, 2), g.transpose(2, 3), module.weight.requires_grad,
+            module.bias is not None and module.bias.requires_grad,
+        )
+
+    def self_gram(self, module: nn.Linear, activation, backprops) -> torch.Tensor:
+        a, g = _tokens(activation, backprops)
+        return factored_self_gram(
             a.transpose(1, 2), g.transpose(2, 3), module.weight.requires_grad,
             module.bias is not None and module.bias.requires_grad,
         )
