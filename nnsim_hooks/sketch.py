@@ -18,27 +18,35 @@ Two stages (the idea of LoGra and Captum's TracInCPFastRandProj, then a dense st
    ``stage1_dim = 16 D`` that keeps the error within about 1.1x of an ideal dense
    Gaussian sketch at D = 256 to 4096 on resnet18 and a ViT, where 4x4 blocks reached
    1.2-1.5x at D = 4096; 2x2 blocks cost about 2.4x the first-stage time of 4x4 ones.
-2. **Signed hashing (CountSketch) to ``dim``.** The per-parameter sketches (``M``
-   numbers in all) are mapped to ``dim``: each of the M coordinates is added, with a
-   random sign, to one random output coordinate. This is an unbiased inner-product
-   sketch whose variance is at most a dense Gaussian's for every pair of vectors
-   (``(|a|^2 |b|^2 + (a.b)^2 - 2 sum_i a_i^2 b_i^2) / dim``), in O(M) per sample instead
-   of O(M dim), so the first stage can grow with ``dim``: ``stage1_dim`` defaults to
-   ``STAGE1_PER_DIM * dim`` (at least ``MIN_STAGE1_DIM``). When ``M <= dim`` nothing is
-   projected: the rows are padded with zeros and the features are exact.
+2. **Sparse signed hashing to ``dim``.** The per-parameter sketches (``M`` numbers in
+   all) are mapped to ``dim``: the outputs are cut into ``s = HASH_NONZEROS`` (4) blocks
+   of about ``dim / s`` coordinates, and each of the M coordinates is added, with a
+   random sign and a weight ``1/sqrt(s)``, to one random coordinate of every block: the
+   average of s independent CountSketches. This is an unbiased inner-product sketch
+   whose variance is that of one CountSketch into ``dim`` buckets, at most a dense
+   Gaussian's for every pair of vectors (``(|a|^2 |b|^2 + (a.b)^2 - 2 sum_i a_i^2 b_i^2)
+   / dim``), in O(s M) per sample instead of O(M dim), so the first stage can grow with
+   ``dim``: ``stage1_dim`` defaults to ``STAGE1_PER_DIM * dim`` (at least
+   ``MIN_STAGE1_DIM``). With a single nonzero (plain CountSketch, recipe version 3) the
+   error had the same mean but a heavier tail from seed to seed on gradients whose mass
+   sits in a few coordinates (clustered inputs); spreading every coordinate over s blocks
+   averages such collisions out. When ``M <= dim`` nothing is projected: the rows are
+   padded with zeros and the features are exact.
 
 The error of the sketched cosine is the ideal dense Gaussian's (from stage 2) plus what
 stage 1 adds, which shrinks as ``stage1_dim / dim`` grows; see the benchmark table
 ``benchmarks/results/gradients_cpu.md`` for the error against D.
 
-Seed recipe (version 3), written into every index manifest: each matrix is drawn with
+Seed recipe (version 4), written into every index manifest: each matrix is drawn with
 ``torch.randn(shape, generator=g, dtype=float32)`` on the CPU, where ``g`` is seeded
 with the first 8 bytes (little-endian, masked to 63 bits) of
-``sha256("nnsim_hooks/sketch/v3|{seed}|{parameter name}|{role}")`` and ``role`` is
+``sha256("nnsim_hooks/sketch/v4|{seed}|{parameter name}|{role}")`` and ``role`` is
 ``row`` or ``col``; it is then scaled by ``1/sqrt(k)``, ``k`` the number of its rows.
-Stage 2 draws, from a generator seeded the same way with role ``hash``,
-``torch.randint(dim, (m,))`` (the output coordinate of each of the parameter's m
-stage-1 coordinates) and then ``torch.randint(2, (m,))`` (its sign, 0 -> -1). The same
+Stage 2 draws, from a generator seeded the same way with role ``hash``, for each block
+``j = 0 .. s-1`` (``s = min(HASH_NONZEROS, dim)``, block j covering outputs
+``[j*dim//s, (j+1)*dim//s)``): ``torch.randint(size_j, (m,))`` (the coordinate within
+the block of each of the parameter's m stage-1 coordinates) and then
+``torch.randint(2, (m,))`` (its sign, 0 -> -1). The same
 seed therefore gives the same matrices on any machine and device, and each matrix is
 independent of which other parameters are sketched. Indexes built with another recipe
 version are refused.
@@ -53,7 +61,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
+#: stage 2 adds every stage-1 coordinate to this many outputs (one per block of dim / s)
+HASH_NONZEROS = 4
 #: the default first-stage size is this many times ``dim`` ...
 STAGE1_PER_DIM = 16
 #: ... and at least this
@@ -110,12 +120,17 @@ def _generator(seed: int, name: str, role: str) -> torch.Generator:
 
 
 def seeded_hash(seed: int, name: str, m: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2 for one parameter: the output coordinate ``[m]`` (int64) and the sign ``[m]``
-    (float32, +-1) of each of its m stage-1 coordinates, drawn by the recipe above."""
+    """Stage 2 for one parameter: the output coordinates ``[s, m]`` (int64, row j in block
+    j) and the signs ``[s, m]`` (float32, +-1) of each of its m stage-1 coordinates, drawn
+    by the recipe above (``s = min(HASH_NONZEROS, dim)``)."""
     generator = _generator(seed, name, "hash")
-    buckets = torch.randint(dim, (m,), generator=generator)
-    signs = torch.randint(2, (m,), generator=generator).float().mul_(2).sub_(1)
-    return buckets, signs
+    s = min(HASH_NONZEROS, dim)
+    buckets, signs = [], []
+    for j in range(s):
+        low, high = j * dim // s, (j + 1) * dim // s
+        buckets.append(torch.randint(high - low, (m,), generator=generator) + low)
+        signs.append(torch.randint(2, (m,), generator=generator).float().mul_(2).sub_(1))
+    return torch.stack(buckets), torch.stack(signs)
 
 
 def seeded_gaussian(seed: int, name: str, role: str, shape: Sequence[int], std: float) -> torch.Tensor:
@@ -306,7 +321,8 @@ class Sketcher:
             if name not in self._hash:
                 self._hash[name] = seeded_hash(self.recipe.seed, name, self.params[name].out_dim, self.dim)
             buckets, signs = self._hash[name]
-            cached[name] = (buckets.to(device), signs.to(device=device, dtype=dtype))
+            weight = 1.0 / math.sqrt(buckets.shape[0])  # the average of s CountSketches
+            cached[name] = (buckets.reshape(-1).to(device), signs.mul(weight).to(device=device, dtype=dtype))
         return cached[name]
 
     def combine(self, parts: Dict[str, torch.Tensor], batch: int, d: int, device, dtype) -> torch.Tensor:
@@ -318,6 +334,6 @@ class Sketcher:
                 out[:, :, off : off + part.shape[-1]] += part
             return out
         for name, part in parts.items():
-            buckets, signs = self._hash_of(name, device, dtype)
-            out.index_add_(2, buckets, part * signs)
+            buckets, signs = self._hash_of(name, device, dtype)  # [s*m], [s, m]
+            out.index_add_(2, buckets, (part.unsqueeze(2) * signs).reshape(batch, d, -1))
         return out

@@ -42,7 +42,7 @@ def test_whitened_features_give_the_matrix_kernel():
 
 
 def test_matrices_follow_the_documented_seed_recipe():
-    digest = hashlib.sha256(b"nnsim_hooks/sketch/v3|7|layer.weight|row").digest()
+    digest = hashlib.sha256(b"nnsim_hooks/sketch/v4|7|layer.weight|row").digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     expected = torch.randn(5, 9, generator=g) * 0.5
     torch.testing.assert_close(seeded_gaussian(7, "layer.weight", "row", (5, 9), 0.5), expected, rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""Sketch recipe version 3: the first stage grows with D, stage 2 is signed hashing.
+"""Sketch recipe version 4: the first stage grows with D, stage 2 is sparse signed hashing
+(every coordinate to one output in each of 4 blocks).
 
 Stage 2 must be unbiased for inner products, with a variance no larger than a dense
 Gaussian's; its draws must follow the documented recipe; the default first-stage size
@@ -22,7 +23,7 @@ def test_default_first_stage_follows_the_sketch_dimension():
     assert SketchRecipe(4096, stage1_dim=1000).stage1_dim == 1000  # an explicit size is kept
     assert SketchRecipe(2048).to_dict()["stage1_dim"] == 32768  # stored resolved in manifests
     with nnsim_hooks.attach(torch.nn.Linear(3, 2), sketch_dim=2048) as h:
-        assert h.recipe.stage1_dim == 32768 and h.recipe.version == RECIPE_VERSION == 3
+        assert h.recipe.stage1_dim == 32768 and h.recipe.version == RECIPE_VERSION == 4
     # 4x4 Kronecker blocks up to D = 1024, 2x2 above, stored resolved too
     assert SketchRecipe(1024).block == 4 and SketchRecipe(2048).block == 2
     assert SketchRecipe(4096, block=4).block == 4
@@ -31,15 +32,22 @@ def test_default_first_stage_follows_the_sketch_dimension():
 
 
 def test_hash_follows_the_documented_seed_recipe():
-    digest = hashlib.sha256(b"nnsim_hooks/sketch/v3|5|blocks.0.weight|hash").digest()
+    digest = hashlib.sha256(b"nnsim_hooks/sketch/v4|5|blocks.0.weight|hash").digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    buckets = torch.randint(100, (40,), generator=g)
-    signs = torch.randint(2, (40,), generator=g).float() * 2 - 1
+    buckets, signs = [], []
+    for low, high in ((0, 25), (25, 50), (50, 75), (75, 100)):
+        buckets.append(torch.randint(high - low, (40,), generator=g) + low)
+        signs.append(torch.randint(2, (40,), generator=g).float() * 2 - 1)
     got_buckets, got_signs = seeded_hash(5, "blocks.0.weight", 40, 100)
-    assert torch.equal(got_buckets, buckets) and torch.equal(got_signs, signs)
-    assert set(got_signs.tolist()) == {-1.0, 1.0}
+    assert torch.equal(got_buckets, torch.stack(buckets)) and torch.equal(got_signs, torch.stack(signs))
+    assert set(got_signs.unique().tolist()) == {-1.0, 1.0}
     other_buckets, _ = seeded_hash(6, "blocks.0.weight", 40, 100)
-    assert not torch.equal(other_buckets, buckets)
+    assert not torch.equal(other_buckets, got_buckets)
+    # uneven blocks, and fewer outputs than nonzeros
+    b, _ = seeded_hash(5, "w", 1000, 10)
+    assert b.shape == (4, 1000) and [(int(r.min()), int(r.max())) for r in b] == [(0, 1), (2, 4), (5, 6), (7, 9)]
+    b, _ = seeded_hash(5, "w", 50, 3)
+    assert b.shape == (3, 50) and b.tolist() == [[0] * 50, [1] * 50, [2] * 50]
 
 
 def _hashed(seed, parts, dim):
@@ -75,9 +83,9 @@ def test_old_recipe_version_is_refused_when_loading(tmp_path):
         h.build_index(data, tmp_path / "ix", batch_size=6, progress=False)
         manifest_path = tmp_path / "ix" / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
-        assert manifest["fingerprint"]["sketch"]["version"] == 3
+        assert manifest["fingerprint"]["sketch"]["version"] == 4
         nnsim_hooks.load_index(tmp_path / "ix", handle=h)  # the same recipe loads
-        manifest["fingerprint"]["sketch"]["version"] = 2
+        manifest["fingerprint"]["sketch"]["version"] = 3
         manifest_path.write_text(json.dumps(manifest))
-        with pytest.raises(IndexMismatchError, match=r"sketch recipe version 2.*version 3.*Rebuild the index"):
+        with pytest.raises(IndexMismatchError, match=r"sketch recipe version 3.*version 4.*Rebuild the index"):
             nnsim_hooks.load_index(tmp_path / "ix", handle=h)
