@@ -33,6 +33,7 @@ from .layout import Trace, gradient_mixing, not_batch_first
 from .errors import BatchCouplingError, ModelError, NonFiniteGradientError
 from .outputs import OutputSpec, check_no_mixing
 from .rules.fallback import fallback_grad_sample
+from .rules.linear import LinearRule
 from .rules.norm import batch_coupling_message, uses_batch_statistics
 from .sketch import Sketcher
 from .targets import CoverageReport, Target, promote, shared_parameters
@@ -434,6 +435,13 @@ class Engine:
             if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
                 call = calls[0]
                 activation, backprops = target.rule.operands(call, p.d)
+                parts = None if torch.is_tensor(activation) else getattr(target.rule, "linear_parts", None)
+                parts = parts and parts(call.module, activation, backprops)
+                if parts:  # a rule of the whole call that splits into Linear layers: their factors
+                    for suffix, view, x, delta in parts:
+                        terms.append(GramTerm(f"{key}/{suffix}", target.name, rule=_LINEAR, module=view,
+                                              activation=x, backprops=delta))
+                    continue
                 if not torch.is_tensor(activation):
                     # A rule of the whole call (attention): its own Gram within this pass; kept
                     # across batches as per-sample gradients (its operands do not concatenate).
@@ -549,6 +557,10 @@ class Engine:
         if self._stack is not None:
             self._stack.remove()
             self._stack = None
+
+
+#: the rule of the Linear layers a whole-call rule splits into (see MultiheadAttentionRule.linear_parts)
+_LINEAR = LinearRule()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

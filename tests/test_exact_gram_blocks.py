@@ -127,3 +127,24 @@ def test_falls_back_to_pairs_when_batches_are_made_of_other_parts(monkeypatch, c
     assert len(passes) == 2 + gram_blocks.passes_of_pairs(10, 4)
     assert gram_blocks.passes_of_pairs(10, 4) == math.comb(5, 2) + 5
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["self", "weights-per-head-bias-kv-zero-attn"])
+def test_attention_across_batches(case):
+    """Packed self-attention keeps its two products' factors (they concatenate across
+    batches); a recomputed call keeps per-sample gradients. Both give brute force."""
+    from nnsim_hooks.oracle import per_sample_loop
+    from test_rules_attention import CASES, E, L, _model
+
+    model = _model(CASES[case])
+    x = torch.randn(7, L, E, dtype=torch.float64)
+    flat = flatten_grads(per_sample_loop(model, x, output="sum"))
+    with nnsim_hooks.attach(model, output="sum", batch_size=3) as h:
+        got = h.similarity(x, progress=False)
+        terms = {t.key: t for t in h.engine.gram_terms(h.engine.backprop(x[:3]), keep=True)}
+    torch.testing.assert_close(got, brute_cosine(flat, flat), rtol=1e-9, atol=1e-10)
+    if case == "self":
+        assert terms["attn#0/in_proj"].grads is None and terms["attn#0/in_proj"].activation.shape == (3, L, E)
+        assert terms["attn#0/out_proj"].backprops.shape == (1, 3, L, E)
+    else:
+        assert terms["attn#0"].grads is not None

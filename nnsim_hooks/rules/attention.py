@@ -346,6 +346,23 @@ class MultiheadAttentionRule(LayerRule):
             rows.append(torch.cat([zeros if r is None else r for r in roles], -1).transpose(2, 3))
         return torch.cat(cols, -1), torch.cat(rows, -1)
 
+    def linear_parts(self, module, inputs: AttentionCall, backprops):
+        """For a tapped call, its two weights as Linear layers: ``[(name, view, inputs [B, L, in],
+        output gradients [d, B, L, out])]`` with ``view.weight`` / ``view.bias`` the module's
+        parameters (for :class:`~nnsim_hooks.rules.linear.LinearRule`); None otherwise. Unlike
+        the call's operands these concatenate across batches (exact similarity keeps them)."""
+        if inputs.tapped is None:
+            return None
+        parts = []
+        for key, weight, bias, names in (
+            ("in_proj", module.in_proj_weight, module.in_proj_bias, ("in_proj_weight", "in_proj_bias")),
+            ("out_proj", module.out_proj.weight, module.out_proj.bias, ("out_proj.weight", "out_proj.bias")),
+        ):
+            x, delta = inputs.tapped[key]
+            bias = bias if bias is not None and bias.requires_grad else None
+            parts.append((key, LinearView(weight, bias, names), x, delta))
+        return parts
+
     # -- weighted sums and products (the exact dataset-scale queries) ----------------------
 
     def sums(self, module, inputs, backprops, weights) -> Grads:
@@ -406,6 +423,16 @@ class MultiheadAttentionRule(LayerRule):
             s = sketches[name]
             out[name] = s.combine_factors(s.rows_of(rows, 2), s.cols_of(cols, 1).unsqueeze(0))
         return out
+
+
+@dataclass
+class LinearView:
+    """One of the call's weights seen as an ``nn.Linear`` (what LinearRule reads), with the
+    module's local names of its two parameters. Not a module: nothing is added to the model."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    names: Tuple[str, str]
 
 
 def _find_products(leaves, query: torch.Tensor, weights: Dict[str, torch.Tensor]):
