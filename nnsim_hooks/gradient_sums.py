@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rules.base import Grads
+from .rules.base import Grads, dots_of_grads, sums_of_grads  # noqa: F401 - part of this module's API
 from .rules.conv import ConvRule, pad_like_layer
 from .rules.embedding import EmbeddingRule
 from .rules.linear import LinearRule
@@ -151,41 +151,7 @@ FACTORED: Dict[type, Tuple[Sums, Dots]] = {
 }
 
 
-# -- any layer given as factors (cols [B, c, T], rows [d, B, r, T]) ------------------------
-
-
-def factored_sums(cols: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[K, r, c]``: the accumulators of ``grad = sum_t rows_t cols_t^T``."""
-    return torch.einsum("kbrt,bct->krc", mix(rows, weights), cols.to(rows.dtype))
-
-
-def factored_dots(cols: torch.Tensor, rows: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """``[B, d, K]``: each sample's products with the accumulators ``sums`` ``[K, r, c]``."""
-    y = torch.einsum("krc,bct->kbrt", sums.to(rows.dtype), cols.to(rows.dtype))
-    return torch.einsum("mbrt,kbrt->bmk", rows, y)
-
-
-# -- from materialised per-sample gradients ------------------------------------------------
-
-
-def sums_of_grads(grads: Grads, weights: torch.Tensor) -> Grads:
-    """``grads`` ``{name: [B, d, *shape]}`` -> ``{name: [K, *shape]}``."""
-    out: Grads = {}
-    for name, g in grads.items():
-        flat = g.reshape(g.shape[0], g.shape[1], -1)
-        out[name] = torch.einsum("bmp,bmk->kp", flat, weights.to(flat.dtype)).reshape(-1, *g.shape[2:])
-    return out
-
-
-def dots_of_grads(grads: Grads, sums: Grads) -> Optional[torch.Tensor]:
-    total = None
-    for name, g in grads.items():
-        if name not in sums:
-            continue
-        s = sums[name]
-        part = torch.einsum("bmp,kp->bmk", g.reshape(g.shape[0], g.shape[1], -1), s.reshape(s.shape[0], -1).to(g.dtype))
-        total = part if total is None else total + part
-    return total
+# -- one call of a fast rule (materialising where there is no factored form) ---------------
 
 
 def rule_sums(rule, module, activation, backprops, weights) -> Grads:

@@ -42,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import Grads, LayerRule, gram_of_grads, self_gram_of_grads
-from .factored import factored_gram, factored_self_gram
+from .base import Grads, LayerRule, dots_of_grads, gram_of_grads, self_gram_of_grads, sums_of_grads
+from .factored import factored_dots, factored_gram, factored_self_gram, factored_sums
 from .registry import register_rule
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -354,13 +354,11 @@ class MultiheadAttentionRule(LayerRule):
         if inputs.tapped is None:
             return None
         parts = []
-        for key, weight, bias, names in (
-            ("in_proj", module.in_proj_weight, module.in_proj_bias, ("in_proj_weight", "in_proj_bias")),
-            ("out_proj", module.out_proj.weight, module.out_proj.bias, ("out_proj.weight", "out_proj.bias")),
-        ):
+        for key, weight, bias in (("in_proj", module.in_proj_weight, module.in_proj_bias),
+                                  ("out_proj", module.out_proj.weight, module.out_proj.bias)):
             x, delta = inputs.tapped[key]
             bias = bias if bias is not None and bias.requires_grad else None
-            parts.append((key, LinearView(weight, bias, names), x, delta))
+            parts.append((key, LinearView(weight, bias), x, delta))
         return parts
 
     # -- weighted sums and products (the exact dataset-scale queries) ----------------------
@@ -368,8 +366,6 @@ class MultiheadAttentionRule(LayerRule):
     def sums(self, module, inputs, backprops, weights) -> Grads:
         """``{name: [K, *shape]}``: see :mod:`nnsim_hooks.gradient_sums` (factored, no per-sample
         gradient of the weights)."""
-        from ..gradient_sums import factored_sums, sums_of_grads
-
         matrices, vectors = self._factors(module, inputs, backprops)
         out = sums_of_grads(vectors, weights)
         for name, (cols, rows) in matrices.items():
@@ -377,8 +373,6 @@ class MultiheadAttentionRule(LayerRule):
         return _in_order(module, out)
 
     def dots(self, module, inputs, backprops, sums: Grads) -> Optional[torch.Tensor]:
-        from ..gradient_sums import dots_of_grads, factored_dots
-
         matrices, vectors = self._factors(module, inputs, backprops)
         total = dots_of_grads(vectors, sums)
         for name, (cols, rows) in matrices.items():
@@ -427,12 +421,11 @@ class MultiheadAttentionRule(LayerRule):
 
 @dataclass
 class LinearView:
-    """One of the call's weights seen as an ``nn.Linear`` (what LinearRule reads), with the
-    module's local names of its two parameters. Not a module: nothing is added to the model."""
+    """One of the call's weights seen as an ``nn.Linear`` (what LinearRule reads). Not a
+    module: nothing is added to the model."""
 
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
-    names: Tuple[str, str]
 
 
 def _find_products(leaves, query: torch.Tensor, weights: Dict[str, torch.Tensor]):

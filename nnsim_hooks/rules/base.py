@@ -137,6 +137,26 @@ def self_gram_of_grads(grads: Grads) -> torch.Tensor:
     return total
 
 
+def sums_of_grads(grads: Grads, weights: torch.Tensor) -> Grads:
+    """``grads`` ``{name: [B, d, *shape]}`` -> ``{name: [K, *shape]}``."""
+    out: Grads = {}
+    for name, g in grads.items():
+        flat = g.reshape(g.shape[0], g.shape[1], -1)
+        out[name] = torch.einsum("bmp,bmk->kp", flat, weights.to(flat.dtype)).reshape(-1, *g.shape[2:])
+    return out
+
+
+def dots_of_grads(grads: Grads, sums: Grads) -> Optional[torch.Tensor]:
+    total = None
+    for name, g in grads.items():
+        if name not in sums:
+            continue
+        s = sums[name]
+        part = torch.einsum("bmp,kp->bmk", g.reshape(g.shape[0], g.shape[1], -1), s.reshape(s.shape[0], -1).to(g.dtype))
+        total = part if total is None else total + part
+    return total
+
+
 def sum_to_batch(x: torch.Tensor, keep: int) -> torch.Tensor:
     """Sum ``x`` over every dimension except the first ``keep`` ones."""
     if x.dim() == keep:

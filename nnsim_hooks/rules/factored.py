@@ -100,3 +100,22 @@ def factored_sketch(module, cols, rows, sketches) -> Dict[str, torch.Tensor]:
     if bias is not None and bias.requires_grad:
         out["bias"] = sketches["bias"].project_gradients(rows.sum(-1).transpose(0, 1))
     return out
+
+
+def _mix(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[d, B, ...]`` mixed by ``W [B, d, K]`` -> ``[K, B, ...]``."""
+    d, b = rows.shape[:2]
+    flat = rows.reshape(d, b, -1)
+    return torch.einsum("mbx,bmk->kbx", flat, weights.to(flat.dtype)).reshape(weights.shape[2], *rows.shape[1:])
+
+
+
+def factored_sums(cols: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[K, r, c]``: the accumulators of ``grad = sum_t rows_t cols_t^T``."""
+    return torch.einsum("kbrt,bct->krc", _mix(rows, weights), cols.to(rows.dtype))
+
+
+def factored_dots(cols: torch.Tensor, rows: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """``[B, d, K]``: each sample's products with the accumulators ``sums`` ``[K, r, c]``."""
+    y = torch.einsum("krc,bct->kbrt", sums.to(rows.dtype), cols.to(rows.dtype))
+    return torch.einsum("mbrt,kbrt->bmk", rows, y)
