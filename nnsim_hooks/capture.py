@@ -69,7 +69,7 @@ class LayerCall:
         for j in range(d):
             g = self.grads[j][0] if j < len(self.grads) else None
             rows.append(torch.zeros_like(out) if g is None else g)
-        return torch.stack(rows)
+        return rows[0].unsqueeze(0) if d == 1 else torch.stack(rows)  # no copy for one output
 
 
 def copies_to_hook(leaves: list, spec, positions: List[int]):

@@ -70,6 +70,8 @@ STAGE1_PER_DIM = 16
 MIN_STAGE1_DIM = 16384
 #: above this ``dim`` the default Kronecker blocks are 2x2 instead of 4x4
 SMALL_BLOCK_ABOVE = 1024
+#: factors with at least this many positions are projected one sample at a time (see _apply)
+BATCHED_MIN_POSITIONS = 32
 #: a table ``[few, N, C]`` with more entries per row than this is folded (see matrix_view)
 FOLD_COLS = 1 << 16
 
@@ -267,11 +269,13 @@ class ParamSketch:
 def _apply(matrix: Optional[torch.Tensor], x: torch.Tensor, dim: int) -> torch.Tensor:
     if matrix is None:
         return x
-    if dim in (x.dim() - 2, -2):
-        # [..., n, L] -> [..., k, L]: the factors' own layout, no copy in or out
+    if dim == x.dim() - 2 and x.shape[-1] >= BATCHED_MIN_POSITIONS:
+        # [..., n, L] -> [..., k, L], one product per sample: no copy in or out
         return torch.matmul(matrix, x)
+    # Few positions: one large product over all samples and positions (small per-sample
+    # products are slow), laid out back as the factors were, in one copy.
     x = x.movedim(dim, -1)
-    return (x @ matrix.T).movedim(-1, dim)
+    return (x @ matrix.T).movedim(-1, dim).contiguous()
 
 
 class Sketcher:

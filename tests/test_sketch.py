@@ -183,3 +183,20 @@ def test_long_position_table_is_folded_not_projected_along_one_huge_side():
         s = p.params["pos_embed"].project_gradients(g)[:, 0]
         estimates.append(float(s[0] @ s[1] / (s[0].norm() * s[1].norm())))
     assert abs(sum(estimates) / len(estimates) - float(exact)) < 0.05
+
+
+@pytest.mark.parametrize("positions", [3, 40])  # below and above BATCHED_MIN_POSITIONS
+def test_factored_sketch_matches_the_sketch_of_materialised_gradients(positions):
+    from nnsim_hooks.sketch import BATCHED_MIN_POSITIONS, SketchRecipe, Sketcher
+
+    assert 3 < BATCHED_MIN_POSITIONS <= 40
+    torch.manual_seed(0)
+    d, b, r, c = 2, 3, 24, 20
+    rows = torch.randn(d, b, r, positions, dtype=torch.float64)
+    cols = torch.randn(b, c, positions, dtype=torch.float64)
+    s = Sketcher(SketchRecipe(64, stage1_dim=160, exact_limit=0, block=4), {"w": (r, c)}).params["w"]
+    s = s.to("cpu", torch.float64)
+    assert s.repeats > 1 and s.row_matrix is not None and s.col_matrix is not None
+    got = s.combine_factors(s.rows_of(rows, 2), s.cols_of(cols, 1).unsqueeze(0))
+    grads = torch.einsum("mbrl,bcl->bmrc", rows, cols)
+    torch.testing.assert_close(got, s.project_gradients(grads))
