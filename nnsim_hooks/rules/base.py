@@ -11,7 +11,10 @@ A rule that needs more of the call (attention reads query, key, value and masks,
 has two outputs) overrides :meth:`LayerRule.operands`, which builds these two
 arguments from the whole captured call (positional and keyword arguments, every
 output's gradient), sets ``multi_output``, and may override :meth:`LayerRule.batched`
-when the batch is not the first dimension of its input. Existing rules change nothing.
+when the batch is not the first dimension of its input, and :meth:`LayerRule.tap_graph`
+to have the capture hook gradients at nodes inside the call's own autograd graph
+(attention reads its two matrix products there instead of recomputing them). Existing
+rules change nothing.
 
 From these a rule provides three things, each for all d outputs at once:
 
@@ -22,7 +25,9 @@ From these a rule provides three things, each for all d outputs at once:
 - :meth:`LayerRule.sketch` gives the randomly projected gradients ``[B, d, m]``,
   where the layer allows without materialising them.
 
-Only :meth:`grad_sample` is required; the other two fall back to materialising.
+Only :meth:`grad_sample` is required; the other two fall back to materialising, as does
+:meth:`LayerRule.self_gram` (the Gram's diagonal blocks, each sample's own kernel, which
+the exact density needs without the rest of the Gram).
 """
 
 from __future__ import annotations
