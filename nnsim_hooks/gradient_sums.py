@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .rules.base import Grads, dots_of_grads, sums_of_grads  # noqa: F401 - part of this module's API
 from .rules.conv import ConvRule, pad_like_layer
 from .rules.embedding import EmbeddingRule
+from .rules.factored import per_sample_dots
 from .rules.linear import LinearRule
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -66,11 +67,11 @@ def _linear_sums(module, activation, backprops, weights) -> Grads:
 def _linear_dots(module, activation, backprops, sums) -> torch.Tensor:
     a, g = _linear_factors(activation, backprops)
     y = 0
-    if "weight" in sums:
-        y = torch.einsum("koi,bti->kbto", sums["weight"].to(g.dtype), a)
+    if "weight" in sums:  # the layer's forward with the weights S_k: [K, B, T, out]
+        y = torch.matmul(a.unsqueeze(0), sums["weight"].to(g.dtype).transpose(1, 2).unsqueeze(1))
     if "bias" in sums:
         y = y + sums["bias"].to(g.dtype)[:, None, None, :]
-    return torch.einsum("mbto,kbto->bmk", g, y) if torch.is_tensor(y) else None
+    return per_sample_dots(g, y) if torch.is_tensor(y) else None
 
 
 # -- convolutions (any groups, any padding mode) ----------------------------------------

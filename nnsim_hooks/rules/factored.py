@@ -117,5 +117,14 @@ def factored_sums(cols: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor)
 
 def factored_dots(cols: torch.Tensor, rows: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     """``[B, d, K]``: each sample's products with the accumulators ``sums`` ``[K, r, c]``."""
-    y = torch.einsum("krc,bct->kbrt", sums.to(rows.dtype), cols.to(rows.dtype))
-    return torch.einsum("mbrt,kbrt->bmk", rows, y)
+    # the layer's forward with the weights S_k, over all samples and positions: [K, B, T, r]
+    y = torch.matmul(cols.to(rows.dtype).transpose(1, 2).unsqueeze(0), sums.to(rows.dtype).transpose(1, 2).unsqueeze(1))
+    return per_sample_dots(rows.transpose(2, 3), y)
+
+
+def per_sample_dots(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[B, d, K]`` from ``g [d, B, ...]`` and ``y [K, B, ...]`` (summed over the rest), as one
+    batched product (einsum would first copy both into its own layout)."""
+    d, b, k = g.shape[0], g.shape[1], y.shape[0]
+    y = y.expand(k, b, *g.shape[2:])
+    return torch.bmm(g.transpose(0, 1).reshape(b, d, -1), y.movedim(0, -1).reshape(b, -1, k))
