@@ -233,7 +233,7 @@ def machine_line(device: str) -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch "
         f"{torch.__version__}, Python {platform.python_version()}; load average at the start "
-        f"{load[0]:.1f} (teammates' jobs share the cores)"
+        f"{load[0]:.1f}"
     )
 
 
@@ -337,8 +337,9 @@ def render(rows, args, command, machine, minutes, expected=None) -> str:
         "all trainable parameters). Peers that cover only some parameters or project to another D pay "
         "for it in that ratio (see notes).",
         "",
-        "The cores were shared with teammates' jobs while this ran: ratios are measured alternately "
-        "in one process to cancel the load, but the lead may rerun it on a quiet machine.",
+        "Ratios are measured alternately in one process, so that load on the machine (another job, the "
+        "slow peers' own threads) weighs on both sides alike; the slow peers' ratios rest on one timed "
+        "repeat each (their plain steps in the notes show how much the baseline moved).",
         "",
         "| peer | version | workload | x plain step | peak MB | error ratio | notes |",
         "|---|---|---|---:|---:|---:|---|",
