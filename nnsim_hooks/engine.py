@@ -404,10 +404,15 @@ class Engine:
 
     @torch.no_grad()
     def gram_of_terms(self, terms: List[GramTerm]) -> torch.Tensor:
+        return self._sum_of_terms(terms, GramTerm.gram)
+
+    def _sum_of_terms(self, terms: List[GramTerm], part_of) -> torch.Tensor:
+        """``sum(part_of(term))``; the parts computed from factors are checked for NaN/Inf
+        (materialised gradients were checked when they were formed)."""
         total = None
         checks = []
         for term in terms:
-            part = term.gram()
+            part = part_of(term)
             if term.grads is None:
                 checks.append((term.owner, part))
             total = part if total is None else total + part
@@ -484,15 +489,7 @@ class Engine:
     @torch.no_grad()
     def self_kernels(self, p: Pass) -> torch.Tensor:
         """``K(x_i, x_i) = J_i J_i^T``, ``[B, d, d]`` float64 (the Gram's diagonal blocks)."""
-        total = None
-        checks = []
-        for term in self.gram_terms(p):
-            part = term.self_gram(p.d)
-            if term.grads is None:
-                checks.append((term.owner, part))
-            total = part if total is None else total + part
-        self._check_finite(checks)
-        return total
+        return self._sum_of_terms(self.gram_terms(p), lambda term: term.self_gram(p.d))
 
     @torch.no_grad()
     def weighted_sums(self, p: Pass, weights: torch.Tensor) -> Grads:

@@ -25,18 +25,12 @@ import torch.nn.functional as F
 from .rules.base import Grads, dots_of_grads, sums_of_grads  # noqa: F401 - part of this module's API
 from .rules.conv import ConvRule, pad_like_layer
 from .rules.embedding import EmbeddingRule
-from .rules.factored import per_sample_dots
+from .rules.attention import MultiheadAttentionRule
+from .rules.factored import mix, per_sample_dots  # noqa: F401 - mix is part of this module's API
 from .rules.linear import LinearRule
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
-
-
-def mix(backprops: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[d, B, ...]`` output gradients mixed by ``W [B, d, K]`` -> ``[K, B, ...]``."""
-    d, b = backprops.shape[:2]
-    flat = backprops.reshape(d, b, -1)
-    return torch.einsum("mbx,bmk->kbx", flat, weights.to(flat.dtype)).reshape(weights.shape[2], *backprops.shape[1:])
 
 
 def _wants(module: nn.Module, name: str) -> bool:
@@ -149,6 +143,8 @@ FACTORED: Dict[type, Tuple[Sums, Dots]] = {
     LinearRule: (_linear_sums, _linear_dots),
     ConvRule: (_conv_sums, _conv_dots),
     EmbeddingRule: (_embedding_sums, _embedding_dots),
+    # attention has its own factored form (a rule of the whole call: see its sums / dots)
+    MultiheadAttentionRule: (MultiheadAttentionRule().sums, MultiheadAttentionRule().dots),
 }
 
 
@@ -160,8 +156,6 @@ def rule_sums(rule, module, activation, backprops, weights) -> Grads:
     fns = FACTORED.get(type(rule))
     if fns is not None and fns[0] is not None:
         return fns[0](module, activation, backprops, weights)
-    if hasattr(rule, "sums"):  # a rule with its own factored form (attention)
-        return rule.sums(module, activation, backprops, weights)
     return sums_of_grads(rule.grad_sample(module, activation, backprops), weights)
 
 
@@ -173,6 +167,4 @@ def rule_dots(rule, module, activation, backprops, sums: Grads) -> Optional[torc
     fns = FACTORED.get(type(rule))
     if fns is not None:
         return fns[1](module, activation, backprops, sums)
-    if hasattr(rule, "dots"):
-        return rule.dots(module, activation, backprops, sums)
     return dots_of_grads(rule.grad_sample(module, activation, backprops), sums)

@@ -277,9 +277,11 @@ class MultiheadAttentionRule(LayerRule):
         grads: List[Optional[torch.Tensor]] = []
         for i, leaf in enumerate(call.out_leaves):
             rows = [call.grads[j][i] if j < len(call.grads) else None for j in range(d)]
-            grads.append(None if all(g is None for g in rows) else torch.stack(
-                [torch.zeros_like(leaf) if g is None else g for g in rows]
-            ))
+            if all(g is None for g in rows):
+                grads.append(None)
+                continue
+            rows = [torch.zeros_like(leaf) if g is None else g for g in rows]
+            grads.append(rows[0].unsqueeze(0) if d == 1 else torch.stack(rows))  # no copy for one output
         by_position = dict(zip(call.out_positions, grads))
         g_out, g_weights = by_position.get(0), by_position.get(1)
         if g_out is None:  # only the weights reached the differentiated output

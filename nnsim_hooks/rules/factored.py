@@ -102,8 +102,8 @@ def factored_sketch(module, cols, rows, sketches) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _mix(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[d, B, ...]`` mixed by ``W [B, d, K]`` -> ``[K, B, ...]``."""
+def mix(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[d, B, ...]`` output gradients mixed by ``W [B, d, K]`` -> ``[K, B, ...]``."""
     d, b = rows.shape[:2]
     flat = rows.reshape(d, b, -1)
     return torch.einsum("mbx,bmk->kbx", flat, weights.to(flat.dtype)).reshape(weights.shape[2], *rows.shape[1:])
@@ -112,7 +112,7 @@ def _mix(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def factored_sums(cols: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``[K, r, c]``: the accumulators of ``grad = sum_t rows_t cols_t^T``."""
-    return torch.einsum("kbrt,bct->krc", _mix(rows, weights), cols.to(rows.dtype))
+    return torch.einsum("kbrt,bct->krc", mix(rows, weights), cols.to(rows.dtype))
 
 
 def factored_dots(cols: torch.Tensor, rows: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
