@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import nnsim_hooks  # noqa: E402
-from nnsim_hooks import gram_blocks  # noqa: E402
+from nnsim_hooks.exact import gram_blocks  # noqa: E402
 
 
 def timed(fn, device: str):

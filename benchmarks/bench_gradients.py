@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import nnsim_hooks  # noqa: E402
-from nnsim_hooks.kernels import normalize_features  # noqa: E402
-from nnsim_hooks.outputs import contrast  # noqa: E402
-from nnsim_hooks.sketch import SketchRecipe, Sketcher  # noqa: E402
+from nnsim_hooks.exact.kernels import normalize_features  # noqa: E402
+from nnsim_hooks.engine.outputs import contrast  # noqa: E402
+from nnsim_hooks.engine.sketch import SketchRecipe, Sketcher  # noqa: E402
 
 METHODS = [
     "plain",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import nnsim_hooks
 from nnsim_hooks.audit.demo import small_cnn
-from nnsim_hooks.outputs import contrast
+from nnsim_hooks.engine.outputs import contrast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line  # noqa: E402

@@ -55,8 +55,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     import nnsim_hooks
-    from nnsim_hooks.index.distributed import current, init_from_env
-    from nnsim_hooks.index.sharded_queries import ShardedQueries
+    from nnsim_hooks.index.sharded.distributed import current, init_from_env
+    from nnsim_hooks.index.sharded.queries import ShardedQueries
 
     torch.set_num_threads(args.threads)
     init_from_env()

@@ -113,7 +113,7 @@ def paired_loop(model, x, names):
     report), which would show as false mismatches (iformer, efficientformer)."""
     import torch
 
-    from nnsim_hooks.outputs import make_output_spec
+    from nnsim_hooks.engine.outputs import make_output_spec
 
     spec = make_output_spec("auto")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n in names]

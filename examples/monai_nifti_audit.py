@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _train import train  # noqa: E402
 
 import nnsim_hooks  # noqa: E402
-from nnsim_hooks import cli  # noqa: E402
+from nnsim_hooks.cli import commands as cli  # noqa: E402
 from nnsim_hooks.integrations import load_dataset, load_model  # noqa: E402
 from nnsim_hooks.integrations.synthetic import make_nifti_datalist, make_nifti_folder  # noqa: E402
 

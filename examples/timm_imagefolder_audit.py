@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _train import train  # noqa: E402
 
-from nnsim_hooks import cli  # noqa: E402
+from nnsim_hooks.cli import commands as cli  # noqa: E402
 from nnsim_hooks.integrations import load_dataset, load_model  # noqa: E402
 from nnsim_hooks.integrations.synthetic import make_image_folder  # noqa: E402
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from .checkpoints import load_checkpoint
 from .config import DataConfig, LoadedModel
-from .data import FileDataset, load_dataset
+from .datasets import FileDataset, load_dataset
 from .models import infer_data_config, load_model, parse_model_kwargs
-from .outputs import foreground_sum, per_class, region_sum
+from .dense_outputs import foreground_sum, per_class, region_sum
 from .thumbnails import thumbnail_of
 
 __all__ = [

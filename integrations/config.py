@@ -88,7 +88,7 @@ class LoadedModel:
         source: ``timm``, ``torchvision``, ``monai``, ``bundle`` or ``callable``.
         name: the model's name in its source (or the bundle folder, or the function).
         output: the suggested ``output=`` for attach (``"auto"`` for classifiers, a
-            reduction from :mod:`nnsim_hooks.integrations.outputs` for dense outputs).
+            reduction from :mod:`nnsim_hooks.integrations.dense_outputs` for dense outputs).
         layers: the suggested ``layers=`` (None: every trainable parameter, as in the paper).
         task: ``classification``, ``segmentation`` or ``unknown``.
         num_classes: the number of output classes or channels, when known.

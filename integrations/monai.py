@@ -31,7 +31,7 @@ from ._optional import require
 from .checkpoints import load_checkpoint
 from .config import DataConfig, LoadedModel
 from .names import unknown_name_message
-from .outputs import foreground_sum
+from .dense_outputs import foreground_sum
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from nnsim_hooks.errors import ModelError
 from .checkpoints import load_checkpoint
 from .config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, LoadedModel
 from .names import unknown_name_message
-from .outputs import foreground_sum
+from .dense_outputs import foreground_sum
 
 logger = logging.getLogger(__name__)
 

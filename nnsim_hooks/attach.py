@@ -9,13 +9,13 @@ from typing import Any, Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import batching
-from .engine import Engine
+from .data import batching
+from .engine.engine import Engine
 from .errors import AttachError, InputError
-from .kernels import kernel_from_gram, normalize_features
-from .outputs import OutputFn, make_output_spec
-from .sketch import SketchRecipe, Sketcher
-from .targets import CoverageReport, LayerSelector, find_targets
+from .exact.kernels import kernel_from_gram, normalize_features
+from .engine.outputs import OutputFn, make_output_spec
+from .engine.sketch import SketchRecipe, Sketcher
+from .capture.targets import CoverageReport, LayerSelector, find_targets
 from .validation import batch_size_of, describe
 
 logger = logging.getLogger(__name__)
@@ -52,14 +52,14 @@ def attach(
         output: what is differentiated, the paper's f: ``"auto"`` (contrast for
             classifiers, sum otherwise), ``"contrast"``, ``"logit"``, ``"loss"``,
             ``"sum"``, ``"full"`` or ``fn(outputs, targets) -> Tensor[B] | Tensor[B, d]``.
-            See :mod:`nnsim_hooks.outputs`.
+            See :mod:`nnsim_hooks.engine.outputs`.
         layers: which modules' parameters count: None for all trainable ones, module
             names or glob patterns (a name includes everything inside that module), or
             ``fn(name, module) -> bool``.
         sketch_dim: D, the dimension of sketched features per output.
         seed: the sketch seed; the same seed gives the same features anywhere.
         stage1_dim: the first-stage sketch size shared by the large parameters (see
-            :mod:`nnsim_hooks.sketch`); more is more accurate and slower. None: 16 x
+            :mod:`nnsim_hooks.engine.sketch`); more is more accurate and slower. None: 16 x
             sketch_dim, at least 16384.
         exact_limit: parameters with at most this many entries enter the second stage
             whole, unprojected.
@@ -200,7 +200,7 @@ class Handle:
         gradients are made of (layer factors, or small per-sample gradients) is kept, in
         RAM up to ``max_memory`` bytes (None: 2 GiB) and in a temporary folder past it,
         and the Gram blocks between batches are computed from it (see
-        :mod:`nnsim_hooks.gram_blocks`). ``max_memory`` must hold two batches' factors.
+        :mod:`nnsim_hooks.exact.gram_blocks`). ``max_memory`` must hold two batches' factors.
 
         Returns ``Tensor[len(a), len(b)]`` (float64 when exact).
         """
@@ -208,7 +208,7 @@ class Handle:
             fa = self.features(a, targets_a)
             fb = fa if b is None else self.features(b, targets_b)
             return fa @ fb.T
-        from .gram_blocks import check_max_memory
+        from .exact.gram_blocks import check_max_memory
 
         budget = check_max_memory(max_memory)
         n_a = batch_size_of(a)
@@ -242,10 +242,10 @@ class Handle:
         with batch statistics raises :class:`BatchCouplingError` (see
         :func:`nnsim_hooks.training.batchnorm_running_stats`). A pair with a zero gradient
         on one side gets k = 0, with no gradient, and a warning. Under ``torch.no_grad()``
-        the result has no graph. Details: :mod:`nnsim_hooks.pairs`.
+        the result has no graph. Details: :mod:`nnsim_hooks.training.pair_term`.
         """
         if self._pairs is None:
-            from .pairs import PairSimilarity
+            from .training.pair_term import PairSimilarity
 
             self._pairs = PairSimilarity(self)
         return self._pairs(a, b, targets_a, targets_b)
@@ -255,7 +255,7 @@ class Handle:
         if n <= self.batch_size:
             p = engine.backprop(inputs, targets)
             return engine.gram(p), p.d
-        from .gram_blocks import kept_gram
+        from .exact.gram_blocks import kept_gram
 
         result = kept_gram(engine, inputs, targets, n, self.batch_size, max_memory, progress)
         return result if result is not None else self._pair_gram(inputs, targets, n)
@@ -299,7 +299,7 @@ class Handle:
 
         Returns numpy float64 ``[N]`` in data order.
         """
-        from .dataset_kernel import exact_density
+        from .exact.dataset_kernel import exact_density
 
         return exact_density(self, data, include_self, batch_size, progress, use_targets)
 
@@ -316,7 +316,7 @@ class Handle:
         matrix form) and ``values`` must have d columns. ``return_average=True`` also
         returns the kernel-weighted averages ``[N, C]``.
         """
-        from .dataset_kernel import exact_consistency
+        from .exact.dataset_kernel import exact_consistency
 
         return exact_consistency(self, data, values, include_self, batch_size, progress, return_average, use_targets)
 
@@ -369,7 +369,7 @@ class Handle:
 
     def fingerprint(self) -> Dict[str, Any]:
         """What must match for a stored index to be reused with this handle."""
-        from .fingerprint import model_fingerprint
+        from .index.folder.model_fingerprint import model_fingerprint
 
         return {
             "model": model_fingerprint(self.model, self.parameter_names),

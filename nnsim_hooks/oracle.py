@@ -12,8 +12,8 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from . import batching
-from .outputs import make_output_spec
+from .data import batching
+from .engine.outputs import make_output_spec
 from .validation import batch_size_of, call_model
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError, NnsimError
-from .outputs import batched_outputs
+from .engine.outputs import batched_outputs
 
 
 def model_device_dtype(model: nn.Module):
@@ -87,7 +87,7 @@ def call_model(model: nn.Module, inputs: Any):
     """``model(inputs)`` (tuple -> *args, dict -> **kwargs), with shape context on failure.
 
     A 0-d output of a one-sample batch (a model ending in ``.squeeze()``) comes back as
-    ``[1]``; see :func:`nnsim_hooks.outputs.batched_outputs`."""
+    ``[1]``; see :func:`nnsim_hooks.engine.outputs.batched_outputs`."""
     try:
         if isinstance(inputs, dict):
             outputs = model(**inputs)

@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
     rows.append(["final L1 loss (median of runs)"] + [f"{np.median(results[f]['loss']):.4f}" for f in freqs])
     spread = [["soft, per run (min…max)"] + [
         f"{min(results[f]['rho_runs']['soft']):+.2f}…{max(results[f]['rho_runs']['soft']):+.2f}" for f in freqs]]
-    paper_row = ("The paper (Fig. 2, and §5 of ../shared/PAPER.md): neighbour counts drop where the target's "
+    paper_row = ("The paper (Fig. 2, and §5 of the paper): neighbour counts drop where the target's "
                  "curvature is high, i.e. a negative correlation; it gives curves, no correlation numbers.")
     sections = [
         "## Spearman correlation with the target curvature (median measure over runs)", "", paper_row, "",

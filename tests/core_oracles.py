@@ -2,7 +2,7 @@
 
 Nothing here uses nnsim_hooks' own maths: per-sample gradients come from torch.func
 (``vmap`` over samples of ``grad`` / ``jacrev`` of a ``functional_call``), the output
-functions are re-derived from their definitions in ../shared/PAPER.md (in log-probability
+functions are re-derived from their definitions in the paper (in log-probability
 space, not with the logit shortcut the library uses), and kernels are brute force over
 all pairs of flattened gradients.
 """
@@ -22,7 +22,7 @@ from torch.func import functional_call, jacrev, vmap
 
 
 def ref_contrast(z: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
-    """log p_c - mean_{c' != c} log p_c' (PAPER.md section 1), c = label or prediction."""
+    """log p_c - mean_{c' != c} log p_c' (the paper, section 1), c = label or prediction."""
     logp = F.log_softmax(z, dim=-1)
     chosen = _one_hot(z.argmax() if t is None else t, z)
     return (logp * chosen).sum() - (logp * (1 - chosen)).sum() / (z.shape[-1] - 1)

@@ -38,7 +38,7 @@ def npy_folder(root: Path, n: int = AUDIT_N) -> Path:
 
 def cli_audit(data: Path, out: Path) -> int:
     """``nnsim audit`` of that folder with make_cnn (under torchrun: on every rank)."""
-    from nnsim_hooks.cli import main
+    from nnsim_hooks.cli.commands import main
 
     return main(["audit", "--data", str(data), "--model", "dist_common:make_cnn", "--out", str(out), "--k", "5",
                  "--sketch-dim", "32", "--output", "contrast", "--batch-size", "16", "--no-progress"])

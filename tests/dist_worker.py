@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_common import BATCH, DIM, KILL_AT, cli_audit, dataset, make_cnn  # noqa: E402
 
 import nnsim_hooks  # noqa: E402
-from nnsim_hooks.index.lock import FolderLock  # noqa: E402
-from nnsim_hooks.index.sharded_queries import ShardedQueries  # noqa: E402
+from nnsim_hooks.index.folder.lock import FolderLock  # noqa: E402
+from nnsim_hooks.index.sharded.queries import ShardedQueries  # noqa: E402
 
 class KilledAt(Dataset):
     """``data``, but rank 1 dies (SIGKILL, no cleanup) when it reads sample ``at``."""

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 import nnsim_hooks
 from nnsim_hooks.audit import demo, default_thumbnailer, register_thumbnailer, unregister_thumbnailer
-from nnsim_hooks.audit.data import to_label
+from nnsim_hooks.audit.samples import to_label
 from nnsim_hooks.audit.thumbnails import png_data_uri, thumbnail, to_image
 from nnsim_hooks.errors import DataError, InputError, ModelError
 

@@ -191,7 +191,7 @@ def test_inputs_without_labels():
 def test_default_outputs_full_for_neighbours_and_contrast_for_density():
     """Up to 16 classes the neighbours use all outputs and density/N_eff the predicted
     class's contrast (checked against an index built by hand); above, contrast alone."""
-    from nnsim_hooks.audit.outputs import contrast_predicted
+    from nnsim_hooks.audit.output_choice import contrast_predicted
 
     model, data = trained_digits()
     ds = torch.utils.data.TensorDataset(data.images[:80], torch.as_tensor(data.noisy_labels[:80]))

@@ -35,7 +35,7 @@ def test_scalar_is_the_contrast_of_the_given_class():
     y = torch.tensor([2, 0])
     # 3 - (1 + 2) / 2 and 0 - (4 - 2) / 2, by hand
     assert workload.scalar(logits, y).tolist() == [1.5, -1.0]
-    from nnsim_hooks.outputs import contrast
+    from nnsim_hooks.engine.outputs import contrast
 
     torch.testing.assert_close(workload.scalar(logits, y), contrast(logits, y))
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from nnsim_hooks import cli
+from nnsim_hooks.cli import commands as cli
 from nnsim_hooks.audit import demo
 
 QUICK = ["--limit", "150", "--epochs", "3", "--no-progress", "--sketch-dim", "128", "--k", "5"]

@@ -111,7 +111,7 @@ def test_matrix_kernel_against_brute_force(net_and_data, batch_size):
 
 
 def test_matrix_kernel_is_invariant_to_rotating_the_outputs(net_and_data):
-    """Tr(K_C) is invariant to an orthogonal change of the output space (PAPER.md section 1)."""
+    """Tr(K_C) is invariant to an orthogonal change of the output space (the paper, section 1)."""
     model, a, _ = net_and_data
     q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
     with nnsim_hooks.attach(model, output="full") as h:

@@ -231,7 +231,7 @@ def test_index_density_is_exact_with_the_handle_and_says_so():
 
 def test_audit_exact_density_column_and_summary():
     pytest.importorskip("pandas")
-    from nnsim_hooks.audit.outputs import contrast_predicted
+    from nnsim_hooks.audit.output_choice import contrast_predicted
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))

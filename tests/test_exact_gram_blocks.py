@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nnsim_hooks
-from nnsim_hooks import gram_blocks
+from nnsim_hooks.exact import gram_blocks
 from nnsim_hooks.errors import InputError
 from core_oracles import REFERENCE_OUTPUTS, brute_cosine, brute_matrix_kernel, flatten_grads, func_per_sample_grads
 from test_exact_density import Tokens, cnn
@@ -68,7 +68,7 @@ def test_spilled_to_disk_past_max_memory_gives_the_same_numbers(monkeypatch, cap
         assert not spilled
         h.engine.backprop(x[:4])
         one_batch = sum(t.nbytes() for t in h.engine.gram_terms(h.engine.backprop(x[:4]), keep=True))
-        with caplog.at_level(logging.INFO, logger="nnsim_hooks.gram_blocks"):
+        with caplog.at_level(logging.INFO, logger="nnsim_hooks.exact.gram_blocks"):
             on_disk = h.similarity(x, max_memory=2 * one_batch, progress=False)
         pairs, _ = h._pair_gram(x, None, 12)
     assert spilled, "nothing went to disk"
@@ -121,7 +121,7 @@ def test_falls_back_to_pairs_when_batches_are_made_of_other_parts(monkeypatch, c
 
         monkeypatch.setattr(h.engine, "gram_terms", renamed)
         passes = _count_passes(h, monkeypatch)
-        with caplog.at_level(logging.INFO, logger="nnsim_hooks.gram_blocks"):
+        with caplog.at_level(logging.INFO, logger="nnsim_hooks.exact.gram_blocks"):
             got = h.similarity(x, progress=False)
     assert "running pairs of batches" in caplog.text
     assert len(passes) == 2 + gram_blocks.passes_of_pairs(10, 4)

@@ -107,7 +107,7 @@ def test_leftover_temporary_manifest_does_not_block_a_new_build(tmp_path):
     assert len(idx) == 10
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == sorted(
         ["manifest.json", "features.bin", "ids.bin", "valid.bin", "norms.bin"])
-    from nnsim_hooks.index.schema import is_store_temporary
+    from nnsim_hooks.index.folder.schema import is_store_temporary
 
     assert is_store_temporary(".index.faiss.tmp") and not is_store_temporary(".thesis.tex.tmp")
 
@@ -291,7 +291,7 @@ def test_empty_batch_is_an_input_error():
 
 
 def test_audit_overwrite_removes_only_what_the_audit_wrote(tmp_path):
-    from nnsim_hooks.audit.io import MARKER, prepare_out_dir
+    from nnsim_hooks.audit.output_folder import MARKER, prepare_out_dir
 
     out = tmp_path / "out"
     GradientIndex.from_features(clustered_rows(10, D), path=out / "index", index="hnsw")

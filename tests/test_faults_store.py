@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 import nnsim_hooks
 from nnsim_hooks.errors import StoreError
 from nnsim_hooks.index import GradientIndex, load_index
-from nnsim_hooks.index.lock import LOCK_FILE
+from nnsim_hooks.index.folder.lock import LOCK_FILE
 
 N, IN, CLASSES, BS, DIM = 96, 6, 3, 16, 32
 CHILD = Path(__file__).with_name("fault_child.py")

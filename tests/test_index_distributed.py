@@ -21,8 +21,8 @@ from torch.utils.data import Dataset, Subset
 
 import nnsim_hooks
 from nnsim_hooks.errors import ExtractionError, IndexMismatchError, InputError, StoreError
-from nnsim_hooks.index.shards import merge_shards, shard_range
-from nnsim_hooks.index.sharded_queries import ShardedQueries
+from nnsim_hooks.index.sharded.shards import merge_shards, shard_range
+from nnsim_hooks.index.sharded.queries import ShardedQueries
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_common import BATCH, DIM, N, cli_audit, dataset, make_cnn, npy_folder  # noqa: E402
@@ -198,7 +198,7 @@ def test_shards_built_in_any_order_merge_into_the_one_process_index(tmp_path, re
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"rank-0000{i}-of-00003" for i in range(3)]
     with pytest.raises(StoreError, match="not merged yet.*nnsim index merge"):
         nnsim_hooks.load_index(tmp_path)  # not merged yet
-    from nnsim_hooks.cli import main
+    from nnsim_hooks.cli.commands import main
 
     assert main(["index", "merge", str(tmp_path), "--no-progress"]) == 0
     assert not (tmp_path / "shards").exists()
@@ -340,7 +340,7 @@ def test_attach_unwraps_a_parallel_wrapper():
 
 
 def test_coverage_names_overlaps_and_gaps():
-    from nnsim_hooks.index.shards import _coverage_problems
+    from nnsim_hooks.index.sharded.shards import _coverage_problems
 
     assert _coverage_problems(10, [(0, 6, "a"), (5, 10, "b")]) == ["samples 5..5 are in both a and b"]
     assert _coverage_problems(10, [(0, 3, "a"), (5, 8, "b")]) == ["samples 3..4 are in no shard",
@@ -349,7 +349,7 @@ def test_coverage_names_overlaps_and_gaps():
 
 
 def test_a_shard_being_written_is_refused_to_a_second_writer(tmp_path):
-    from nnsim_hooks.index.lock import FolderLock
+    from nnsim_hooks.index.folder.lock import FolderLock
 
     with FolderLock(tmp_path / "shards" / "rank-00001-of-00002", "test: the first writer"):
         with pytest.raises(StoreError, match="test: the first writer"):

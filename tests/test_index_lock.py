@@ -1,4 +1,4 @@
-"""One writer per index folder: the advisory lock of nnsim_hooks.index.lock."""
+"""One writer per index folder: the advisory lock of nnsim_hooks.index.folder.lock."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from nnsim_hooks.errors import StoreError
-from nnsim_hooks.index.lock import LOCK_FILE, FolderLock, describe_holder, holder
+from nnsim_hooks.index.folder.lock import LOCK_FILE, FolderLock, describe_holder, holder
 
 
 def test_second_writer_is_refused_with_the_holder_named(tmp_path):
@@ -38,7 +38,7 @@ def test_a_file_path_is_refused(tmp_path):
 def test_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
     code = textwrap.dedent(f"""
         import os, sys
-        from nnsim_hooks.index.lock import FolderLock
+        from nnsim_hooks.index.folder.lock import FolderLock
         FolderLock({str(tmp_path)!r}, "doomed").acquire()
         print("locked", flush=True)
         sys.stdin.readline()

@@ -11,8 +11,8 @@ from index_synthetic import clustered_rows, softmax
 from nnsim_hooks import load_index
 from nnsim_hooks.errors import IndexMismatchError, InputError, StoreError
 from nnsim_hooks.index import GradientIndex
-from nnsim_hooks.index.atomic import write_json_atomic
-from nnsim_hooks.index.manifest import check_fingerprint, fingerprint_differences
+from nnsim_hooks.atomic import write_json_atomic
+from nnsim_hooks.index.folder.manifest import check_fingerprint, fingerprint_differences
 
 N, D = 300, 16
 
@@ -141,7 +141,7 @@ def test_fingerprint_differences_say_what_differs():
 
 
 def test_from_features_reads_a_memmap_block_by_block_and_cleans_up_on_bad_rows(tmp_path, monkeypatch):
-    import nnsim_hooks.index.persist as gi
+    import nnsim_hooks.index.folder.persist as gi
 
     monkeypatch.setattr(gi, "BLOCK_BYTES", 16 * D * 4)  # blocks of 16 rows
     rows = clustered_rows(N, D, seed=2)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from nnsim_hooks import cli
+from nnsim_hooks.cli import commands as cli
 from nnsim_hooks.integrations import load_dataset, load_model
 from nnsim_hooks.integrations.synthetic import make_image_folder, make_nifti_datalist, make_nifti_folder
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nnsim_hooks import cli
+from nnsim_hooks.cli import commands as cli
 from nnsim_hooks.integrations.synthetic import make_image_folder
 
 FAST = ["--no-progress", "--k", "3", "--sketch-dim", "32", "--batch-size", "16", "--num-classes", "2"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import nnsim_hooks
 from nnsim_hooks.errors import BatchCouplingError, InputError
-from nnsim_hooks.outputs import make_output_spec
+from nnsim_hooks.engine.outputs import make_output_spec
 from nnsim_hooks.training import batchnorm_running_stats
 
 DT = torch.float64

@@ -297,7 +297,7 @@ def test_a_model_that_mixes_samples_is_refused_on_every_call():
 
 
 def test_batch_comparison_tolerances_follow_precision_and_device():
-    from nnsim_hooks.layout import tolerances
+    from nnsim_hooks.capture.batch_mixing import tolerances
 
     assert tolerances(nn.Linear(2, 2)) == (1e-4, 1e-6)  # float32 on CPU
     rtol16, _ = tolerances(nn.Linear(2, 2).half())

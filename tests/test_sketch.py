@@ -8,8 +8,8 @@ import torch.nn as nn
 import torchvision
 
 import nnsim_hooks
-from nnsim_hooks.kernels import normalize_features
-from nnsim_hooks.sketch import SketchRecipe, Sketcher, factor_dims, seeded_gaussian
+from nnsim_hooks.exact.kernels import normalize_features
+from nnsim_hooks.engine.sketch import SketchRecipe, Sketcher, factor_dims, seeded_gaussian
 
 
 def small_net(classes=4):
@@ -162,7 +162,7 @@ def test_resnet18_sketch_error_within_1_2x_of_ideal_at_1024():
 def test_long_position_table_is_folded_not_projected_along_one_huge_side():
     # [1, tokens, C] with tokens * C > FOLD_COLS: projecting the single row's 320k entries
     # would need a [budget, 320000] matrix; folded to [tokens, C] it gets Kronecker blocks.
-    from nnsim_hooks.sketch import FOLD_COLS, SketchRecipe, Sketcher, matrix_view
+    from nnsim_hooks.engine.sketch import FOLD_COLS, SketchRecipe, Sketcher, matrix_view
 
     assert matrix_view((1, 40_000, 8)) == (40_000, 8)
     assert matrix_view((1, 100, 8)) == (1, 800)  # small tables keep the usual view
@@ -187,7 +187,7 @@ def test_long_position_table_is_folded_not_projected_along_one_huge_side():
 
 @pytest.mark.parametrize("positions", [3, 40])  # below and above BATCHED_MIN_POSITIONS
 def test_factored_sketch_matches_the_sketch_of_materialised_gradients(positions):
-    from nnsim_hooks.sketch import BATCHED_MIN_POSITIONS, SketchRecipe, Sketcher
+    from nnsim_hooks.engine.sketch import BATCHED_MIN_POSITIONS, SketchRecipe, Sketcher
 
     assert 3 < BATCHED_MIN_POSITIONS <= 40
     torch.manual_seed(0)

@@ -14,7 +14,14 @@ import torch
 
 import nnsim_hooks
 from nnsim_hooks.errors import IndexMismatchError
-from nnsim_hooks.sketch import MIN_STAGE1_DIM, RECIPE_VERSION, STAGE1_PER_DIM, SketchRecipe, Sketcher, seeded_hash
+from nnsim_hooks.engine.sketch import (
+    MIN_STAGE1_DIM,
+    RECIPE_VERSION,
+    STAGE1_PER_DIM,
+    SketchRecipe,
+    Sketcher,
+    seeded_hash,
+)
 
 
 def test_default_first_stage_follows_the_sketch_dimension():

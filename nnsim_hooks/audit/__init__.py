@@ -7,8 +7,8 @@
 
 Modules: :mod:`.run` (``audit()``), :mod:`.checks` (the checks on arrays),
 :mod:`.thresholds`, :mod:`.result` (``AuditResult``, the saved folder), :mod:`.report`
-(HTML), :mod:`.plots`, :mod:`.thumbnails` (pluggable pictures), :mod:`.data` (labels,
-unreadable files), :mod:`.io` (output folders), :mod:`.demo` (the embedded default).
+(HTML), :mod:`.plots`, :mod:`.thumbnails` (pluggable pictures), :mod:`.samples` (labels,
+unreadable files), :mod:`.output_folder` (output folders), :mod:`.output_choice` (what is differentiated), :mod:`.demo` (the embedded default).
 """
 
 from .result import AuditResult

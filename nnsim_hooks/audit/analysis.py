@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import DataError
 from . import checks
-from .outputs import DEFAULT_K
+from .output_choice import DEFAULT_K
 from .result import AuditResult
 from .thresholds import Thresholds
 

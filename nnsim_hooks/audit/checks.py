@@ -45,7 +45,7 @@ def neighbor_label_vote(
 
         votes[i, c] = sum_j w_ij [y_j = c] / sum_j w_ij,   score_i = 1 - votes[i, y_i].
 
-    This is the paper's kernel average of neighbours' labels (../shared/PAPER.md section
+    This is the paper's kernel average of neighbours' labels (the paper section
     3) restricted to the k nearest neighbours, without sample i itself, i.e. what the
     network would predict for i from the others' labels. Because the similarities come
     from the gradient of the *predicted* class, the score does not use i's label to

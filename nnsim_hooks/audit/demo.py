@@ -219,7 +219,7 @@ def _load_or_train(folder, data: NoisyDigits, epochs: int, seed: int, progress: 
     import io as _io
     from pathlib import Path
 
-    from .io import write_bytes_atomic
+    from .output_folder import write_bytes_atomic
 
     model = small_cnn(seed=seed)
     path = Path(folder) / "demo" / "model.pt"
@@ -264,7 +264,7 @@ def _run_demo(
     import time
 
     from .checks import agreement as share_equal
-    from .io import prepare_out_dir
+    from .output_folder import prepare_out_dir
     from .run import audit
 
     from .thresholds import Thresholds

@@ -34,7 +34,15 @@ import numpy as np
 
 from ..errors import StoreError
 from . import checks
-from .io import clean_json, mark_done, prepare_out_dir, read_marker, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .output_folder import (
+    clean_json,
+    mark_done,
+    prepare_out_dir,
+    read_marker,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
@@ -253,7 +261,7 @@ class AuditResult:
         """Write the folder described in the module docstring; returns its path.
 
         An existing folder is refused unless it is empty, or holds an audit and
-        ``overwrite=True`` (see :mod:`nnsim_hooks.audit.io`)."""
+        ``overwrite=True`` (see :mod:`nnsim_hooks.audit.output_folder`)."""
         from scipy.sparse import save_npz
 
         out = Path(out_dir)

@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import DataError, InputError, ModelError
-from ..index import distributed as dist_
+from ..index.sharded import distributed as dist_
 from .analysis import analyse
-from .data import AuditView, check_dataset, check_input, find_unreadable, resolve_labels
-from .io import prepare_out_dir
-from .outputs import (
+from .samples import AuditView, check_dataset, check_input, find_unreadable, resolve_labels
+from .output_folder import prepare_out_dir
+from .output_choice import (
     DEFAULT_K,
     DEFAULT_SKETCH_DIM,
     DENOISING_INDEX,
@@ -52,7 +52,7 @@ def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
     check_input(x, f"sample {int(view.positions[0])} of the dataset")
     from torch.utils.data.dataloader import default_collate
 
-    from ..index.data import to_device
+    from ..data.batch_source import to_device
     from ..validation import call_model, model_device_dtype
 
     device, _ = model_device_dtype(model)
@@ -117,7 +117,7 @@ def audit(
     - **near-duplicates**: groups linked by similarity >= a threshold, one representative each;
     - **outliers**: samples whose mean similarity to their neighbours is unusually low;
     - **denoising**: the paper's ``N_eff`` and ``1 / N_eff`` per sample, per class and
-      overall, and the label-free consistency check (../shared/PAPER.md section 3).
+      overall, and the label-free consistency check (the paper section 3).
 
     Args:
         model: a trained classifier (``[B, C]`` logits); it is put in eval mode for the
@@ -171,7 +171,7 @@ def audit(
 
     Under torch.distributed (``torchrun --nproc_per_node=N``, every rank calling this with
     the same arguments), the index builds are shared between the ranks (see
-    :mod:`nnsim_hooks.index.sharded_build`), every rank analyses the merged index and
+    :mod:`nnsim_hooks.index.sharded.build`), every rank analyses the merged index and
     returns the same result, and only rank 0 writes into ``out_dir`` (the ranks write
     their shares only inside its index folders).
     """

@@ -35,7 +35,7 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
-from .data import split_item
+from .samples import split_item
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def png_data_uri(image: np.ndarray, size: int = THUMBNAIL_SIZE) -> str:
 def raw_sample(dataset: Any, position: int) -> Any:
     """What to draw for a sample: the original file for file-backed datasets (not the
     transformed crop), else the input the dataset returns."""
-    from .data import _file_list
+    from .samples import _file_list
 
     files = _file_list(dataset)
     if files is not None:

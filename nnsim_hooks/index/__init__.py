@@ -7,19 +7,20 @@
     >>> n_eff = idx.effective_neighbors()                  # denoising, O(N D^2)
     >>> idx = nnsim_hooks.load_index("features/")          # later, elsewhere
 
-Modules: :mod:`.build` (extraction), :mod:`.data` (batches), :mod:`.store` (folder
-format), :mod:`.backend` (FAISS), :mod:`.gradient_index` (the index class, assembled from
-:mod:`.columns`, :mod:`.search` and :mod:`.queries`), :mod:`.persist` (folders),
-:mod:`.lock` (one writer per folder), :mod:`.moments` and :mod:`.exact` (the computations);
-several processes: :mod:`.sharded_build` (torchrun, ``shard=(i, n)``), :mod:`.shards`
-(layout, checks, merge), :mod:`.sharded_queries`, :mod:`.distributed` (process groups).
+Modules: :mod:`.build` (extraction; batches come from :mod:`nnsim_hooks.data`),
+:mod:`.backend` (FAISS), :mod:`.gradient_index` (the index class, assembled from
+:mod:`.columns`, :mod:`.search` and :mod:`.queries`), :mod:`.moments` and :mod:`.exact`
+(the computations), :mod:`.arguments` (checks on what is passed in); :mod:`.folder` is the
+on-disk format (store, manifest, lock, integrity, writing and loading folders);
+:mod:`.sharded` is several processes (torchrun and ``shard=(i, n)`` builds, shard folders
+and their merge, sharded queries, process groups).
 """
 
 from .backend import INDEX_KINDS
 from .build import build_index
 from .gradient_index import GradientIndex
-from .persist import load_index
-from .sharded_queries import ShardedQueries
-from .shards import merge_shards
+from .folder.persist import load_index
+from .sharded.queries import ShardedQueries
+from .sharded.shards import merge_shards
 
 __all__ = ["build_index", "load_index", "merge_shards", "GradientIndex", "ShardedQueries", "INDEX_KINDS"]

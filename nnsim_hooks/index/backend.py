@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError, StoreError
-from .atomic import fsync_dir, store_errors
+from ..atomic import fsync_dir, store_errors
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
-from .data import Batch, BatchSource, to_device
-from .data_fingerprint import data_differences, data_record
+from ..data.batch_source import Batch, BatchSource, to_device
+from .folder.data_fingerprint import data_differences, data_record
 from .gradient_index import GradientIndex
-from .persist import finish
-from .lock import FolderLock
-from .manifest import check_fingerprint, new_manifest
-from .store import ColumnSpec, Store, is_store, remove_store_files
+from .folder.persist import finish
+from .folder.lock import FolderLock
+from .folder.manifest import check_fingerprint, new_manifest
+from .folder.store import ColumnSpec, Store, is_store, remove_store_files
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def build_index(
         handle: what :func:`nnsim_hooks.attach` returned.
         data: a Dataset of ``(input, target)`` pairs or bare inputs, a DataLoader that does
             not shuffle, or an iterable of ``(inputs[, targets])`` batches (see
-            :mod:`nnsim_hooks.index.data`). Sample ids are positions in this order.
+            :mod:`nnsim_hooks.data.batch_source`). Sample ids are positions in this order.
         path: a folder to store everything in (memory-mapped, resumable). When it holds
             an interrupted build of the same model, recipe and data, extraction continues
             where it stopped (rows written but not committed are cut off first); when it
@@ -79,7 +79,7 @@ def build_index(
             (torchrun, a DDP job), None (the default) or True shares the work: each rank
             extracts its contiguous share of the ids into ``path/shards/``, rank 0 merges
             them, and every rank returns the merged index (see
-            :mod:`nnsim_hooks.index.sharded_build`). False: this process builds alone.
+            :mod:`nnsim_hooks.index.sharded.build`). False: this process builds alone.
         shard: ``(i, n)``, without a process group: build only share ``i`` of ``n`` into
             ``path/shards/`` and return None; merge the shards with ``nnsim index merge
             PATH`` or :func:`nnsim_hooks.index.merge_shards`.
@@ -87,7 +87,7 @@ def build_index(
     Raises:
         IndexMismatchError: ``path`` holds an index of another model, output or recipe,
             or of other data (its length, first or last sample, file list: see
-            :mod:`nnsim_hooks.index.data_fingerprint`).
+            :mod:`nnsim_hooks.index.folder.data_fingerprint`).
         ExtractionError: a batch failed (the message names it); the folder keeps every
             sample before it, and calling again resumes.
         StoreError: writing failed (disk full...); the folder keeps what was committed.
@@ -97,8 +97,8 @@ def build_index(
         raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
     if task not in ("auto", "classification", "regression"):
         raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
-    # Builds shared by several processes (issue 10): nnsim_hooks.index.sharded_build.
-    from . import sharded_build
+    # Builds shared by several processes (issue 10): nnsim_hooks.index.sharded.build.
+    from .sharded import build as sharded_build
 
     planned = sharded_build.plan(path, distributed, shard, overwrite)
     if planned is not None:

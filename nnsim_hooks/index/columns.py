@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 from .backend import FaissIndex, IndexSpec, gpu_available, make_spec
-from .manifest import check_fingerprint
+from .folder.manifest import check_fingerprint
 
 
 class IndexColumns:

@@ -35,7 +35,7 @@ class GradientIndex(DatasetQueries, FaissSearch, IndexColumns):
     def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
         """Write the index to the folder ``path`` (atomically: a reader sees the old folder or
         the complete new one). Returns the path."""
-        from .persist import save_index
+        from .folder.persist import save_index
 
         return save_index(self, path, overwrite=overwrite)
 
@@ -53,7 +53,7 @@ class GradientIndex(DatasetQueries, FaissSearch, IndexColumns):
         argmax), ``norms`` ([N], default 1: then the raw kernel equals the cosine) and
         ``outputs`` ([N, d]) are stored beside them. Written to the folder ``path`` if given.
         """
-        from .persist import index_from_features
+        from .folder.persist import index_from_features
 
         return index_from_features(features, labels, predictions, probabilities, norms, outputs, index=index,
                                    index_options=index_options, path=path, overwrite=overwrite, normalize=normalize,

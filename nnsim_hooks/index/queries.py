@@ -20,7 +20,7 @@ import torch
 
 from ..errors import DataError, InputError
 from . import exact, moments
-from .checks import check_threshold
+from .arguments import check_threshold
 
 KERNELS = ("cosine", "raw")
 # Largest moment matrix kept between calls (C is D x D float64: 8 MB at D = 1024).
@@ -74,7 +74,7 @@ class DatasetQueries:
                 "the exact density needs both handle= (attached to the index's model) and data= (the indexed samples, "
                 "in the same order); give neither for the sketched density"
             )
-        from .manifest import check_fingerprint
+        from .folder.manifest import check_fingerprint
 
         stored = self.fingerprint
         if stored is not None:

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from . import exact
-from .atomic import store_errors, write_json_atomic
+from ..atomic import store_errors, write_json_atomic
 from .backend import FaissIndex, gpu_available, make_spec
-from .checks import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
-from .integrity import index_file_record, read_index_file
-from .lock import FolderLock
-from .manifest import MANIFEST, now
-from .store import INDEX_FILE
+from .arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
+from .folder.integrity import index_file_record, read_index_file
+from .folder.lock import FolderLock
+from .folder.manifest import MANIFEST, now
+from .folder.store import INDEX_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -366,7 +366,7 @@ class MultiheadAttentionRule(LayerRule):
     # -- weighted sums and products (the exact dataset-scale queries) ----------------------
 
     def sums(self, module, inputs, backprops, weights) -> Grads:
-        """``{name: [K, *shape]}``: see :mod:`nnsim_hooks.gradient_sums` (factored, no per-sample
+        """``{name: [K, *shape]}``: see :mod:`nnsim_hooks.exact.gradient_sums` (factored, no per-sample
         gradient of the weights)."""
         matrices, vectors = self._factors(module, inputs, backprops)
         out = sums_of_grads(vectors, weights)

@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..capture import LayerCall
-    from ..sketch import ParamSketch
+    from ..capture.hooks import LayerCall
+    from ..engine.sketch import ParamSketch
 
 Grads = Dict[str, torch.Tensor]
 

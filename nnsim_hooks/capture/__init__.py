@@ -1,0 +1,1 @@
+"""Capture: hooks on the model for one pass, and what they record."""

@@ -1,0 +1,291 @@
+"""The ``nnsim`` command line.
+
+    nnsim audit --out DIR                 # the embedded default: digits, planted noise, a CNN
+    nnsim audit --data PATH --model SPEC --out DIR   # ImageFolder, folder of files, list.csv, datalist.json
+
+Exit codes: 0 done, 1 an error (the message says what and how to fix it), 2 bad
+arguments, 130 interrupted (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import index_commands as index_cli
+from ..errors import InputError, NnsimError
+
+logger = logging.getLogger(__name__)
+
+
+class CliError(NnsimError):
+    """A problem with the command line's arguments or environment (exit code 1)."""
+
+
+def _thresholds(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
+    if not items:
+        return None
+    out: Dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--threshold {item!r}: expected NAME=VALUE, e.g. --threshold label_issue=0.6")
+        try:
+            out[name.strip()] = None if value.strip().lower() in ("none", "") else float(value)
+        except ValueError as exc:
+            raise CliError(f"--threshold {item!r}: {value!r} is not a number") from exc
+    from ..audit.thresholds import Thresholds
+
+    Thresholds.make(out)  # fail now, not after training
+    return out
+
+
+def _add_audit(sub) -> None:
+    """``nnsim audit``: the embedded demo, or your data and model."""
+    from ..audit.demo import DEFAULT_EPOCHS, DEFAULT_NOISE
+    from ..audit.output_choice import DEFAULT_K, DEFAULT_SKETCH_DIM
+
+    a = sub.add_parser(
+        "audit",
+        help="audit a labelled dataset (label errors, near-duplicates, outliers, denoising)",
+        description="Audit a labelled dataset through a trained network's own similarity. Without --data, runs the "
+        "embedded default: scikit-learn's digits with planted label noise and a small CNN trained on the fly.",
+    )
+    a.set_defaults(run=cmd_audit)
+    a.add_argument("--out", default="nnsim-audit", help="output folder (default: %(default)s)")
+    a.add_argument("--overwrite", action="store_true", help="replace a finished audit in --out")
+    data = a.add_argument_group("your data (all optional: without --data the demo runs)")
+    data.add_argument(
+        "--data",
+        help="ImageFolder (one sub-folder per class), a folder of files, a CSV of path,label (.csv) or a MONAI "
+        "datalist JSON (.json); images, NIfTI/MHA/NRRD volumes or .npy arrays",
+    )
+    data.add_argument("--classes", default=None, metavar="NAME,NAME,...",
+                      help="class names in index order (comma-separated): CSV/datalist labels may then be these "
+                      "names or integer indices; ImageFolder folders get these indices")
+    data.add_argument("--model", help="timm:NAME, torchvision:NAME, monai:NAME or package.module:function")
+    data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
+    data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
+    data.add_argument("--num-classes", type=int, help="number of classes of the model's head")
+    demo = a.add_argument_group("demo options")
+    demo.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="share of labels flipped (default %(default)s)")
+    demo.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default %(default)s)")
+    demo.add_argument("--limit", type=int, default=None, help="use only this many digits (quick runs)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the noise, the training and the sketch")
+    opts = a.add_argument_group("audit options")
+    opts.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per sample (default %(default)s)")
+    opts.add_argument("--sketch-dim", type=int, default=None,
+                      help=f"feature dimension per output (default: {DEFAULT_SKETCH_DIM}, or 2048/C for --output full)")
+    opts.add_argument("--batch-size", type=int, default=64, help="samples per pass (default %(default)s)")
+    opts.add_argument("--output", default=None, choices=["contrast", "full", "logit", "sum"],
+                      help="what is differentiated, never with the labels (default: full for classifiers with at "
+                      "most 16 classes, contrast of the predicted class above)")
+    opts.add_argument("--threshold", action="append", metavar="NAME=VALUE",
+                      help="change a threshold: label_issue, duplicate, duplicate_quantile, outlier_z, outlier_min_gap, "
+                      "outlier_quantile (see nnsim_hooks.audit.Thresholds)")
+    opts.add_argument("--no-progress", action="store_true", help="no progress bars")
+    opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+
+
+#: Each adds one subcommand to the parser and sets ``run=fn(args) -> exit code`` on it.
+#: A new subcommand (its own module) appends its ``add_parser(sub)`` here.
+SUBCOMMANDS: List[Callable[[Any], None]] = [_add_audit, index_cli.add_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="nnsim", description="Input similarity from the neural network's perspective.")
+    parser.add_argument("--version", action="version", version=f"nnsim_hooks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _load_integrations():
+    """The seam to ``nnsim_hooks.integrations`` (model and dataset loaders)."""
+    try:
+        from .. import integrations
+    except ImportError as exc:
+        raise CliError(f"--data/--model need nnsim_hooks.integrations, which failed to import: {exc}") from exc
+    missing = [name for name in ("load_model", "load_dataset") if not callable(getattr(integrations, name, None))]
+    if missing:
+        raise CliError(
+            f"--data/--model need nnsim_hooks.integrations.{' and '.join(missing)}, which this installation lacks; "
+            "update nnsim_hooks, or audit from Python with nnsim_hooks.audit(model, dataset)"
+        )
+    return integrations
+
+
+DATA_LAYOUTS = ("a folder (one sub-folder of images per class, or the files themselves), a .csv of path,label "
+                "or a .json MONAI datalist")
+
+
+def _check_data_path(data: str) -> None:
+    path = Path(data)
+    if not path.exists():
+        raise CliError(f"--data {data}: no such folder or file (expected {DATA_LAYOUTS})")
+    if path.is_file() and path.suffix.lower() not in (".csv", ".json"):
+        raise CliError(f"--data {data}: a {path.suffix or 'extensionless'} file is not a data layout "
+                       f"(expected {DATA_LAYOUTS})")
+
+
+def _classes(text: Optional[str]) -> Optional[List[str]]:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise CliError(f"--classes {text!r}: empty class name; expected NAME,NAME,... in index order")
+    if len(set(names)) != len(names):
+        raise CliError(f"--classes {text!r}: class names must be distinct")
+    return names
+
+
+def _audit_data(args, thresholds) -> Any:
+    from torch import nn
+
+    from ..audit.run import audit
+
+    if not args.model:
+        raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt)")
+    _check_data_path(args.data)
+    classes = _classes(args.classes)
+    kwargs = {}
+    if args.model_kwargs:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except ValueError as exc:
+            raise CliError(f"--model-kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise CliError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    integrations = _load_integrations()
+    info = integrations.load_model(args.model, model_kwargs=kwargs, checkpoint=args.checkpoint,
+                                   num_classes=args.num_classes)
+    model = info if isinstance(info, nn.Module) else getattr(info, "model", None)
+    if not isinstance(model, nn.Module):
+        raise CliError(f"integrations.load_model({args.model!r}) returned {type(info).__name__} without a model")
+    # classes= only when given: the seam stays load_dataset(path, model_info) otherwise
+    dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}))
+    # A model without class logits (segmentation...) comes with a suggested label-free reduction.
+    suggested = getattr(info, "output", None)
+    output = args.output if args.output is not None or not callable(suggested) else suggested
+    config = {
+        "data": str(Path(args.data).resolve()),
+        "model": args.model,
+        "model_kwargs": kwargs,
+        "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+        "num_classes": args.num_classes,
+        "k": args.k,
+        "sketch_dim": args.sketch_dim,
+        "output": args.output,
+        "seed": args.seed,
+        "thresholds": thresholds or {},
+    }
+    if classes is not None:  # only then: runs without --classes keep the configuration they resume with
+        config["classes"] = classes
+    return audit(
+        model,
+        dataset,
+        out_dir=args.out,
+        overwrite=args.overwrite,
+        k=args.k,
+        sketch_dim=args.sketch_dim,
+        batch_size=args.batch_size,
+        output=output,
+        thresholds=thresholds,
+        progress=not args.no_progress,
+        seed=args.seed,
+        class_names=getattr(dataset, "classes", None) or None,
+        config=config,
+    )
+
+
+def format_summary(result, out: Path) -> str:
+    """The few lines printed at the end of ``nnsim audit``."""
+    s = result.summary
+    den = s.get("denoising", {})
+
+    def pct(x):
+        return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+
+    def num(x):
+        return "n/a" if x is None or x != x else f"{x:.3g}"
+
+    lines = [
+        f"nnsim audit: {s['samples']:,} samples, {s.get('num_classes') or '?'} classes "
+        f"(model {s.get('model')}, output {s.get('output')}, {s.get('seconds', 0):.0f} s)",
+        f"  label issues      {s['label_issues']:,} ({pct(s.get('label_issue_rate'))} of labels)",
+        f"  near-duplicates   {s['duplicate_groups']:,} groups ({s['samples_in_duplicate_groups']:,} samples)",
+        f"  outliers          {s['outliers']:,}",
+        f"  denoising         median N_eff {num(den.get('median_effective_neighbors'))}: label-noise variance "
+        f"divided by that at a prediction (1/N_eff = {num(den.get('median_denoising_factor'))})",
+    ]
+    if s.get("unreadable"):
+        lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
+    if s.get("missing_labels"):
+        lines.append(f"  missing labels    {s['missing_labels']:,} samples (not scored)")
+    extra = s.get("extra") or {}
+    if "agreement_with_true_labels" in extra:
+        lines += [
+            f"Paper's headline (planted noise {pct(extra['planted_noise_rate'])}):",
+            f"  network vs noisy training labels   {pct(extra['agreement_with_noisy_labels'])}",
+            f"  network vs true labels             {pct(extra['agreement_with_true_labels'])}",
+            f"  audit, label-free: predicted agreement with clean labels {pct(den.get('predicted_agreement_with_clean_labels'))}"
+            f" (estimated noise {pct(den.get('estimated_noise_rate'))}, median N_eff {num(den.get('median_effective_neighbors'))})",
+            f"  flags: {pct(extra.get('label_issue_recall'))} of the planted errors found, "
+            f"{pct(extra.get('label_issue_precision'))} of the flags are planted errors",
+        ]
+    lines.append(f"Report: {(out / 'report.html').resolve()}")
+    return "\n".join(lines)
+
+
+def cmd_audit(args) -> int:
+    from ..audit.demo import run_demo
+    from ..audit.run import require_audit_extra
+
+    require_audit_extra()
+    thresholds = _thresholds(args.threshold)
+    out = Path(args.out)
+    demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
+                                          ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
+                                          ("--classes", args.classes))
+                 if given]
+    if args.data is None:
+        if demo_only:
+            raise CliError(f"{', '.join(demo_only)} given without --data: pass --data PATH too, or drop them to run the demo")
+        result = run_demo(out, noise=args.noise, epochs=args.epochs, limit=args.limit, seed=args.seed, k=args.k,
+                          sketch_dim=args.sketch_dim, output=args.output, thresholds=thresholds,
+                          overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        result = _audit_data(args, thresholds)
+    print(format_summary(result, out))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        index_cli.init_distributed(args)  # under torchrun: the ranks share the index builds
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: what was computed is kept in {getattr(args, 'out', '.')}; run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+    except (NnsimError, InputError, ImportError) as exc:
+        print(f"nnsim: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model inputs: slicing batches, and batches from any dataset in a stable, resumable order."""

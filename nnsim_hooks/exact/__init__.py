@@ -1,0 +1,1 @@
+"""Exact kernels: Gram blocks, dataset-scale sums (density, consistency), the matrix denoising factor."""

@@ -1,0 +1,1 @@
+"""The on-disk index folder: format, manifest, lock, columns, integrity, writing and loading."""

@@ -1,0 +1,268 @@
+"""Index folders: writing a finished index (``save``, ``from_features``, ``finish``) and
+reading one back (``load_index``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from ...errors import DataError, InputError, StoreError
+from ...atomic import store_errors, write_json_atomic
+from ..backend import FaissIndex, IndexSpec, make_spec
+from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
+from ..gradient_index import GradientIndex
+from .integrity import check_index_file_size, drop_nonfinite_rows, index_file_record
+from .lock import FolderLock, describe_holder
+from .manifest import MANIFEST, new_manifest, now, read_manifest
+from .schema import is_store_owned
+from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, remove_store_files, write_column
+
+PathLike = Union[str, "os.PathLike[str]"]
+# Rows of input features read at once by from_features().
+BLOCK_BYTES = 64 << 20
+
+
+def save_index(self: GradientIndex, path: PathLike, *, overwrite: bool = False) -> Path:
+    """Write the index to the folder ``path`` (atomically: a reader sees the old folder or
+    the complete new one). Returns the path."""
+    path = Path(path)
+    if self.path is not None and path.resolve() == self.path.resolve():
+        return path  # already there: every change is written as it is made
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"'{path}' is a file; an index needs a folder path")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_store(path):
+            raise StoreError(f"'{path}' is not empty and is not an nnsim_hooks index; choose a new or empty folder")
+        if not overwrite:
+            raise StoreError(f"'{path}' already holds an index; pass overwrite=True to replace it")
+        writer = describe_holder(path)
+        if writer is not None:
+            raise StoreError(f"'{path}' is being written by {writer}; wait for it to finish, or save elsewhere")
+        foreign = sorted(p.name for p in path.iterdir() if not is_store_owned(p.name))
+        if foreign:  # the whole folder is replaced: only when it holds nothing but the index
+            raise StoreError(
+                f"'{path}' holds an index and files the index did not write ({', '.join(foreign[:5])}); overwrite "
+                "replaces the whole folder, so move them away first, or save elsewhere"
+            )
+    with store_errors("creating", path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        for name, col in self._columns.items():
+            write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
+        index_file = None
+        if not self.spec.exact:
+            self.backend.write(tmp / INDEX_FILE)
+            index_file = index_file_record(tmp / INDEX_FILE, self.backend)
+        manifest = dict(self.manifest, updated=now(), index=self.spec.to_dict(), complete=True, index_file=index_file)
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def index_from_features(features, labels=None, predictions=None, probabilities=None, norms=None, outputs=None, *,
+                  index: str = "flat", index_options: Optional[Dict[str, Any]] = None,
+                  path: Optional[PathLike] = None, overwrite: bool = False, normalize: bool = False,
+                  gpu: Optional[bool] = None, progress: bool = False) -> GradientIndex:
+    """An index of given feature rows, without a model (benchmarks, tests, features
+    computed elsewhere).
+
+    ``features``: float32 ``[N, D]`` unit rows (``normalize=True`` normalizes them);
+    NaN or all-zero rows mark samples without a gradient direction. ``labels``,
+    ``predictions`` (int [N]), ``probabilities`` ([N, C]; predictions default to their
+    argmax), ``norms`` ([N], default 1: then the raw kernel equals the cosine) and
+    ``outputs`` ([N, d]) are stored beside them. Written to the folder ``path`` if given.
+    """
+    feats = as_float32_rows(features, None, "features")  # a memmap stays a memmap
+    n = len(feats)
+    if n == 0:
+        raise DataError("from_features() got no rows: an index needs at least one sample")
+    columns: Dict[str, np.ndarray] = {"ids": np.arange(n, dtype=np.int64)}
+    if norms is not None:
+        columns["norms"] = _column(norms, n, "norms", np.float32)
+    if labels is not None:
+        columns["labels"] = _column(labels, n, "labels", np.int64)
+    if probabilities is not None:
+        columns["probabilities"] = _column(probabilities, n, "probabilities", np.float32, ndim=2)
+        if predictions is None:
+            predictions = columns["probabilities"].argmax(1)
+    if predictions is not None:
+        columns["predictions"] = _column(predictions, n, "predictions", np.int64)
+    if outputs is not None:
+        columns["outputs"] = _column(outputs, n, "outputs", np.float32, ndim=2)
+    manifest = new_manifest(None, {"data": "from_features"})
+    task = "classification" if predictions is not None else ("regression" if outputs is not None else None)
+    manifest.update(feature_dim=int(feats.shape[1]), task=task)
+    folder = Path(path) if path is not None else None
+    existed = folder is not None and folder.exists()
+    with FolderLock(folder, "from_features") if folder is not None else contextlib.nullcontext():
+        store = Store.create(folder, manifest, overwrite=overwrite)
+        _write_rows(store, feats, columns, norms, normalize, folder, existed)
+        return finish(store, index, index_options, gpu=gpu, progress=progress)
+
+
+def _write_rows(store: Store, feats: np.ndarray, columns: Dict[str, np.ndarray], norms, normalize: bool,
+                folder: Optional[Path], existed: bool) -> None:
+    n = len(feats)
+    store.define_columns([ColumnSpec("features", "float32", feats.shape[1:]), ColumnSpec("valid", "bool")]
+                         + [ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in columns.items()]
+                         + ([ColumnSpec("norms", "float32")] if norms is None else []))
+    try:
+        # block by block, so that a memory-mapped [N, D] input is never loaded whole
+        block = max(1, BLOCK_BYTES // max(1, feats[:1].nbytes))
+        for start in range(0, n, block):
+            rows = _unit_rows(np.array(feats[start : start + block]), start, normalize)
+            valid = defined_rows(rows)
+            chunk = {k: v[start : start + block] for k, v in columns.items()}
+            chunk.update(features=rows, valid=valid)
+            if norms is None:
+                chunk["norms"] = valid.astype(np.float32)  # unit norms: the raw kernel is the cosine
+            store.append(chunk)
+        store.commit(extraction_complete=True)
+    except BaseException:
+        store.close()
+        if folder is not None:  # leave no half-written folder
+            remove_store_files(folder)
+            if not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+    store.close()
+
+
+def _unit_rows(rows: np.ndarray, offset: int, normalize: bool) -> np.ndarray:
+    """Zero the undefined rows (NaN or zero) and check (or make) unit norms of the others."""
+    valid = defined_rows(rows)
+    rows[~valid] = 0.0
+    lengths = np.linalg.norm(rows[valid], axis=1)
+    if normalize:
+        rows[valid] /= lengths[:, None]
+    elif len(lengths) and np.abs(lengths - 1).max() > UNIT_TOLERANCE:
+        worst = int(np.flatnonzero(valid)[np.abs(lengths - 1).argmax()])
+        raise InputError(
+            f"feature rows must have unit norm (row {offset + worst} has norm {np.linalg.norm(rows[worst]):.4g}); "
+            "pass normalize=True, or use features from handle.features()"
+        )
+    return rows
+
+
+def _column(x, n: int, name: str, dtype, ndim: int = 1) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim == 1 and ndim == 2:
+        x = x[:, None]
+    if x.ndim != ndim or len(x) != n:
+        want = f"[{n}]" if ndim == 1 else f"[{n}, C]"
+        raise InputError(f"{name} must have shape {want} (one row per feature row), got {list(x.shape)}")
+    if dtype == np.int64 and not np.issubdtype(x.dtype, np.integer):
+        raise InputError(f"{name} must be integers, got {x.dtype}")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Move the finished folder ``tmp`` to ``path``, replacing an old index there."""
+    with store_errors("moving the new index to", path):
+        if path.is_dir() and any(path.iterdir()):
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if path.is_dir():
+                path.rmdir()
+            os.replace(tmp, path)
+
+
+def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *, gpu: Optional[bool],
+           progress: bool) -> GradientIndex:
+    """Build (or reuse) the FAISS index of a fully extracted store and mark it complete."""
+    arrays = store.arrays()
+    manifest = store.manifest
+    n_valid = int(np.count_nonzero(arrays["valid"]))
+    spec = make_spec(index, n_valid, index_options)
+    stored = manifest.get("index")
+    file = store.path / INDEX_FILE if store.path is not None else None
+    reuse = (
+        manifest.get("complete")
+        and stored is not None
+        and IndexSpec.from_dict(stored).factory == spec.factory
+        and (spec.exact or (file is not None and file.is_file()))
+        and not index_options
+    )
+    backend = None
+    if not reuse:
+        index_file = None
+        if not spec.exact:  # built now, to be saved; a flat index is built on first search
+            backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
+            if file is not None:
+                backend.write(file)
+                index_file = index_file_record(file, backend)
+        elif file is not None:
+            with store_errors("deleting", file):
+                file.unlink(missing_ok=True)
+        store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
+    else:
+        spec = IndexSpec.from_dict(stored)
+    idx = GradientIndex(arrays, store.manifest, store.path, gpu=gpu, backend=backend)
+    idx.spec = spec
+    if backend is not None:
+        idx._move_to_gpu()
+    return idx
+
+
+def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap: bool = True) -> GradientIndex:
+    """Open an index folder written by ``build_index(..., path)``, ``from_features(..., path=)``
+    or :meth:`GradientIndex.save`.
+
+    Columns are memory-mapped read-only (``mmap=False`` reads them into memory). With
+    ``handle``, its fingerprint is checked against the stored one
+    (:class:`~nnsim_hooks.errors.IndexMismatchError` says what differs). ``gpu``: put the
+    FAISS index on GPU (None: if FAISS has GPUs).
+
+    What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
+    the manifest's fields, dtypes and row shapes (:mod:`.schema`); that every column file
+    holds exactly ``count`` rows; ``index.faiss`` against its record (:mod:`.integrity`).
+    Non-finite feature rows are marked not valid, with a warning. A folder still being
+    written is refused, naming the writer.
+    """
+    path = Path(path)
+    if not is_store(path):
+        from ..sharded.shards import has_shards  # a folder of shards (issue 10
+
+        if has_shards(path):
+            raise StoreError(
+                f"'{path}' holds the shards of a build shared by several processes, not merged yet: finish every "
+                f"shard, then merge them (nnsim index merge {path}, or nnsim_hooks.index.merge_shards(path))"
+            )
+    manifest = read_manifest(path)
+    if not manifest.get("complete"):
+        writer = describe_holder(path) if path.is_dir() else None
+        if writer is not None:
+            raise StoreError(
+                f"the index at '{path}' is being built by {writer} ({manifest['count']} samples committed so far): "
+                "wait for that build to finish, then load it"
+            )
+        raise StoreError(
+            f"the index at '{path}' is incomplete ({manifest['count']} samples stored so far): its build was "
+            "interrupted. Run handle.build_index(data, path) again with the same data to finish it"
+        )
+    columns = open_columns(path, manifest)
+    if not mmap:
+        columns = {k: np.array(v) for k, v in columns.items()}
+    columns = drop_nonfinite_rows(columns, path, manifest)
+    idx = GradientIndex(columns, manifest, path, gpu=gpu)
+    if not idx.spec.exact:
+        check_index_file_size(path / INDEX_FILE, manifest.get("index_file"), idx.n_valid, idx.dim)
+    if handle is not None:
+        idx.check_handle(handle)
+    return idx
