@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU machines this project is built on ship torch 2.14.1 / torchvision 0.29.1 on disk.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev
+EXTRAS ?= dev,docs
 
 .PHONY: setup demo test bench clean
 
@@ -31,5 +31,11 @@ bench: setup
 	$(BIN)/python benchmarks/bench_index.py
 	$(BIN)/python benchmarks/bench_label_issues.py --seeds 3
 
+# The documentation site, from docs/ and the docstrings of this checkout, into site/.
+# --strict: a warning (a broken link or anchor, a docstring it cannot read) is an error.
+.PHONY: docs
+docs: setup
+	NO_MKDOCS_2_WARNING=1 PYTHONPATH=$(CURDIR) $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) nnsim-demo .pytest_cache
+	rm -rf $(VENV) nnsim-demo .pytest_cache site
