@@ -231,7 +231,7 @@ class Handle:
 
         The cosine ``g(a_i).g(b_i) / (|g(a_i)| |g(b_i)|)``, or ``Tr(K_C)/d`` for d outputs
         (whitened as in :meth:`similarity`), as a tensor ``[P]`` with a graph (double
-        back-propagation), for the paper's training term (PAPER section 4)::
+        back-propagation), for the paper's training term (§4)::
 
             loss = task_loss + lam * (1 - h.pair_similarity(x_a, x_b, targets_a=y, targets_b=y)).mean()
 
@@ -305,7 +305,7 @@ class Handle:
 
     def consistency(self, data, values=None, *, include_self: bool = True, batch_size: Optional[int] = None,
                     progress: bool = True, return_average: bool = False, use_targets: Optional[bool] = None):
-        """The label-free check of the averaging hypothesis (PAPER §3), exactly, on the raw
+        """The label-free check of the averaging hypothesis (the paper, §3), exactly, on the raw
         kernel ``K_ij = g_i . g_j``: ``|p_i - sum_j K_ij p_j / sum_j K_ij|`` (numpy
         float64 ``[N]``, NaN where the denominator is 0).
 

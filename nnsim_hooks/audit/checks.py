@@ -174,7 +174,7 @@ def flag_below(values: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def averaging_error_probability(n_eff: np.ndarray, noise_rate: float, num_classes: int) -> np.ndarray:
-    """Probability that averaging noisy labels makes a prediction wrong (PAPER section 3).
+    """Probability that averaging noisy labels makes a prediction wrong (the paper, §3).
 
     Model: the prediction at x_i is the average of ``N_eff(x_i)`` independent labels
     (``N_eff`` clipped to >= 1), each wrong with probability ``noise_rate`` and then

@@ -37,7 +37,7 @@ def contrast_predicted(outputs: torch.Tensor, targets: Optional[torch.Tensor] = 
 
 
 def full_outputs(outputs: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Every output of a sample (the whitened d x d kernel of PAPER section 1)."""
+    """Every output of a sample (the whitened d x d kernel; the paper, §1)."""
     return outputs.reshape(outputs.shape[0], -1)
 
 

@@ -177,7 +177,7 @@ The true labels are used only for the first two numbers; everything the audit co
    <div class="l">agreement with the true labels (known because the noise was planted)</div></div>
  <div class="card"><div class="big">{_pct(den.get('predicted_agreement_with_clean_labels'))}</div>
    <div class="l">audit's label-free prediction of the agreement with clean labels, from N_eff and the estimated
-   noise rate (PAPER §3)</div></div>
+   noise rate (the paper, §3)</div></div>
  <div class="card"><div class="big">{_num(den.get('median_effective_neighbors'))}</div>
    <div class="l">median N_eff: label-noise variance divided by this at a prediction (1/N_eff =
    {_num(den.get('median_denoising_factor'))})</div></div>
@@ -210,7 +210,7 @@ def _class_table(result, names: _Names) -> str:
         )
     return (f'<section><h2>Health per class</h2><p class="lead">By given label. <b>agreement</b>: predictions equal to the '
             'label. <b>N_eff</b>: how many samples the network averages at each prediction, so label-noise variance is '
-            'divided by N_eff there (PAPER §3; medians, as samples whose similarities cancel out have N_eff near 0). '
+            'divided by N_eff there (the paper, §3; medians, as samples whose similarities cancel out have N_eff near 0). '
             'Shown: the scalar 1/N_eff of the cosine kernel of one differentiated value, the predicted class\'s '
             'contrast (d = 1, where the authors\' d×d matrix factor Σ_j A_ij A_ijᵀ reduces to 1/N_eff; the cosine '
             'kernel, so that large-gradient samples do not dominate); '

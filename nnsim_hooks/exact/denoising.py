@@ -1,4 +1,4 @@
-"""The paper's denoising factor as a d x d matrix, for networks with d outputs (PAPER §3, §6).
+"""The paper's denoising factor as a d x d matrix, for networks with d outputs (the paper, §3, §6).
 
 At convergence on noisy labels the prediction is approximately a kernel-weighted average,
 ``f(x_i) ~ (sum_j K_ij)^{-1} sum_j K_ij y_j``, with the d x d kernel ``K_ij = J(x_i) J(x_j)^T``.

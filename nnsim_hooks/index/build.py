@@ -97,7 +97,7 @@ def build_index(
         raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
     if task not in ("auto", "classification", "regression"):
         raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
-    # Builds shared by several processes (issue 10): nnsim_hooks.index.sharded.build.
+    # Builds shared by several processes: nnsim_hooks.index.sharded.build.
     from .sharded import build as sharded_build
 
     planned = sharded_build.plan(path, distributed, shard, overwrite)

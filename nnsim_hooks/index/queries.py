@@ -1,6 +1,6 @@
 """The paper's dataset-scale queries on a :class:`~nnsim_hooks.index.GradientIndex`:
-density and neighbour counts (PAPER §2), effective neighbours, denoising and consistency
-(PAPER §3), from additive moments of the feature rows, never the N x N matrix.
+density and neighbour counts (the paper, §2), effective neighbours, denoising and consistency
+(the paper, §3), from additive moments of the feature rows, never the N x N matrix.
 
 Conventions for every per-sample result (arrays ``[N]`` in id order):
 
@@ -140,12 +140,12 @@ class DatasetQueries:
                                                    reduce, device=self._device, exclude_rows=rows)
         return out
 
-    # -- denoising (PAPER §3) -------------------------------------------------------------
+    # -- denoising (the paper, §3) -------------------------------------------------------
 
     def effective_neighbors(self, kernel: str = "cosine", *, include_self: bool = True,
                             max_memory: Optional[int] = None) -> np.ndarray:
         """``N_eff(x_i) = (sum_j k_ij)^2 / sum_j k_ij^2`` (float64 [N]), the number of equal
-        neighbours that would average label noise as much (PAPER §3).
+        neighbours that would average label noise as much (the paper, §3).
 
         Never the N x N matrix at once. ``sum_j k_ij^2`` comes from whichever is cheaper:
         with more feature columns than samples (D > N, exact features), the N x N Gram
@@ -184,13 +184,13 @@ class DatasetQueries:
     def denoising_factor(self, kernel: str = "cosine", *, include_self: bool = True,
                          max_memory: Optional[int] = None) -> np.ndarray:
         """``1 / N_eff``: the factor by which the network divides the variance of i.i.d.
-        label noise at each sample (PAPER §3); see :meth:`effective_neighbors`."""
+        label noise at each sample (the paper, §3); see :meth:`effective_neighbors`."""
         with np.errstate(divide="ignore"):
             return 1.0 / self.effective_neighbors(kernel, include_self=include_self, max_memory=max_memory)
 
     def consistency(self, kernel: str = "raw", *, include_self: bool = True, values=None,
                     return_average: bool = False):
-        """The label-free check of the averaging hypothesis (PAPER §3):
+        """The label-free check of the averaging hypothesis (the paper, §3):
         ``|| p_i - (sum_j K_ij)^{-1} sum_j K_ij p_j ||`` (float64 [N]).
 
         ``p`` is ``values`` ([N, C]) if given, else the stored probabilities, else the raw

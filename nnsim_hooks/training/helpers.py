@@ -1,4 +1,4 @@
-"""Helpers for training with the similarity term (:meth:`Handle.pair_similarity`, PAPER section 4).
+"""Helpers for training with the similarity term (:meth:`Handle.pair_similarity`, the paper, §4).
 
 - :func:`same_class_pairs`: index pairs of two different samples with the same label,
   the authors' choice of "known similar" pairs (one per minibatch in their MNIST code);

@@ -237,7 +237,7 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     """
     path = Path(path)
     if not is_store(path):
-        from ..sharded.shards import has_shards  # a folder of shards (issue 10
+        from ..sharded.shards import has_shards  # a folder of shards
 
         if has_shards(path):
             raise StoreError(

@@ -5,7 +5,7 @@
     >>> scores, ids = q.neighbors(10)      # each rank answers its own share's queries
 
 Density, effective neighbours, denoising and consistency need only additive statistics
-of the rows (PAPER §2-3, :mod:`nnsim_hooks.index.moments`): ``S = sum_j w_j f_j``,
+of the rows (the paper, §2-3, :mod:`nnsim_hooks.index.moments`): ``S = sum_j w_j f_j``,
 ``C = sum_j w_j^2 f_j f_j^T`` and ``M = sum_j w_j f_j p_j^T``. Each share's part is summed
 (all-reduced under a process group; summed in turn over the shares without one), then
 each share applies the totals to its own rows, and the per-row results are gathered in id
