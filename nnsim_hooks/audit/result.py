@@ -34,15 +34,8 @@ import numpy as np
 
 from ..errors import StoreError
 from . import checks
-from .output_folder import (
-    clean_json,
-    mark_done,
-    prepare_out_dir,
-    read_marker,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from ..atomic import write_bytes_atomic, write_text_atomic
+from .output_folder import clean_json, mark_done, prepare_out_dir, read_marker, write_json
 from .thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
@@ -284,7 +277,7 @@ class AuditResult:
         except ImportError as exc:
             logger.warning("table.parquet not written (%s); pip install pyarrow", exc)
         write_text_atomic(out / "per_class.csv", self.per_class.to_csv(index=False))
-        write_json_atomic(out / "summary.json", clean_json(self.summary))
+        write_json(out / "summary.json", clean_json(self.summary))
         buf = io.BytesIO()
         save_npz(buf, self.knn_graph(), compressed=True)
         write_bytes_atomic(out / "knn_graph.npz", buf.getvalue())
