@@ -265,7 +265,7 @@ def _run_demo(
     precision and recall of the flags)."""
     import time
 
-    from .checks import agreement as share_equal
+    from .checks.arrays import agreement as share_equal
     from .output_folder import prepare_out_dir
     from .run import audit
 

@@ -137,7 +137,8 @@ class Check:
     columns: Tuple[Column, ...] = ()
     #: Thresholds read by :meth:`compute` (``inputs.thresholds.<name>``).
     thresholds: Tuple[ThresholdSpec, ...] = ()
-    #: Columns of checks registered earlier that :meth:`compute` reads.
+    #: Columns of checks registered earlier that this check reads (in :meth:`compute` or
+    #: :meth:`summary`): the registry refuses an order that computes them later.
     needs: Tuple[str, ...] = ()
     #: Headers of this check's columns in the report's per-class table.
     class_headers: Tuple[str, ...] = ()
