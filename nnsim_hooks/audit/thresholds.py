@@ -25,8 +25,8 @@ class Thresholds:
     """When a sample is flagged: one attribute per threshold of the registered checks,
     immutable. ``Thresholds(label_issue=0.6)`` changes one and keeps the other defaults;
     an unknown name or a value out of range is an :class:`~nnsim_hooks.errors.InputError`.
-
-    Attributes:
+    The attributes, with their defaults, are listed below (generated from the checks:
+    ``help(Thresholds)``, or each check module's ``thresholds``).
     """
 
     def __init__(self, **values: Any):
@@ -69,7 +69,7 @@ class Thresholds:
 def _document() -> None:
     """List the registered thresholds in the class docstring (``help(Thresholds)``)."""
     entries = [f"        {spec.name}: {spec.doc} Default: {spec.default}." for spec in threshold_specs()]
-    Thresholds.__doc__ = (Thresholds.__doc__ or "") + "\n" + "\n".join(entries) + "\n"
+    Thresholds.__doc__ = (Thresholds.__doc__ or "") + "\n    Attributes:\n" + "\n".join(entries) + "\n"
 
 
 _document()
