@@ -29,6 +29,8 @@ class Isolated(Check):
 
     def compute(self, inputs):
         top = inputs.sims[:, 0]
+        if inputs.dataset is not None:  # checks may read the samples: here, their own copy of the similarity
+            top = np.array([inputs.dataset[int(p)] for p in inputs.positions], dtype=np.float64)
         return {"top_similarity": top, "is_isolated": np.isfinite(top) & (top < inputs.thresholds.isolated_below)}
 
     def summary(self, table, info, num_classes):
@@ -96,6 +98,13 @@ def test_a_registered_check_reaches_every_output(isolated, tmp_path):
     out = result.save(tmp_path / "saved")
     assert json.loads((out / "summary.json").read_text())["isolated"] == s["isolated"]
     assert "top_similarity" in (out / "table.csv").read_text().splitlines()[0]
+    # a check that reads the samples gets them by dataset position (here: the unreadable first two are skipped)
+    samples = np.r_[np.nan, np.nan, np.linspace(-1, 1, len(labels))]
+    result = analyse(idx, k=3, thresholds=limits, positions=np.arange(len(labels)) + 2, n_total=len(labels) + 2,
+                     dataset=samples)
+    np.testing.assert_array_equal(result.table["top_similarity"].to_numpy()[2:], samples[2:])
+    assert result.table["top_similarity"].isna().tolist()[:3] == [True, True, False]
+    assert result.table["is_isolated"].sum() == int((samples[2:] < 0.6).sum())
 
 
 def test_a_registered_check_gets_its_thresholds_and_flags(isolated):

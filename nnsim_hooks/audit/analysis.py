@@ -29,6 +29,7 @@ def analyse(
     progress: bool = False,
     denoise_index=None,
     density: Optional[np.ndarray] = None,
+    dataset=None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
@@ -38,6 +39,8 @@ def analyse(
     consistency columns instead of ``index``. ``density`` (``[N]``, e.g. the exact
     :meth:`~nnsim_hooks.Handle.density` of the same samples) replaces the sketched one; the
     summary's ``"density"`` says which was used (``"exact"`` or ``"sketched, D=..."``).
+    ``dataset`` (the audited one, indexed by dataset position) is for checks that look at
+    the samples themselves.
 
     The checks are those of :data:`nnsim_hooks.audit.checks.CHECKS`, run in order.
     """
@@ -73,7 +76,8 @@ def analyse(
 
     ids, sims = _neighbours(index, n, k, progress)
     inputs = CheckInputs(labels=labels, predictions=predictions, probabilities=probs, num_classes=num_classes,
-                         ids=ids, sims=sims, index=index, paper_index=paper, exact_density=density, thresholds=limits)
+                         ids=ids, sims=sims, index=index, paper_index=paper, exact_density=density, thresholds=limits,
+                         positions=positions, dataset=dataset)
     for check in checks.CHECKS:
         computed = check.compute(inputs)
         missing = [c.name for c in check.columns if c.name not in computed]

@@ -103,6 +103,11 @@ class CheckInputs:
             predicted-class index of an audit whose neighbours use another output.
         exact_density: ``[N]`` exact density given to :func:`~nnsim_hooks.audit.analyse`, or None.
         thresholds: the :class:`~nnsim_hooks.audit.Thresholds` in use.
+        positions: ``[N]`` the dataset position of each index row.
+        dataset: the audited dataset (row i is ``dataset[positions[i]]``;
+            :func:`~nnsim_hooks.audit.thumbnails.raw_sample` gives the original file of
+            file-backed datasets), or None when an index is analysed on its own: a check
+            that needs the samples returns NaN columns then.
         columns: the columns computed by the checks registered before this one.
         info: facts for the summary and report (the thresholds a check derived, say);
             a check adds its own.
@@ -118,6 +123,8 @@ class CheckInputs:
     paper_index: Any
     exact_density: Optional[np.ndarray]
     thresholds: Any
+    positions: np.ndarray
+    dataset: Any = None
     columns: Dict[str, np.ndarray] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
 
