@@ -2,7 +2,6 @@
 line reaches the table, the thresholds, summary.json, per_class.csv, the report, the
 printed summary and the command line; a registry that clashes is refused."""
 
-import argparse
 import json
 
 import numpy as np
