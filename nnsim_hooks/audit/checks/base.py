@@ -182,8 +182,8 @@ class Check:
 
     def section(self, result, pictures, names) -> str:
         """This check's section of the report (a gallery), as HTML; "" for none.
-        ``pictures`` and ``names`` are :class:`~nnsim_hooks.audit.report_parts.Pictures`
-        and :class:`~nnsim_hooks.audit.report_parts.ClassNames`."""
+        ``pictures`` and ``names`` are :class:`~nnsim_hooks.audit.presentation.Pictures`
+        and :class:`~nnsim_hooks.audit.presentation.ClassNames`."""
         return ""
 
     def plots(self, result) -> List[Optional[str]]:
