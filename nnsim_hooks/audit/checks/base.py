@@ -5,7 +5,8 @@ functions and one :class:`Check` subclass that says, for each output of the audi
 
 - **table**: its :attr:`Check.columns` (name, kind, meaning), computed by
   :meth:`Check.compute` from the :class:`CheckInputs` (neighbour lists, labels, the
-  indexes, the thresholds and the columns of the checks registered before it);
+  indexes, the thresholds, the audited dataset and the columns of the checks registered
+  before it);
 - **thresholds**: its :attr:`Check.thresholds` (:class:`ThresholdSpec`: name, default,
   meaning, valid range), which become fields of :class:`~nnsim_hooks.audit.Thresholds`,
   ``--threshold NAME=VALUE`` on the command line and rows of the report's threshold table;
