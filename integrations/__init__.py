@@ -20,7 +20,7 @@ from .config import DataConfig, LoadedModel
 from .datasets import FileDataset, load_dataset
 from .models import infer_data_config, load_model, parse_model_kwargs
 from .dense_outputs import foreground_sum, per_class, region_sum
-from .thumbnails import thumbnail_of
+from nnsim_hooks.audit.thumbnails import thumbnail_of
 
 __all__ = [
     "load_model",

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from nnsim_hooks.audit.thumbnails import DEFAULT_SIZE
 from nnsim_hooks.errors import DataError
 
 from .config import DataConfig, LoadedModel
 from .files import SHOW, kind_of, unknown_extension
 from .images import HIGH_BIT_MODES, ImageReader, open_image, read_grey
-from .thumbnails import DEFAULT_SIZE, file_picture, image_picture
+from .file_pictures import file_picture, image_picture
 from .volumes import VolumeReader, read_array
 
 _SHAPES = {2: "[C, H, W]", 3: "[C, D, H, W]", 1: "[C, L]"}

@@ -1,8 +1,9 @@
-"""Crash-safe file writes for index folders.
+"""Crash-safe file writes, for index folders and audit folders alike.
 
 Whole files are written atomically: into a temporary file in the same folder, flushed
-and fsync'ed, then ``os.replace``'d over the target, and the folder is fsync'ed so the
-rename itself survives a crash. Column files grow by appends that are fsync'ed before the
+and fsync'ed, given the permissions of a newly created file (the umask's, not the 0600
+of a temporary file), then ``os.replace``'d over the target, and the folder is fsync'ed
+so the rename itself survives a crash. Column files grow by appends that are fsync'ed before the
 manifest commits the new row count (see :mod:`nnsim_hooks.index.folder.store`).
 
 Every ``OSError`` becomes a :class:`~nnsim_hooks.errors.StoreError` naming the file, with
@@ -70,15 +71,32 @@ def fsync_dir(folder: PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux):
+    setting and restoring it is process-wide, so a thread creating a file meanwhile would
+    get the wrong permissions."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: PathLike, write: Callable[[int], None]) -> None:
     """Create or replace ``path`` with what ``write(fd)`` writes, atomically: a reader sees
-    the old file or the complete new one, never a part."""
+    the old file or the complete new one, never a part. The folder must exist."""
     path = Path(path)
     with store_errors("writing", path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             try:
                 write(fd)
+                os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -93,9 +111,30 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     write_atomic(path, lambda fd: write_all(fd, data))
 
 
-def write_json_atomic(path: PathLike, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+def write_text_atomic(path: PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: PathLike, obj: Any, *, allow_nan: bool = True) -> None:
+    """``obj`` as indented JSON with sorted keys (numpy scalars and arrays, paths as
+    plain values); ``allow_nan=False`` refuses NaN and infinities, which strict JSON
+    readers reject."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_plain_json, allow_nan=allow_nan) + "\n"
+    write_text_atomic(path, text)
+
+
+def _plain_json(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _remove_quietly(path: PathLike) -> None:

@@ -7,7 +7,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from audit_fixtures import brute_force_knn, clustered_features
-from nnsim_hooks.audit import Thresholds, analyse, checks
+from nnsim_hooks.audit import Thresholds, analyse
+from nnsim_hooks.audit.checks import denoising, label_issues, near_duplicates, rare_samples
 from nnsim_hooks.errors import InputError
 from nnsim_hooks.index import GradientIndex
 
@@ -26,7 +27,7 @@ def random_neighbours(n=60, k=6, classes=4, seed=0):
 def test_label_vote_matches_a_loop():
     ids, sims, labels = random_neighbours()
     c = 4
-    vote = checks.neighbor_label_vote(ids, sims, labels, c, threshold=0.5)
+    vote = label_issues.neighbor_label_vote(ids, sims, labels, c, threshold=0.5)
     for i in range(len(labels)):
         mass = np.zeros(c)
         for j, s in zip(ids[i], sims[i]):
@@ -49,7 +50,7 @@ def test_unlabelled_neighbours_and_negative_similarities_do_not_vote():
     ids = np.array([[1, 2, 3]])
     sims = np.array([[0.9, 0.8, -0.7]])
     labels = np.array([0, -1, 1, 0])
-    vote = checks.neighbor_label_vote(np.vstack([ids, [[0, 2, 3]], [[0, 1, 3]], [[0, 1, 2]]]),
+    vote = label_issues.neighbor_label_vote(np.vstack([ids, [[0, 2, 3]], [[0, 1, 3]], [[0, 1, 2]]]),
                                       np.vstack([sims, sims, sims, sims]), labels, 2)
     # sample 0: neighbour 1 has no label, neighbour 3 is opposed: only neighbour 2 (label 1) votes
     np.testing.assert_allclose(vote.votes[0], [0.0, 1.0])
@@ -61,7 +62,7 @@ def test_duplicate_groups_are_connected_components_of_the_thresholded_graph():
     n, k, t = 80, 4, 0.9
     ids = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
     sims = -np.sort(-rng.uniform(0.5, 1.0, size=(n, k)), axis=1)
-    groups = checks.duplicate_groups(ids, sims, t)
+    groups = near_duplicates.duplicate_groups(ids, sims, t)
     rows, cols = np.nonzero(sims >= t)
     graph = coo_matrix((np.ones(len(rows)), (rows, ids[rows, cols])), shape=(n, n))
     _, comp = connected_components(graph, directed=False)
@@ -80,25 +81,25 @@ def test_duplicate_groups_are_connected_components_of_the_thresholded_graph():
 def test_representative_is_the_preferred_member():
     groups = np.array([0, 0, 0, -1, 1, 1])
     pref = np.array([0.5, 0.1, 0.1, 0.0, np.nan, 0.2])
-    keep = checks.group_representatives(groups, pref)
+    keep = near_duplicates.group_representatives(groups, pref)
     assert keep.tolist() == [False, True, False, False, False, True]
 
 
 def test_knn_similarity_and_outlier_threshold():
     ids = np.array([[1, 2], [0, -1], [-1, -1]])
     sims = np.array([[0.8, 0.6], [0.8, np.nan], [np.nan, np.nan]])
-    np.testing.assert_allclose(checks.knn_similarity(ids, sims), [0.7, 0.8, np.nan])
+    np.testing.assert_allclose(rare_samples.knn_similarity(ids, sims), [0.7, 0.8, np.nan])
     v = np.array([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 0.2, np.nan])
     med = np.median(v[:7])
     mad = np.median(np.abs(v[:7] - med))
-    thr = checks.outlier_threshold(v, 3.0, None)
+    thr = rare_samples.outlier_threshold(v, 3.0, None)
     assert thr == pytest.approx(med - 3.0 * 1.4826 * mad)
-    assert checks.flag_below(v, thr).tolist() == [False] * 6 + [True, False]
-    assert checks.outlier_threshold(v, 3.0, 0.5) == pytest.approx(np.quantile(v[:7], 0.5))
+    assert rare_samples.flag_below(v, thr).tolist() == [False] * 6 + [True, False]
+    assert rare_samples.outlier_threshold(v, 3.0, 0.5) == pytest.approx(np.quantile(v[:7], 0.5))
     # concentrated values: the minimum gap keeps tiny differences from being outliers
     tight = np.array([0.994, 0.9941, 0.9939, 0.994, 0.986, 0.9861])
-    assert checks.outlier_threshold(tight, 3.0, None, min_gap=0.02) == pytest.approx(np.median(tight) - 0.02)
-    assert not checks.flag_below(tight, checks.outlier_threshold(tight, 3.0, None, min_gap=0.02)).any()
+    assert rare_samples.outlier_threshold(tight, 3.0, None, min_gap=0.02) == pytest.approx(np.median(tight) - 0.02)
+    assert not rare_samples.flag_below(tight, rare_samples.outlier_threshold(tight, 3.0, None, min_gap=0.02)).any()
 
 
 def test_averaging_error_probability_against_simulation():
@@ -111,14 +112,14 @@ def test_averaging_error_probability_against_simulation():
         counts = np.stack([(labels == k).sum(1) for k in range(c)], 1)
         best_other = counts[:, 1:].max(1)
         simulated = float((best_other > counts[:, 0]).mean() + 0.5 * (best_other == counts[:, 0]).mean())
-        predicted = float(checks.averaging_error_probability(np.array([n]), p, c)[0])
+        predicted = float(denoising.averaging_error_probability(np.array([n]), p, c)[0])
         assert simulated > 0.01
         assert predicted == pytest.approx(simulated, abs=0.015), (c, p, n)
     # limits: no noise, many neighbours, noise that wins
-    assert checks.averaging_error_probability(np.array([5.0]), 0.0, c)[0] == 0.0
-    assert checks.averaging_error_probability(np.array([1e6]), 0.3, c)[0] < 1e-9
-    assert checks.averaging_error_probability(np.array([5.0]), 0.95, c)[0] == 1.0
-    assert (np.diff(checks.averaging_error_probability(np.array([1.0, 2, 5, 20, 100]), 0.3, c)) <= 0).all()
+    assert denoising.averaging_error_probability(np.array([5.0]), 0.0, c)[0] == 0.0
+    assert denoising.averaging_error_probability(np.array([1e6]), 0.3, c)[0] < 1e-9
+    assert denoising.averaging_error_probability(np.array([5.0]), 0.95, c)[0] == 1.0
+    assert (np.diff(denoising.averaging_error_probability(np.array([1.0, 2, 5, 20, 100]), 0.3, c)) <= 0).all()
 
 
 def test_thresholds_are_validated():
@@ -127,6 +128,17 @@ def test_thresholds_are_validated():
     with pytest.raises(InputError, match="unknown threshold"):
         Thresholds.make({"duplicates": 0.9})
     assert Thresholds.make({"duplicate": 0.9}).duplicate == 0.9
+    with pytest.raises(InputError, match="outlier_z must be positive"):
+        Thresholds(outlier_z=0)
+    with pytest.raises(InputError, match=r"outlier_min_gap must lie in \[0, 2\]"):
+        Thresholds(outlier_min_gap=3)
+    with pytest.raises(InputError, match="label_issue needs a number"):
+        Thresholds(label_issue=None)  # only optional thresholds may be None
+    with pytest.raises(InputError, match="duplicate must be a number, got '0.9'"):
+        Thresholds(duplicate="0.9")
+    assert Thresholds(duplicate_quantile=None) == Thresholds()
+    with pytest.raises(AttributeError, match="immutable"):
+        Thresholds().duplicate = 0.5
 
 
 def test_analyse_table_matches_brute_force_neighbours():
@@ -190,3 +202,10 @@ def test_knn_graph_fills_rows_without_neighbours():
     row = graph.data[graph.indptr[4]:graph.indptr[5]]
     assert (row == 2.0).all()
     assert 4 not in graph.indices[graph.indptr[4]:graph.indptr[5]]
+
+
+def test_duplicate_threshold_is_absolute_or_a_quantile_of_the_nearest_similarities():
+    top1 = np.array([0.1, 0.5, np.nan, 0.9, 0.7])
+    assert near_duplicates.duplicate_threshold(top1, 0.95, None) == 0.95
+    assert near_duplicates.duplicate_threshold(top1, 0.95, 0.5) == pytest.approx(np.quantile([0.1, 0.5, 0.9, 0.7], 0.5))
+    assert near_duplicates.duplicate_threshold(np.full(3, np.nan), 0.95, 0.5) == 0.95  # nothing to take a quantile of

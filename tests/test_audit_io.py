@@ -147,3 +147,27 @@ def test_a_run_that_failed_before_storing_anything_does_not_block_the_next(small
         run(model, Bad(data.images, data.noisy_labels), out)
     result = run(model, Counting(data.images, data.noisy_labels), out)  # another configuration, accepted
     assert result.summary["samples"] == 120
+
+
+def test_every_saved_file_is_durable_and_has_the_usual_permissions(small, tmp_path, monkeypatch):
+    """One writer for the audit and the index: each file is renamed into place, the rename
+    made durable by syncing its folder, and it gets the umask's permissions (not the 0600
+    of a temporary file)."""
+    import os
+
+    import nnsim_hooks.atomic as atomic
+
+    synced = []
+    real_sync = atomic.fsync_dir
+    monkeypatch.setattr(atomic, "fsync_dir", lambda folder: (synced.append(os.path.abspath(folder)), real_sync(folder)))
+    model, data = small
+    out = tmp_path / "g"
+    run(model, Counting(data.images, data.noisy_labels), out)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert atomic.current_umask() == mask
+    for path in (out / "table.csv", out / "summary.json", out / "report.html", out / "nnsim-audit.json",
+                 out / "index" / "manifest.json"):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~mask), path
+    assert str(out) in synced and str(out / "index") in synced
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

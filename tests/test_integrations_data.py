@@ -13,7 +13,7 @@ from PIL import Image
 from nnsim_hooks.errors import DataError
 from nnsim_hooks.integrations import DataConfig, LoadedModel, load_dataset, thumbnail_of
 from nnsim_hooks.integrations.synthetic import make_image_folder, make_nifti_datalist
-from nnsim_hooks.integrations.thumbnails import central_slice, from_channels_first, to_uint8
+from nnsim_hooks.audit.thumbnails import central_slice, from_channels_first, to_uint8
 
 RGB_32 = DataConfig(channels=3, spatial_dims=2, spatial_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 VOLUME = DataConfig(channels=1, spatial_dims=3, spatial_size=(8, 10, 12), intensity="scale")

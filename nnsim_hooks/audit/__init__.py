@@ -5,10 +5,14 @@
     >>> result.label_issues()        # suspected wrong labels, worst first
     >>> result.knn_graph()           # for cleanlab's Datalab(knn_graph=...)
 
-Modules: :mod:`.run` (``audit()``), :mod:`.checks` (the checks on arrays),
-:mod:`.thresholds`, :mod:`.result` (``AuditResult``, the saved folder), :mod:`.report`
-(HTML), :mod:`.plots`, :mod:`.thumbnails` (pluggable pictures), :mod:`.samples` (labels,
-unreadable files), :mod:`.output_folder` (output folders), :mod:`.output_choice` (what is differentiated), :mod:`.demo` (the embedded default).
+Modules: :mod:`.run` (``audit()``), :mod:`.analysis` (``analyse()``: the checks on a built
+index), :mod:`.checks` (one module per check and the registry ``CHECKS``; a new check is
+one module there plus one line in the registry), :mod:`.thresholds`, :mod:`.result`
+(``AuditResult``, the saved folder), :mod:`.report` (HTML), :mod:`.presentation` (numbers
+and pictures in the report and the printed summary), :mod:`.plots`, :mod:`.thumbnails`
+(pluggable pictures), :mod:`.samples` (labels, unreadable files), :mod:`.output_folder`
+(output folders), :mod:`.output_choice` (what is differentiated), :mod:`.demo` (the
+embedded default).
 """
 
 from .result import AuditResult

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
 from ..errors import DataError
 from . import checks
+from .checks.arrays import usable_neighbors
+from .checks.base import CLASS, FLAG, FLOAT, GROUP, CheckInputs, check_registry
 from .output_choice import DEFAULT_K
 from .result import AuditResult
 from .thresholds import Thresholds
@@ -27,6 +29,7 @@ def analyse(
     progress: bool = False,
     denoise_index=None,
     density: Optional[np.ndarray] = None,
+    dataset=None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
@@ -36,19 +39,20 @@ def analyse(
     consistency columns instead of ``index``. ``density`` (``[N]``, e.g. the exact
     :meth:`~nnsim_hooks.Handle.density` of the same samples) replaces the sketched one; the
     summary's ``"density"`` says which was used (``"exact"`` or ``"sketched, D=..."``).
+    ``dataset`` (the audited one, indexed by dataset position) is for checks that look at
+    the samples themselves.
+
+    The checks are those of :data:`nnsim_hooks.audit.checks.CHECKS`, run in order.
     """
     import pandas as pd
 
+    check_registry(checks.CHECKS)  # checks may be registered at run time too
     limits = thresholds or Thresholds()
     n = len(index)
     positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
     n_total = n if n_total is None else int(n_total)
-    valid = np.asarray(index.valid, dtype=bool)
-    labels = np.asarray(index.labels, dtype=np.int64) if index.labels is not None else np.full(n, -1, np.int64)
-    labels = np.where(labels >= 0, labels, -1)
-    predictions = (
-        np.asarray(index.predictions, dtype=np.int64) if index.predictions is not None else np.full(n, -1, np.int64)
-    )
+    labels = _classes(index.labels, n)
+    predictions = _classes(index.predictions, n)
     probs = np.asarray(index.probabilities, dtype=np.float64) if index.probabilities is not None else None
     if num_classes is None:
         if probs is not None:
@@ -62,96 +66,91 @@ def analyse(
             f"labels {labels[bad].tolist()} (samples {positions[bad].tolist()}) are not below the model's "
             f"{num_classes} classes; pass labels that index the model's outputs"
         )
+    paper = index if denoise_index is None else denoise_index
+    if len(paper) != n:
+        raise DataError(f"denoise_index holds {len(paper)} samples but the index {n}; build both from the same data")
+    if density is not None:
+        density = np.asarray(density, dtype=np.float64)
+        if density.shape != (n,):
+            raise DataError(f"density has shape {list(density.shape)} but the index holds {n} samples")
 
-    # Neighbours, in index rows; mapped to dataset positions for the table.
+    ids, sims = _neighbours(index, n, k, progress)
+    inputs = CheckInputs(labels=labels, predictions=predictions, probabilities=probs, num_classes=num_classes,
+                         ids=ids, sims=sims, index=index, paper_index=paper, exact_density=density, thresholds=limits,
+                         positions=positions, dataset=dataset)
+    for check in checks.CHECKS:
+        computed = check.compute(inputs)
+        missing = [c.name for c in check.columns if c.name not in computed]
+        if missing:
+            raise ValueError(f"audit check {check.name!r} did not compute its columns {missing}")
+        inputs.columns.update({c.name: np.asarray(computed[c.name]) for c in check.columns})
+
+    # One row per dataset sample; unreadable ones keep NaN / missing values.
+    table = pd.DataFrame(index=pd.Index(np.arange(n_total), name="sample"))
+    table["readable"] = np.isin(np.arange(n_total), positions)
+    table["valid"] = False
+    table.loc[positions, "valid"] = np.asarray(index.valid, dtype=bool)
+    put = _Writer(table, positions, n_total)
+    put(CLASS, "label", labels)
+    put(CLASS, "prediction", predictions)
+    if probs is not None:
+        p_label = np.full(n, np.nan)
+        has = labels >= 0
+        p_label[has] = probs[has, labels[has]]
+        put(FLOAT, "label_probability", p_label)
+        put(FLOAT, "confidence", probs.max(1))
+    for check in checks.CHECKS:
+        for column in check.columns:
+            put(column.kind, column.name, inputs.columns[column.name])
+    put(FLOAT, "gradient_norm", np.asarray(index.norms, dtype=np.float64))
+    mapped = np.where(ids >= 0, positions[np.clip(ids, 0, None)], -1)
+    for j in range(ids.shape[1]):
+        put(GROUP, f"neighbor_{j + 1}", mapped[:, j])
+    for j in range(ids.shape[1]):
+        put(FLOAT, f"similarity_{j + 1}", sims[:, j])
+
+    result = AuditResult.build(table, index=index, thresholds=limits, k=k, num_classes=num_classes, info=inputs.info)
+    result.denoise_index = denoise_index
+    return result
+
+
+def _classes(values, n: int) -> np.ndarray:
+    """Class indices as int64, -1 where missing or unknown."""
+    if values is None:
+        return np.full(n, -1, np.int64)
+    values = np.asarray(values, dtype=np.int64)
+    return np.where(values >= 0, values, -1)
+
+
+def _neighbours(index, n: int, k: int, progress: bool):
+    """``(ids, sims)`` ``[N, k]`` in index rows, -1 / NaN where there is no neighbour."""
     if n >= 2:
         sims, ids = index.neighbors(k, progress=progress)
         sims = sims.astype(np.float64)
     else:
         sims, ids = np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
-    ok = checks.usable_neighbors(ids, sims)
-    ids = np.where(ok, ids, -1)
-    sims = np.where(ok, sims, np.nan)
+    ok = usable_neighbors(ids, sims)
+    return np.where(ok, ids, -1), np.where(ok, sims, np.nan)
 
-    vote = checks.neighbor_label_vote(ids, sims, labels, max(num_classes, 1), limits.label_issue)
-    top1 = sims[:, 0] if sims.shape[1] else np.full(n, np.nan)
-    dup_threshold = checks.duplicate_threshold(top1, limits.duplicate, limits.duplicate_quantile)
-    groups = checks.duplicate_groups(ids, sims, dup_threshold)
-    local = checks.knn_similarity(ids, sims)
-    out_threshold = checks.outlier_threshold(local, limits.outlier_z, limits.outlier_quantile, limits.outlier_min_gap)
-    is_outlier = checks.flag_below(local, out_threshold)
-    preference = np.nan_to_num(vote.score, nan=0.0) - 1e-3 * np.nan_to_num(local, nan=0.0)
-    representative = checks.group_representatives(groups, preference)
 
-    paper = index if denoise_index is None else denoise_index
-    if len(paper) != n:
-        raise DataError(f"denoise_index holds {len(paper)} samples but the index {n}; build both from the same data")
-    if density is None:
-        density = np.asarray(paper.density(), dtype=np.float64)
-        density_method = f"sketched, D={paper.dim}"
-    else:
-        density = np.asarray(density, dtype=np.float64)
-        if density.shape != (n,):
-            raise DataError(f"density has shape {list(density.shape)} but the index holds {n} samples")
-        density_method = "exact"
-    n_eff = np.asarray(paper.effective_neighbors(), dtype=np.float64)
-    denoise = np.asarray(paper.denoising_factor(), dtype=np.float64)
-    try:
-        consistency = np.asarray(paper.consistency(), dtype=np.float64)
-    except DataError:
-        consistency = np.full(n, np.nan)
+class _Writer:
+    """Puts index-row values into the table's dataset rows, with each kind's filler."""
 
-    # One row per dataset sample; unreadable ones keep NaN / missing values.
-    rows = pd.Index(np.arange(n_total), name="sample")
-    table = pd.DataFrame(index=rows)
-    table["readable"] = np.isin(np.arange(n_total), positions)
-    table["valid"] = False
-    table.loc[positions, "valid"] = valid
+    FILL: Dict[str, tuple] = {FLOAT: (np.nan, np.float64), FLAG: (False, bool), GROUP: (-1, np.int64),
+                              CLASS: (-1, np.int64)}
 
-    def put(name, values, fill=np.nan, dtype=np.float64):
-        col = np.full(n_total, fill, dtype=dtype)
-        col[positions] = values
-        table[name] = col
+    def __init__(self, table, positions: np.ndarray, n_total: int):
+        self.table, self.positions, self.n_total = table, positions, n_total
 
-    def put_class(name, values):
-        col = np.full(n_total, -1, dtype=np.int64)
-        col[positions] = values
-        arr = pd.array(col, dtype="Int64")
-        arr[col < 0] = pd.NA
-        table[name] = arr
+    def __call__(self, kind: str, name: str, values) -> None:
+        import pandas as pd
 
-    put_class("label", labels)
-    put_class("prediction", predictions)
-    if probs is not None:
-        p_label = np.full(n, np.nan)
-        has = labels >= 0
-        p_label[has] = probs[has, labels[has]]
-        put("label_probability", p_label, dtype=np.float64)
-        put("confidence", probs.max(1), dtype=np.float64)
-    put("label_issue_score", vote.score, dtype=np.float64)
-    put("is_label_issue", vote.flagged, fill=False, dtype=bool)
-    put_class("suggested_label", vote.suggested)
-    put("density", density, dtype=np.float64)
-    put("knn_similarity", local, dtype=np.float64)
-    put("is_outlier", is_outlier, fill=False, dtype=bool)
-    put("effective_neighbors", n_eff, dtype=np.float64)
-    put("denoising_factor", denoise, dtype=np.float64)
-    put("consistency", consistency, dtype=np.float64)
-    put("gradient_norm", np.asarray(index.norms, dtype=np.float64), dtype=np.float64)
-    put("duplicate_group", groups, fill=-1, dtype=np.int64)
-    put("duplicate_representative", representative, fill=False, dtype=bool)
-    mapped = np.where(ids >= 0, positions[np.clip(ids, 0, None)], -1)
-    for j in range(ids.shape[1]):
-        put(f"neighbor_{j + 1}", mapped[:, j], fill=-1, dtype=np.int64)
-    for j in range(ids.shape[1]):
-        put(f"similarity_{j + 1}", sims[:, j], dtype=np.float64)
-
-    info = {
-        "duplicate_threshold": dup_threshold,
-        "outlier_threshold": out_threshold,
-        "top1_similarity": top1,
-    }
-    result = AuditResult.build(table, index=index, thresholds=limits, k=k, num_classes=num_classes, info=info)
-    result.denoise_index = denoise_index
-    result.summary["density"] = density_method
-    return result
+        fill, dtype = self.FILL[kind]
+        col = np.full(self.n_total, fill, dtype=dtype)
+        col[self.positions] = values
+        if kind == CLASS:  # nullable ints: missing classes read as <NA>, not -1
+            arr = pd.array(col, dtype="Int64")
+            arr[col < 0] = pd.NA
+            self.table[name] = arr
+        else:
+            self.table[name] = col

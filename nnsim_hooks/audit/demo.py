@@ -219,7 +219,7 @@ def _load_or_train(folder, data: NoisyDigits, epochs: int, seed: int, progress: 
     import io as _io
     from pathlib import Path
 
-    from .output_folder import write_bytes_atomic
+    from ..atomic import store_errors, write_bytes_atomic
 
     model = small_cnn(seed=seed)
     path = Path(folder) / "demo" / "model.pt"
@@ -231,6 +231,8 @@ def _load_or_train(folder, data: NoisyDigits, epochs: int, seed: int, progress: 
     history = train(model, data.images, data.noisy_labels, epochs=epochs, seed=seed, progress=progress)
     buf = _io.BytesIO()
     torch.save(model.state_dict(), buf)
+    with store_errors("creating the folder", path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, buf.getvalue())
     return model, history
 
@@ -263,7 +265,7 @@ def _run_demo(
     precision and recall of the flags)."""
     import time
 
-    from .checks import agreement as share_equal
+    from .checks.arrays import agreement as share_equal
     from .output_folder import prepare_out_dir
     from .run import audit
 

@@ -1,4 +1,4 @@
-"""Atomic file writes and the audit's output folder rules.
+"""The audit's output folder rules (files are written by :mod:`nnsim_hooks.atomic`).
 
 An output folder is *ours* when it holds the marker file ``nnsim-audit.json``, written
 before anything else and updated when the audit finishes:
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..errors import StoreError
-from ..atomic import describe_os_error, store_errors
+from ..atomic import store_errors, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -40,59 +38,10 @@ INDEX_FOLDERS = ("index", "index-denoising")
 NESTED_FILES = ("demo/model.pt",)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename."""
-    path = Path(path)
-    with store_errors("writing", path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StoreError(describe_os_error(exc, "writing", path)) from exc
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=False) + "\n")
-
-
-def _json_default(value: Any):
-    import numpy as np
-
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+def write_json(path: Path, obj: Any) -> None:
+    """The audit's JSON files: strict JSON (no NaN: :func:`clean_json` first), written
+    atomically."""
+    write_json_atomic(path, obj, allow_nan=False)
 
 
 def clean_json(obj: Any) -> Any:
@@ -154,7 +103,7 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
         remove_outputs(folder)
     with store_errors("creating the output folder", folder):
         folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / MARKER, {"state": "running", "config": clean_json(config)})
+    write_json(folder / MARKER, {"state": "running", "config": clean_json(config)})
     return False
 
 
@@ -205,4 +154,4 @@ def _remove_if_empty(path: Path) -> None:
 def mark_done(folder: Path, summary: Dict[str, Any]) -> None:
     marker = read_marker(folder) or {}
     marker.update({"state": "done", "summary": clean_json(summary)})
-    write_json_atomic(Path(folder) / MARKER, marker)
+    write_json(Path(folder) / MARKER, marker)

@@ -1,25 +1,17 @@
 """``report.html``: one self-contained page (pictures inline as base64 PNG, no script,
-no network), readable offline in any browser."""
+no network), readable offline in any browser. The summary cards, the per-class table,
+the galleries, the histograms and the threshold table come from the checks of
+:data:`nnsim_hooks.audit.checks.CHECKS`, in order."""
 
 from __future__ import annotations
 
 import datetime
-import html
-import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
-import numpy as np
 import pandas as pd
 
-from . import plots
-from .thumbnails import thumbnail
-
-#: How much each gallery shows (the table has everything).
-MAX_LABEL_ISSUES = 36
-MAX_NEIGHBOURS_SHOWN = 6
-MAX_DUPLICATE_GROUPS = 20
-MAX_GROUP_MEMBERS = 8
-MAX_RARE = 24
+from . import checks
+from .presentation import ClassNames, Pictures, escape as _e, num as _num, pct as _pct
 
 CSS = """
 :root { --ink:#1d2430; --muted:#5f6b7a; --line:#e3e7ee; --bg:#f6f8fb; --card:#fff; --bad:#c0392b; --good:#1e8449;
@@ -76,77 +68,9 @@ footer { color:var(--muted); font-size:12px; text-align:center; margin-top:20px;
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _pct(x: Optional[float], digits: int = 1) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
-
-
-def _num(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, (int, np.integer)):
-        return f"{int(x):,}"
-    x = float(x)
-    if not math.isfinite(x):
-        return "–"
-    return f"{x:,.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}g}"
-
-
-class _Pictures:
-    """Thumbnails of one dataset, each made once."""
-
-    def __init__(self, result):
-        self.dataset = result.dataset
-        self.fn = result.thumbnail
-        self.cache: Dict[int, Optional[str]] = {}
-
-    def uri(self, position: int) -> Optional[str]:
-        if self.dataset is None:
-            return None
-        if position not in self.cache:
-            self.cache[position] = thumbnail(self.dataset, int(position), self.fn)
-        return self.cache[position]
-
-    def figure(self, position: int, caption: str, size: str = "small", extra_class: str = "") -> str:
-        uri = self.uri(position)
-        img = (f'<img src="{uri}" alt="sample {int(position)}" loading="eager">' if uri
-               else '<div class="noimg">no image</div>')
-        return f'<figure class="{size} {extra_class}">{img}<figcaption>{caption}</figcaption></figure>'
-
-
-class _Names:
-    def __init__(self, names: Optional[List[str]]):
-        self.names = names
-
-    def __call__(self, c) -> str:
-        if c is None or (isinstance(c, float) and math.isnan(c)):
-            return "?"
-        try:
-            c = int(c)
-        except (TypeError, ValueError):
-            return "?"
-        if c < 0:
-            return "?"
-        if self.names is not None and c < len(self.names):
-            return _e(self.names[c])
-        return str(c)
-
-
 def _cards(s: Dict[str, Any]) -> str:
-    den = s.get("denoising", {})
-    items = [
-        (f"{s['label_issues']:,}", f"suspected label errors ({_pct(s.get('label_issue_rate'))} of labels)",
-         "bad" if s["label_issues"] else "good"),
-        (f"{s['duplicate_groups']:,}", f"near-duplicate groups ({s['samples_in_duplicate_groups']:,} samples)",
-         "warn" if s["duplicate_groups"] else "good"),
-        (f"{s['outliers']:,}", "outliers / rare samples", "warn" if s["outliers"] else "good"),
-        (_num(den.get("median_effective_neighbors")), "median effective neighbours N_eff", ""),
-        (_num(den.get("median_denoising_factor")), "median noise-variance factor 1/N_eff (d = 1, cosine kernel)", ""),
-        (_pct(s.get("agreement", {}).get("prediction_vs_label")), "predictions agreeing with labels", ""),
-    ]
+    items = [card for check in checks.CHECKS for card in check.cards(s)]
+    items.append((_pct(s.get("agreement", {}).get("prediction_vs_label")), "predictions agreeing with labels", ""))
     if s.get("unreadable"):
         items.append((f"{s['unreadable']:,}", "unreadable files (skipped)", "bad"))
     if s.get("missing_labels"):
@@ -187,138 +111,28 @@ The true labels are used only for the first two numbers; everything the audit co
 </div></section>"""
 
 
-def _class_table(result, names: _Names) -> str:
-    pc = result.per_class
-    head = ("<tr><th>class</th><th>samples</th><th>predicted as</th><th>agreement</th><th>label issues</th>"
-            "<th>issue rate</th><th>outliers</th><th>in dup. groups</th><th>median N_eff</th>"
-            "<th>median 1/N_eff</th><th>median consistency</th></tr>")
+def _class_table(result, names: ClassNames) -> str:
+    s = result.summary
+    headers = ["class", "samples", "predicted as", "agreement"] + [h for c in checks.CHECKS for h in c.class_headers]
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in headers) + "</tr>"
     rows = []
-    overall = result.summary.get("label_issue_rate") or 0.0
-    for r in pc.to_dict("records"):
+    for r in result.per_class.to_dict("records"):
         cls = r["class"]
         label = cls if isinstance(cls, str) and not str(cls).lstrip("-").isdigit() else names(int(cls))
-        rate = r["label_issue_rate"]
-        hot = ' class="hot"' if isinstance(rate, float) and math.isfinite(rate) and rate > max(2 * overall, 0.05) \
-            and cls != "all" else ""
+        cells = "".join(cell for check in checks.CHECKS for cell in check.class_cells(r, s))
         rows.append(
             f'<tr class="{"total" if cls == "all" else ""}"><td>{label}</td><td>{_num(r["samples"])}</td>'
             f'<td>{"–" if pd.isna(r["predicted_as"]) else _num(int(r["predicted_as"]))}</td>'
-            f'<td>{_pct(r["agreement"])}</td><td>{_num(r["label_issues"])}</td><td{hot}>{_pct(rate)}</td>'
-            f'<td>{_num(r["outliers"])}</td><td>{_num(r["in_duplicate_groups"])}</td>'
-            f'<td>{_num(r["median_effective_neighbors"])}</td><td>{_num(r["median_denoising_factor"])}</td>'
-            f'<td>{_num(r["median_consistency"])}</td></tr>'
+            f'<td>{_pct(r["agreement"])}</td>{cells}</tr>'
         )
-    return (f'<section><h2>Health per class</h2><p class="lead">By given label. <b>agreement</b>: predictions equal to the '
-            'label. <b>N_eff</b>: how many samples the network averages at each prediction, so label-noise variance is '
-            'divided by N_eff there (the paper, §3; medians, as samples whose similarities cancel out have N_eff near 0). '
-            'Shown: the scalar 1/N_eff of the cosine kernel of one differentiated value, the predicted class\'s '
-            'contrast (d = 1, where the authors\' d×d matrix factor Σ_j A_ij A_ijᵀ reduces to 1/N_eff; the cosine '
-            'kernel, so that large-gradient samples do not dominate); '
-            '<b>consistency</b>: distance between a prediction and the kernel-weighted average of the others\' '
-            f'predictions (0 = the averaging hypothesis holds exactly).</p><table class="data">{head}{"".join(rows)}'
+    notes = " ".join(["By given label. <b>agreement</b>: predictions equal to the label."]
+                     + [check.class_note for check in checks.CHECKS if check.class_note])
+    return (f'<section><h2>Health per class</h2><p class="lead">{notes}</p><table class="data">{head}{"".join(rows)}'
             '</table></section>')
 
 
-def _label_issue_gallery(result, pics: _Pictures, names: _Names) -> str:
-    issues = result.label_issues()
-    total = len(issues)
-    if total == 0:
-        body = '<p class="muted">No label is contradicted by the samples the network sees as similar.</p>'
-    else:
-        cards = []
-        for pos, r in issues.head(MAX_LABEL_ISSUES).iterrows():
-            own = r["label"]
-            main = pics.figure(
-                pos,
-                f'#{pos} · label <span class="lab bad">{names(own)}</span> → '
-                f'<span class="lab good">{names(r["suggested_label"])}</span><br>score {r["label_issue_score"]:.2f}'
-                f' · predicted {names(r["prediction"])}',
-                "main",
-            )
-            nbrs = []
-            for j in range(1, min(result.k, MAX_NEIGHBOURS_SHOWN) + 1):
-                nid = int(r.get(f"neighbor_{j}", -1))
-                if nid < 0:
-                    continue
-                nlab = result.table.at[nid, "label"]
-                known = nlab is not pd.NA and nlab == nlab
-                cls = ("good" if known and nlab == r["suggested_label"] else
-                       "bad" if known and nlab == own else "other")
-                nbrs.append(pics.figure(nid, f'<span class="lab {cls}">{names(nlab)}</span> · '
-                                              f'{r[f"similarity_{j}"]:.3f}'))
-            cards.append(f'<div class="issue">{main}<div class="nbrs">{"".join(nbrs)}</div></div>')
-        more = f'<p class="muted">… and {total - MAX_LABEL_ISSUES} more in table.csv.</p>' if total > MAX_LABEL_ISSUES else ""
-        body = f'<div class="gallery">{"".join(cards)}</div>{more}'
-    return (f'<section><h2>Suspected label errors ({total:,})</h2><p class="lead">Each sample (left) with its nearest '
-            'neighbours as the network sees them (right: their label · similarity; green: the neighbours\' majority label, red: the '
-            'sample\'s own label). The score is the share of the similarity-weighted neighbour labels that disagree '
-            f'with the sample\'s label; the arrow shows their majority. Flagged at score ≥ {result.thresholds.label_issue:g}.</p>{body}</section>')
-
-
-def _duplicate_gallery(result, pics: _Pictures, names: _Names) -> str:
-    dups = result.duplicates()
-    s = result.summary
-    thr = s["thresholds"].get("duplicate_similarity_used")
-    if len(dups) == 0:
-        body = '<p class="muted">No pair of samples above the duplicate threshold.</p>'
-    else:
-        blocks = []
-        for g, members in list(dups.groupby("duplicate_group", sort=True))[:MAX_DUPLICATE_GROUPS]:
-            figs = []
-            for pos, r in members.head(MAX_GROUP_MEMBERS).iterrows():
-                keep = bool(r["duplicate_representative"])
-                figs.append(pics.figure(pos, f'#{pos} · {names(r["label"])}{" · keep" if keep else ""}',
-                                        "small", "keep" if keep else ""))
-            labels = set(members["label"].dropna().tolist())
-            note = ' · <span class="lab bad">labels differ</span>' if len(labels) > 1 else ""
-            more = f" (+{len(members) - MAX_GROUP_MEMBERS} more)" if len(members) > MAX_GROUP_MEMBERS else ""
-            blocks.append(f'<div class="group"><b>group {g}</b> · {len(members)} samples{more}{note}'
-                          f'<div class="members">{"".join(figs)}</div></div>')
-        n_groups = s["duplicate_groups"]
-        more = (f'<p class="muted">… and {n_groups - MAX_DUPLICATE_GROUPS} more groups in table.csv '
-                '(column duplicate_group).</p>') if n_groups > MAX_DUPLICATE_GROUPS else ""
-        body = f'<div class="groups">{"".join(blocks)}</div>{more}'
-    return (f'<section><h2>Near-duplicate groups ({s["duplicate_groups"]:,})</h2><p class="lead">Samples linked by a '
-            f'similarity ≥ {_num(thr, 4)} (the network cannot change its output on one without the other). The '
-            f'green-framed member is the suggested one to keep.</p>{body}</section>')
-
-
-def _rare_gallery(result, pics: _Pictures, names: _Names) -> str:
-    t = result.table
-    rare = t[t["knn_similarity"].notna()].sort_values("knn_similarity").head(MAX_RARE)
-    thr = result.summary["thresholds"].get("outlier_knn_similarity_used")
-    figs = []
-    for pos, r in rare.iterrows():
-        flag = ' · <span class="lab bad">outlier</span>' if r["is_outlier"] else ""
-        figs.append(pics.figure(pos, f'#{pos} · {names(r["label"])}<br>sim {r["knn_similarity"]:.3f}{flag}', "main"))
-    body = f'<div class="rare">{"".join(figs)}</div>' if figs else '<p class="muted">No sample has neighbours.</p>'
-    return (f'<section><h2>Rarest samples ({result.summary["outliers"]:,} flagged as outliers)</h2><p class="lead">'
-            f'The {len(figs)} samples least similar to their {result.k} nearest neighbours (mean similarity). Flagged '
-            f'below {_num(thr, 4)}.</p>{body}</section>')
-
-
 def _plots(result) -> str:
-    t = result.table
-    s = result.summary
-    thr = s["thresholds"]
-    figs = [
-        plots.histogram(t["label_issue_score"], "Label-issue score", "share of neighbour label mass on other labels",
-                        [(result.thresholds.label_issue, f"flag ≥ {result.thresholds.label_issue:g}", plots.FLAG_COLOUR)],
-                        log_y=True),
-        plots.histogram(t["similarity_1"] if "similarity_1" in t else [], "Similarity to the nearest neighbour",
-                        "cosine similarity of gradients",
-                        [(thr.get("duplicate_similarity_used"), f"duplicate ≥ {_num(thr.get('duplicate_similarity_used'), 4)}",
-                          plots.FLAG_COLOUR)], log_y=True),
-        plots.histogram(t["knn_similarity"], f"Mean similarity to the {result.k} nearest neighbours",
-                        "mean cosine similarity",
-                        [(thr.get("outlier_knn_similarity_used"), f"outlier < {_num(thr.get('outlier_knn_similarity_used'), 4)}",
-                          plots.FLAG_COLOUR)], log_y=True),
-        plots.histogram(t["density"], "Density (soft neighbour count Σⱼ k(xᵢ, xⱼ))", "soft count"),
-        plots.histogram(t["effective_neighbors"], "Effective neighbours N_eff", "N_eff (log scale)", log_x=True,
-                        note="label-noise variance ÷ N_eff"),
-        plots.histogram(t["consistency"], "Consistency check (label-free)", "‖p_i − kernel average of the p_j‖ (log scale)",
-                        log_x=True, note="0: prediction = average of the others'"),
-    ]
+    figs = [fig for check in checks.CHECKS for fig in check.plots(result)]
     imgs = "".join(f'<img src="{f}" alt="histogram">' for f in figs if f)
     return (f'<section><h2>Distributions and thresholds</h2><p class="lead">Dashed lines: the thresholds in use. '
             f'Change them with <code>thresholds={{...}}</code> (Python) or <code>--threshold name=value</code> '
@@ -327,16 +141,7 @@ def _plots(result) -> str:
 
 def _thresholds(result) -> str:
     thr = result.summary["thresholds"]
-    rows = [
-        ("label_issue", thr.get("label_issue"), "flag when this share of the neighbours' similarity-weighted labels "
-         "is on other labels"),
-        ("duplicate", thr.get("duplicate"), "absolute similarity for near-duplicates"),
-        ("duplicate_quantile", thr.get("duplicate_quantile"), "if set: use this quantile of nearest-neighbour "
-         "similarities instead"),
-        ("outlier_z", thr.get("outlier_z"), "outliers: robust z-score of the mean neighbour similarity below the median"),
-        ("outlier_min_gap", thr.get("outlier_min_gap"), "outliers must also lie this far below the median similarity"),
-        ("outlier_quantile", thr.get("outlier_quantile"), "if set: flag this share of samples instead"),
-    ]
+    rows = [(spec.name, thr.get(spec.name), spec.meaning) for check in checks.CHECKS for spec in check.thresholds]
     body = "".join(f"<tr><td><code>{_e(n)}</code></td><td>{_e('–' if v is None else v)}</td><td style='text-align:left'>"
                    f"{_e(d)}</td></tr>" for n, v, d in rows)
     return (f'<section><h2>Thresholds</h2><table class="data"><tr><th>name</th><th>value</th>'
@@ -346,8 +151,8 @@ def _thresholds(result) -> str:
 def render(result) -> str:
     """The whole page for an :class:`~nnsim_hooks.audit.AuditResult`."""
     s = result.summary
-    names = _Names(result.class_names)
-    pics = _Pictures(result)
+    names = ClassNames(result.class_names)
+    pics = Pictures(result)
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     sub = (f"{s['samples']:,} samples · {s.get('num_classes') or '?'} classes · model {_e(s.get('model', '?'))} · "
            f"neighbours by {_e(s.get('output', '?'))} (sketch {_e(s.get('sketch_dim', '?'))} per output) · "
@@ -369,9 +174,7 @@ def render(result) -> str:
         note,
         _headline(s),
         _class_table(result, names),
-        _label_issue_gallery(result, pics, names),
-        _duplicate_gallery(result, pics, names),
-        _rare_gallery(result, pics, names),
+        *(check.section(result, pics, names) for check in checks.CHECKS),
         _plots(result),
         _thresholds(result),
         "<footer>nnsim_hooks audit · files next to this page: table.csv / table.parquet (every sample), per_class.csv, "

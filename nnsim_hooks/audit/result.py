@@ -13,12 +13,15 @@ Saved folder layout (``AuditResult.save(dir)``)::
     nnsim-audit.json   the folder's marker (state, configuration)
 
 Table columns: ``readable``, ``valid`` (the sample has a gradient direction), ``label``,
-``prediction`` (nullable ints), ``label_probability``, ``confidence``,
-``label_issue_score``, ``is_label_issue``, ``suggested_label``, ``density``,
-``knn_similarity``, ``is_outlier``, ``effective_neighbors``, ``denoising_factor``,
-``consistency``, ``gradient_norm``, ``duplicate_group`` (-1: none),
-``duplicate_representative``, ``neighbor_1..k`` (dataset positions, -1: none) and
-``similarity_1..k``.
+``prediction`` (nullable ints), ``label_probability``, ``confidence``, then each check's
+columns in the order of :data:`nnsim_hooks.audit.checks.CHECKS` (built in:
+``label_issue_score``, ``is_label_issue``, ``suggested_label``; ``duplicate_group`` (-1:
+none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outlier``;
+``effective_neighbors``, ``denoising_factor``, ``consistency``), then ``gradient_norm``,
+``neighbor_1..k`` (dataset positions, -1: none) and ``similarity_1..k``.
+
+``summary.json`` and ``per_class.csv`` likewise hold the core counts and each check's
+own keys (:meth:`nnsim_hooks.audit.checks.base.Check.summary` and ``per_class``).
 """
 
 from __future__ import annotations
@@ -32,30 +35,18 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
+from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import StoreError
 from . import checks
-from .output_folder import (
-    clean_json,
-    mark_done,
-    prepare_out_dir,
-    read_marker,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
-from .thresholds import Thresholds
+from .checks.arrays import agreement, class_column
+from .output_folder import clean_json, mark_done, prepare_out_dir, read_marker, write_json
+from .thresholds import Thresholds, threshold_specs
 
 logger = logging.getLogger(__name__)
 
 #: Cosine distance given to filler slots of the cleanlab graph (samples with fewer than k
 #: neighbours: unreadable, no gradient direction, tiny datasets): the largest possible.
 FILLER_DISTANCE = 2.0
-
-
-def _nanstat(fn, values) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    return float(fn(v)) if v.size else float("nan")
 
 
 @dataclass
@@ -94,73 +85,32 @@ class AuditResult:
         result.summary = result._summary(num_classes)
         return result
 
-    def _labels(self, column: str) -> np.ndarray:
-        return self.table[column].fillna(-1).to_numpy(dtype=np.int64)
-
     def _summary(self, num_classes: Optional[int]) -> Dict[str, Any]:
         t = self.table
-        labels, preds, suggested = self._labels("label"), self._labels("prediction"), self._labels("suggested_label")
-        scored = t["label_issue_score"].notna().to_numpy()
-        flagged = t["is_label_issue"].to_numpy(dtype=bool)
-        groups = t["duplicate_group"].to_numpy()
-        in_groups = int((groups >= 0).sum())
-        n_groups = int(groups.max() + 1) if in_groups else 0
+        labels, preds = class_column(t, "label"), class_column(t, "prediction")
         unreadable = np.flatnonzero(~t["readable"].to_numpy(dtype=bool))
-        dens = t["denoising_factor"].to_numpy(dtype=np.float64)
-        noise_rate = float(flagged.sum() / scored.sum()) if scored.any() else float("nan")
-        readable_valid = t["valid"].to_numpy(dtype=bool)
-        predicted = float("nan")
-        if num_classes and readable_valid.any() and np.isfinite(noise_rate):
-            p_err = checks.averaging_error_probability(
-                t["effective_neighbors"].to_numpy(dtype=np.float64)[readable_valid], noise_rate, num_classes
-            )
-            predicted = float(1.0 - p_err.mean())
-        return clean_json(
-            {
-                "samples": len(t),
-                "readable": int(t["readable"].sum()),
-                "unreadable": len(unreadable),
-                "unreadable_samples": unreadable[:1000].tolist(),
-                "valid": int(t["valid"].sum()),
-                "labelled": int((labels >= 0).sum()),
-                "missing_labels": int(((labels < 0) & t["readable"].to_numpy(dtype=bool)).sum()),
-                "num_classes": num_classes,
-                "k": self.k,
-                "label_issues": int(flagged.sum()),
-                "label_issue_rate": noise_rate,
-                "scored_labels": int(scored.sum()),
-                "duplicate_groups": n_groups,
-                "samples_in_duplicate_groups": in_groups,
-                "removable_duplicates": in_groups - n_groups,
-                "outliers": int(t["is_outlier"].sum()),
-                "thresholds": {
-                    **self.thresholds.to_dict(),
-                    "duplicate_similarity_used": self.info.get("duplicate_threshold"),
-                    "outlier_knn_similarity_used": self.info.get("outlier_threshold"),
-                },
-                "denoising": {
-                    "estimated_noise_rate": noise_rate,
-                    "predicted_agreement_with_clean_labels": predicted,
-                    "median_effective_neighbors": _nanstat(np.median, t["effective_neighbors"]),
-                    "mean_denoising_factor": _nanstat(np.mean, dens),
-                    "median_denoising_factor": _nanstat(np.median, dens),
-                    "mean_consistency": _nanstat(np.mean, t["consistency"]),
-                    "median_consistency": _nanstat(np.median, t["consistency"]),
-                },
-                "agreement": {
-                    "prediction_vs_label": checks.agreement(preds, labels),
-                    "prediction_vs_kept_labels": checks.agreement(preds, labels, ~flagged),
-                    "prediction_vs_neighbor_vote": checks.agreement(preds, suggested),
-                },
-            }
-        )
+        summary = {
+            "samples": len(t),
+            "readable": int(t["readable"].sum()),
+            "unreadable": len(unreadable),
+            "unreadable_samples": unreadable[:1000].tolist(),
+            "valid": int(t["valid"].sum()),
+            "labelled": int((labels >= 0).sum()),
+            "missing_labels": int(((labels < 0) & t["readable"].to_numpy(dtype=bool)).sum()),
+            "num_classes": num_classes,
+            "k": self.k,
+            "thresholds": self.thresholds.to_dict(),
+            "agreement": {"prediction_vs_label": agreement(preds, labels)},
+        }
+        for check in checks.CHECKS:
+            _merge(summary, check.summary(t, self.info, num_classes), check.name)
+        return clean_json(summary)
 
     def _per_class(self, num_classes: Optional[int]):
         import pandas as pd
 
         t = self.table[self.table["readable"]]
-        labels = t["label"].fillna(-1).to_numpy(dtype=np.int64)
-        preds = t["prediction"].fillna(-1).to_numpy(dtype=np.int64)
+        labels, preds = class_column(t, "label"), class_column(t, "prediction")
         classes = sorted(set(labels[labels >= 0].tolist()) | set(range(num_classes or 0)))
         rows = []
         groups = [(c, labels == c) for c in classes]
@@ -168,25 +118,15 @@ class AuditResult:
             groups.append((-1, labels < 0))
         groups.append((None, np.ones(len(t), dtype=bool)))
         for c, mask in groups:
-            sub = t[mask]
-            flagged = sub["is_label_issue"].to_numpy(dtype=bool)
-            scored = sub["label_issue_score"].notna().to_numpy()
-            rows.append(
-                {
-                    "class": "all" if c is None else ("(no label)" if c < 0 else int(c)),
-                    "samples": int(mask.sum()),
-                    "predicted_as": int((preds == c).sum()) if c is not None and c >= 0 else None,
-                    "agreement": checks.agreement(preds[mask], labels[mask]),
-                    "label_issues": int(flagged.sum()),
-                    "label_issue_rate": float(flagged.sum() / scored.sum()) if scored.any() else float("nan"),
-                    "outliers": int(sub["is_outlier"].sum()),
-                    "in_duplicate_groups": int((sub["duplicate_group"] >= 0).sum()),
-                    "median_effective_neighbors": _nanstat(np.median, sub["effective_neighbors"]),
-                    "median_denoising_factor": _nanstat(np.median, sub["denoising_factor"]),
-                    "mean_denoising_factor": _nanstat(np.mean, sub["denoising_factor"]),
-                    "median_consistency": _nanstat(np.median, sub["consistency"]),
-                }
-            )
+            row = {
+                "class": "all" if c is None else ("(no label)" if c < 0 else int(c)),
+                "samples": int(mask.sum()),
+                "predicted_as": int((preds == c).sum()) if c is not None and c >= 0 else None,
+                "agreement": agreement(preds[mask], labels[mask]),
+            }
+            for check in checks.CHECKS:
+                _merge(row, check.per_class(t[mask]), check.name)
+            rows.append(row)
         table = pd.DataFrame(rows)
         table["predicted_as"] = table["predicted_as"].astype("Int64")
         return table
@@ -284,7 +224,7 @@ class AuditResult:
         except ImportError as exc:
             logger.warning("table.parquet not written (%s); pip install pyarrow", exc)
         write_text_atomic(out / "per_class.csv", self.per_class.to_csv(index=False))
-        write_json_atomic(out / "summary.json", clean_json(self.summary))
+        write_json(out / "summary.json", clean_json(self.summary))
         buf = io.BytesIO()
         save_npz(buf, self.knn_graph(), compressed=True)
         write_bytes_atomic(out / "knn_graph.npz", buf.getvalue())
@@ -313,13 +253,23 @@ class AuditResult:
 
         index = load_index(out / "index") if (out / "index").is_dir() else None
         denoise_index = load_index(out / "index-denoising") if (out / "index-denoising").is_dir() else None
-        thresholds = {k: v for k, v in summary.get("thresholds", {}).items() if k in Thresholds.__dataclass_fields__}
+        known = {spec.name for spec in threshold_specs()}
+        thresholds = {k: v for k, v in summary.get("thresholds", {}).items() if k in known}
         return cls(table=table, summary=summary, per_class=per_class, thresholds=Thresholds(**thresholds),
                    index=index, k=int(summary.get("k", 10)), denoise_index=denoise_index)
 
     def __repr__(self) -> str:
         s = self.summary
-        return (
-            f"<AuditResult {s.get('samples')} samples: {s.get('label_issues')} label issues, "
-            f"{s.get('duplicate_groups')} duplicate groups, {s.get('outliers')} outliers>"
-        )
+        counts = [words for words in (check.headline(s) for check in checks.CHECKS) if words]
+        return f"<AuditResult {s.get('samples')} samples: {', '.join(counts)}>"
+
+
+def _merge(into: Dict[str, Any], part: Dict[str, Any], check: str) -> None:
+    """Add a check's keys to the summary (nested dicts merge); a key set twice is a bug."""
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, check)
+        elif key in into:
+            raise ValueError(f"audit check {check!r} sets the summary key {key!r}, which is already set; rename it")
+        else:
+            into[key] = value

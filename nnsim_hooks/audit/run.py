@@ -261,6 +261,7 @@ def audit(
         progress=progress,
         denoise_index=denoise_index,
         density=density,
+        dataset=dataset,
     )
     result.dataset = dataset
     result.thumbnail = thumbnail

@@ -1,68 +1,58 @@
 """The audit's thresholds: documented defaults, all configurable.
 
-Every default below was calibrated on scikit-learn's digits with a small CNN (see
+Each check declares its own (:attr:`nnsim_hooks.audit.checks.base.Check.thresholds`);
+:class:`Thresholds` holds one value per threshold of the registered checks. Every
+default was calibrated on scikit-learn's digits with a small CNN (see
 ``benchmarks/bench_label_issues.py`` and the histograms in each ``report.html``, which
 draw the thresholds so that users can recalibrate them on their own data).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..errors import InputError
+from . import checks
+from .checks.base import ThresholdSpec
 
 
-@dataclass(frozen=True)
+def threshold_specs() -> List[ThresholdSpec]:
+    """Every registered check's thresholds, in registry order."""
+    return [spec for check in checks.CHECKS for spec in check.thresholds]
+
+
 class Thresholds:
-    """When a sample is flagged.
-
-    Attributes:
-        label_issue: flag a label when at least this share of the similarity-weighted
-            neighbour label mass lies on *other* labels (``label_issue_score >= label_issue``)
-            and the neighbours' majority label differs from it. 0.5 means "most of what
-            the network sees as similar carries another label".
-        duplicate: near-duplicates are pairs whose similarity is at least this (absolute
-            cosine between gradients). 0.995 sits above the 99th percentile of the nearest
-            neighbour similarities of clean digits and below what a copy with 1% pixel noise
-            gets.
-        duplicate_quantile: if set (e.g. 0.99), the duplicate threshold is instead this
-            quantile of every sample's nearest-neighbour similarity (relative to the
-            distribution) and ``duplicate`` is ignored.
-        outlier_z: flag a sample as an outlier (rare for the network) when its mean
-            similarity to its k nearest neighbours lies more than ``outlier_z`` robust
-            standard deviations (1.4826 x MAD) below the median.
-        outlier_quantile: if set (e.g. 0.01), flag instead that share of samples with the
-            lowest mean neighbour similarity.
-        outlier_min_gap: with ``outlier_z``, a sample must also lie at least this far (in
-            cosine) below the median: when similarities are very concentrated (an
-            untrained network, near-identical images) the MAD is tiny and differences of
-            0.01 are not outliers.
+    """When a sample is flagged: one attribute per threshold of the registered checks,
+    immutable. ``Thresholds(label_issue=0.6)`` changes one and keeps the other defaults;
+    an unknown name or a value out of range is an :class:`~nnsim_hooks.errors.InputError`.
+    The attributes, with their defaults, are listed below (generated from the checks:
+    ``help(Thresholds)``, or each check module's ``thresholds``).
     """
 
-    label_issue: float = 0.5
-    duplicate: float = 0.995
-    duplicate_quantile: Optional[float] = None
-    outlier_z: float = 3.5
-    outlier_quantile: Optional[float] = None
-    outlier_min_gap: float = 0.02
+    def __init__(self, **values: Any):
+        specs = {spec.name: spec for spec in threshold_specs()}
+        unknown = sorted(set(values) - set(specs))
+        if unknown:
+            raise InputError(f"unknown threshold(s) {unknown}; the thresholds are {sorted(specs)}")
+        for name, spec in specs.items():
+            value = values.get(name, spec.default)
+            spec.check(value)
+            object.__setattr__(self, name, value)
 
-    def __post_init__(self):
-        def check(name, value, low, high):
-            if value is not None and not (low <= value <= high):
-                raise InputError(f"Thresholds.{name} must lie in [{low}, {high}], got {value}")
-
-        check("label_issue", self.label_issue, 0.0, 1.0)
-        check("duplicate", self.duplicate, -1.0, 1.0)
-        check("duplicate_quantile", self.duplicate_quantile, 0.0, 1.0)
-        check("outlier_quantile", self.outlier_quantile, 0.0, 1.0)
-        if not 0 <= self.outlier_min_gap <= 2:
-            raise InputError(f"Thresholds.outlier_min_gap must lie in [0, 2], got {self.outlier_min_gap}")
-        if self.outlier_z <= 0:
-            raise InputError(f"Thresholds.outlier_z must be positive, got {self.outlier_z}")
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Thresholds are immutable; make new ones: Thresholds(**{{**old.to_dict(), {name!r}: ...}})")
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Thresholds) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+    def __repr__(self) -> str:
+        return "Thresholds(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 
     @classmethod
     def make(cls, value: "Optional[Thresholds | Dict[str, Any]]") -> "Thresholds":
@@ -72,9 +62,14 @@ class Thresholds:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise InputError(f"unknown threshold(s) {unknown}; the thresholds are {sorted(known)}")
             return cls(**value)
         raise InputError(f"thresholds must be None, a dict or a Thresholds, got {type(value).__name__}")
+
+
+def _document() -> None:
+    """List the registered thresholds in the class docstring (``help(Thresholds)``)."""
+    entries = [f"        {spec.name}: {spec.doc} Default: {spec.default}." for spec in threshold_specs()]
+    Thresholds.__doc__ = (Thresholds.__doc__ or "") + "\n    Attributes:\n" + "\n".join(entries) + "\n"
+
+
+_document()

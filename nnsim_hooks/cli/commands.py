@@ -26,18 +26,27 @@ class CliError(NnsimError):
     """A problem with the command line's arguments or environment (exit code 1)."""
 
 
-def _thresholds(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
-    if not items:
-        return None
+def _thresholds(items: Optional[List[str]], args=None) -> Optional[Dict[str, Any]]:
+    """The thresholds of ``--threshold NAME=VALUE`` and of the checks' own flags (None: defaults)."""
+    from ..audit.checks import CHECKS
+
     out: Dict[str, Any] = {}
-    for item in items:
+    for check in CHECKS if args is not None else ():
+        out.update(check.thresholds_from_cli(args))
+    for item in items or ():
         name, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--threshold {item!r}: expected NAME=VALUE, e.g. --threshold label_issue=0.6")
         try:
-            out[name.strip()] = None if value.strip().lower() in ("none", "") else float(value)
+            number = None if value.strip().lower() in ("none", "") else float(value)
         except ValueError as exc:
             raise CliError(f"--threshold {item!r}: {value!r} is not a number") from exc
+        if name.strip() in out and out[name.strip()] != number:
+            raise CliError(f"--threshold {item!r} contradicts {name.strip()}={out[name.strip()]} given by another flag; "
+                           "give it once")
+        out[name.strip()] = number
+    if not out:
+        return None
     from ..audit.thresholds import Thresholds
 
     Thresholds.make(out)  # fail now, not after training
@@ -46,6 +55,7 @@ def _thresholds(items: Optional[List[str]]) -> Optional[Dict[str, Any]]:
 
 def _add_audit(sub) -> None:
     """``nnsim audit``: the embedded demo, or your data and model."""
+    from ..audit.checks import CHECKS
     from ..audit.demo import DEFAULT_EPOCHS, DEFAULT_NOISE
     from ..audit.output_choice import DEFAULT_K, DEFAULT_SKETCH_DIM
 
@@ -84,9 +94,11 @@ def _add_audit(sub) -> None:
     opts.add_argument("--output", default=None, choices=["contrast", "full", "logit", "sum"],
                       help="what is differentiated, never with the labels (default: full for classifiers with at "
                       "most 16 classes, contrast of the predicted class above)")
+    names = ", ".join(spec.name for check in CHECKS for spec in check.thresholds)
     opts.add_argument("--threshold", action="append", metavar="NAME=VALUE",
-                      help="change a threshold: label_issue, duplicate, duplicate_quantile, outlier_z, outlier_min_gap, "
-                      "outlier_quantile (see nnsim_hooks.audit.Thresholds)")
+                      help=f"change a threshold: {names} (see nnsim_hooks.audit.Thresholds)")
+    for check in CHECKS:
+        check.add_cli_arguments(opts)
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
@@ -206,25 +218,18 @@ def _audit_data(args, thresholds) -> Any:
 
 
 def format_summary(result, out: Path) -> str:
-    """The few lines printed at the end of ``nnsim audit``."""
+    """The few lines printed at the end of ``nnsim audit``: the run, each check's lines, the skipped samples."""
+    from ..audit.checks import CHECKS
+    from ..audit.presentation import plain_num as num, plain_pct as pct
+
     s = result.summary
     den = s.get("denoising", {})
-
-    def pct(x):
-        return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
-
-    def num(x):
-        return "n/a" if x is None or x != x else f"{x:.3g}"
 
     lines = [
         f"nnsim audit: {s['samples']:,} samples, {s.get('num_classes') or '?'} classes "
         f"(model {s.get('model')}, output {s.get('output')}, {s.get('seconds', 0):.0f} s)",
-        f"  label issues      {s['label_issues']:,} ({pct(s.get('label_issue_rate'))} of labels)",
-        f"  near-duplicates   {s['duplicate_groups']:,} groups ({s['samples_in_duplicate_groups']:,} samples)",
-        f"  outliers          {s['outliers']:,}",
-        f"  denoising         median N_eff {num(den.get('median_effective_neighbors'))}: label-noise variance "
-        f"divided by that at a prediction (1/N_eff = {num(den.get('median_denoising_factor'))})",
     ]
+    lines += [line for check in CHECKS for line in check.summary_lines(s)]
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
     if s.get("missing_labels"):
@@ -249,7 +254,7 @@ def cmd_audit(args) -> int:
     from ..audit.run import require_audit_extra
 
     require_audit_extra()
-    thresholds = _thresholds(args.threshold)
+    thresholds = _thresholds(args.threshold, args)
     out = Path(args.out)
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                           ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),

@@ -30,6 +30,9 @@ from ..errors import InputError, OutputSpecError
 
 OutputFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 NAMES = ("auto", "contrast", "logit", "loss", "sum", "full")
+#: The outputs that read one class of classifier logits ``[B, C]``: with them, model
+#: outputs ``[B, C]`` are class scores (a classification task, softmax probabilities).
+CLASSIFIER_OUTPUTS = ("contrast", "logit", "loss")
 
 
 def _logits(outputs, name: str) -> torch.Tensor:

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError, InputError
+from ..engine.outputs import CLASSIFIER_OUTPUTS
 from .kernels import inverse_sqrt
 
-CLASSIFIER_OUTPUTS = ("contrast", "logit", "loss")
 #: Largest accumulator set allowed before asking for values= (K x the parameter count).
 MAX_ACCUMULATORS = 256
 #: Generic-rule per-sample gradients kept within a first-pass batch, for its two uses.

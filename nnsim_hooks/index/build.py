@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
+from ..engine.outputs import CLASSIFIER_OUTPUTS
 from ..data.batch_source import Batch, BatchSource, to_device
 from .folder.data_fingerprint import data_differences, data_record
 from .gradient_index import GradientIndex
@@ -20,7 +21,6 @@ from .folder.store import ColumnSpec, Store, is_store, remove_store_files
 
 logger = logging.getLogger(__name__)
 
-CLASSIFIER_OUTPUTS = ("contrast", "logit", "loss")
 # Per-sample outputs (classes) stored when there are at most this many (store_outputs="auto").
 MAX_STORED_OUTPUTS = 256
 

@@ -1,0 +1,44 @@
+"""Pictures of data files as people look at them, without the model's transform: the
+image itself or the central slice of a volume (the file readers' side of
+:mod:`nnsim_hooks.audit.thumbnails`, which makes every other picture)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nnsim_hooks.audit.thumbnails import DEFAULT_SIZE, central_slice, fit, from_channels_first, to_uint8
+from nnsim_hooks.errors import DataError
+
+from .files import unknown_extension
+
+
+def image_picture(image, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """uint8 picture of a PIL image: 16-bit, 32-bit and float images stretched between
+    percentiles (8 bits cannot hold them), others in grey or RGB, alpha dropped."""
+    from .images import HIGH_BIT_MODES, convert_image
+
+    if image.mode in HIGH_BIT_MODES:
+        return fit(to_uint8(np.asarray(image)), size)
+    grey = image.mode in ("1", "L", "LA")
+    return fit(np.asarray(convert_image(image, 1 if grey else 3)), size)
+
+
+def file_picture(path: str, kind: str, spatial_dims: int, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """The picture of a data file as people look at it, without the model's transform:
+    the image itself (16-bit, 32-bit and float images stretched between percentiles,
+    alpha dropped) or the central slice of a volume."""
+    if kind == "image":
+        from .images import open_image
+
+        return image_picture(open_image(path), size)
+    if kind == "volume":
+        from .volumes import load_volume
+
+        volume = load_volume(path)
+        return from_channels_first(volume, volume.ndim - 1, size)
+    if kind == "array":
+        array = np.load(path, allow_pickle=False)
+        if array.ndim == 3 and spatial_dims == 3:
+            return fit(to_uint8(central_slice(array)), size)
+        return from_channels_first(array, spatial_dims, size)
+    raise DataError(unknown_extension(path))
