@@ -97,7 +97,7 @@ SUBCOMMANDS: List[Callable[[Any], None]] = [_add_audit, index_cli.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="nnsim", description="Input similarity from the neural network's perspective.")
     parser.add_argument("--version", action="version", version=f"nnsim_hooks {__version__}")
