@@ -4,7 +4,8 @@ The class is assembled from three parts, one module each:
 
 - :mod:`.columns`: the per-sample columns, the pandas table, the fingerprint;
 - :mod:`.search`: the FAISS index, k-nearest-neighbour and range search;
-- :mod:`.queries`: density, counts, effective neighbours, denoising, consistency;
+- :mod:`.queries`: density, counts, effective neighbours, denoising, consistency
+  (written once for one index or its shares; this class is their one-process host);
 
 and :mod:`.folder.persist` writes and reads index folders (below this module: it hands
 back columns and manifests, and this module makes the index of them: ``save``,
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
 
 from .columns import IndexColumns
 from .folder import persist
@@ -23,6 +26,7 @@ from .folder.integrity import check_index_file_size
 from .folder.store import INDEX_FILE, Store
 from .queries import DatasetQueries
 from .search import FaissSearch
+from .statistics import Rows, Statistics
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -35,6 +39,30 @@ class GradientIndex(DatasetQueries, FaissSearch, IndexColumns):
     when the index lives in a folder): ``features``, ``ids``, ``valid``, ``norms`` and, when
     available, ``labels``, ``predictions``, ``probabilities``, ``outputs``.
     """
+
+    # -- the queries' host (see nnsim_hooks.index.queries): every row, in this process --
+
+    @property
+    def index(self) -> "GradientIndex":
+        """The index the queries read: this one."""
+        return self
+
+    @property
+    def statistics(self) -> Statistics:
+        """Sums over every row (``S``, ``C``, ``M``, pair sums), cached with the index."""
+        if "statistics" not in self._cache:
+            self._cache["statistics"] = Statistics(self, device=lambda: self._device)
+        return self._cache["statistics"]
+
+    def map_rows(self, fn: Callable[[Rows], np.ndarray], step: str) -> np.ndarray:
+        """``fn`` of all the rows (one process holds them all; ``step`` names it for logs)."""
+        return fn(Rows(self))
+
+    @property
+    def range_search_available(self) -> bool:
+        return self.backend.supports_range_search
+
+    # -- folders -------------------------------------------------------------------------
 
     def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
         """Write the index to the folder ``path`` (atomically: a reader sees the old folder or
