@@ -32,7 +32,7 @@ def _scores(queries: torch.Tensor, features: np.ndarray, valid: np.ndarray, star
             exclude_rows: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     """``queries @ features[start:end].T`` with invalid and excluded rows set to NaN."""
     s = queries @ _tensor(features[start:end], device).T
-    bad = ~torch.from_numpy(np.asarray(valid[start:end], dtype=bool)).to(device)
+    bad = ~torch.from_numpy(np.array(valid[start:end], dtype=bool)).to(device)  # a copy: memmaps are read-only
     if bool(bad.any()):
         s[:, bad] = float("nan")
     if exclude_rows is not None:
