@@ -24,7 +24,7 @@ from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
 from .integrity import drop_nonfinite_rows, index_file_record
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
-from .schema import is_store_owned
+from .schema import COLUMNS, is_store_owned
 from .shard_folders import has_shards
 from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, remove_store_files, write_column
 
@@ -33,11 +33,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 BLOCK_BYTES = 64 << 20
 
 
-def save_index(self, path: PathLike, *, overwrite: bool = False) -> Path:
-    """Write the index to the folder ``path`` (atomically: a reader sees the old folder or
+def save_index(index, path: PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``index`` (a :class:`~nnsim_hooks.index.GradientIndex`) to the folder ``path`` (atomically: a reader sees the old folder or
     the complete new one). Returns the path."""
     path = Path(path)
-    if self.path is not None and path.resolve() == self.path.resolve():
+    if index.path is not None and path.resolve() == index.path.resolve():
         return path  # already there: every change is written as it is made
     if path.exists() and not path.is_dir():
         raise StoreError(f"'{path}' is a file; an index needs a folder path")
@@ -59,13 +59,16 @@ def save_index(self, path: PathLike, *, overwrite: bool = False) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        for name, col in self._columns.items():
+        for name in COLUMNS:
+            col = index.column(name)
+            if col is None:
+                continue
             write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
         index_file = None
-        if not self.spec.exact:
-            self.backend.write(tmp / INDEX_FILE)
-            index_file = index_file_record(tmp / INDEX_FILE, self.backend)
-        manifest = dict(self.manifest, updated=now(), index=self.spec.to_dict(), complete=True, index_file=index_file)
+        if not index.spec.exact:
+            index.backend.write(tmp / INDEX_FILE)
+            index_file = index_file_record(tmp / INDEX_FILE, index.backend)
+        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file)
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
