@@ -58,6 +58,10 @@ class GradientIndex(DatasetQueries, FaissSearch, IndexColumns):
         """``fn`` of all the rows (one process holds them all; ``step`` names it for logs)."""
         return fn(Rows(self))
 
+    def nearest(self, queries: np.ndarray, k: int, exclude) -> tuple:
+        """:meth:`search` (FAISS)."""
+        return self.search(queries, k, exclude=exclude)
+
     @property
     def range_search_available(self) -> bool:
         return self.backend.supports_range_search

@@ -7,7 +7,9 @@ statistics of the feature rows (:mod:`.statistics`), never the N x N matrix.
 - ``index``: the :class:`~nnsim_hooks.index.GradientIndex` whose columns are read;
 - ``statistics``: a :class:`~nnsim_hooks.index.statistics.Statistics`, sums over every row;
 - ``map_rows(fn, step)``: ``fn(rows)`` for each :class:`~nnsim_hooks.index.statistics.Rows`
-  this process answers for, the per-row results of all rows returned in id order.
+  this process answers for, the per-row results of all rows returned in id order;
+- ``nearest(queries, k, exclude)``: the ``k`` stored rows most similar to each query, by
+  this process alone (FAISS for one index, exact torch products for shares).
 
 :class:`~nnsim_hooks.index.GradientIndex` is one host (all rows, one process);
 :class:`~nnsim_hooks.index.ShardedQueries` another (row shares, summed and gathered over
@@ -24,14 +26,15 @@ Conventions for every per-sample result (arrays ``[N]`` in id order):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..data.batching import chunks
 from ..errors import DataError, InputError
 from . import moments, pairwise
-from .arguments import check_threshold
+from .arguments import check_k, check_threshold
 from .statistics import KERNELS, Rows, Statistics, check_kernel  # noqa: F401 (KERNELS re-exported)
 
 
@@ -43,6 +46,9 @@ class DatasetQueries:
     statistics: Statistics
 
     def map_rows(self, fn: Callable[[Rows], np.ndarray], step: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def nearest(self, queries: np.ndarray, k: int, exclude) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
     @property
@@ -145,6 +151,28 @@ class DatasetQueries:
             return rows.nan_where_invalid(counts)
 
         return self.map_rows(soft, "gathering soft counts")
+
+    def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096,
+                  progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest stored samples of every stored sample: ``(scores [N, k], ids [N, k])``
+        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time.
+        ``k`` above the number of other samples is clamped to it, with a warning."""
+        n = len(self.index)
+        k = check_k(k, n - 1 if exclude_self else n,
+                    "other samples in the index" if exclude_self else "samples in the index")
+        from tqdm.auto import tqdm
+
+        def rows_neighbors(rows: Rows) -> np.ndarray:
+            scores = np.full((len(rows), k), np.nan, dtype=np.float32)
+            ids = np.full((len(rows), k), -1, dtype=np.int64)
+            for start, end in tqdm(list(chunks(len(rows), batch_size)), desc="neighbours", unit="batch",
+                                   disable=not (progress and self.statistics.show_progress), leave=False):
+                exclude = np.asarray(rows.ids[start:end]) if exclude_self else None
+                scores[start:end], ids[start:end] = self.nearest(np.asarray(rows.features[start:end]), k, exclude)
+            return np.concatenate([scores, ids.astype(np.float64)], 1)  # both exact in float64
+
+        out = self.map_rows(rows_neighbors, "gathering the neighbour lists")
+        return np.ascontiguousarray(out[:, :k], dtype=np.float32), np.ascontiguousarray(out[:, k:], dtype=np.int64)
 
     # -- denoising (the paper §3) ---------------------------------------------------------
 

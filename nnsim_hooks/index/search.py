@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from . import pairwise
-from ..data.batching import chunks
 from ..atomic import store_errors, write_json_atomic
 from .backend import FaissIndex, gpu_available, make_spec
 from .arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
@@ -136,24 +135,6 @@ class FaissSearch:
         features = handle.features(inputs, targets).detach()
         self.check_handle(handle)
         return self.search(features.float().cpu(), k, exclude=exclude)
-
-    def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096,
-                  progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest stored samples of every stored sample: ``(scores [N, k], ids [N, k])``
-        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time.
-        ``k`` above the number of other samples is clamped to it, with a warning."""
-        k = check_k(k, len(self) - 1 if exclude_self else len(self),
-                    "other samples in the index" if exclude_self else "samples in the index")
-        from tqdm.auto import tqdm
-
-        n = len(self)
-        scores = np.full((n, k), np.nan, dtype=np.float32)
-        ids = np.full((n, k), -1, dtype=np.int64)
-        for start, end in tqdm(list(chunks(n, batch_size)), desc="neighbours", unit="batch",
-                               disable=not progress, leave=False):
-            exclude = np.asarray(self.ids[start:end]) if exclude_self else None
-            scores[start:end], ids[start:end] = self.search(np.asarray(self.features[start:end]), k, exclude=exclude)
-        return scores, ids
 
     def range_counts(self, threshold: float, rows=None, *, include_self: bool = True,
                      progress: bool = True) -> np.ndarray:

@@ -82,15 +82,17 @@ class Statistics:
     default: all rows) this process holds, passed through ``all_reduce`` (a sum over
     processes; None: this process holds every part). Float64; ``S`` and ``C`` are cached.
 
-    ``device`` (a function returning a torch device) runs the pair sums."""
+    ``device`` (a function returning a torch device) runs the pair sums; their progress
+    bars show only where ``show_progress`` (one rank of several, say)."""
 
     def __init__(self, index, parts: Optional[Sequence[Tuple[int, int]]] = None,
                  all_reduce: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                 device: Callable[[], torch.device] = lambda: torch.device("cpu")):
+                 device: Callable[[], torch.device] = lambda: torch.device("cpu"), show_progress: bool = True):
         self.index = index
         self.parts: List[Tuple[int, int]] = [(0, len(index))] if parts is None else list(parts)
         self.all_reduce = all_reduce
         self.device = device
+        self.show_progress = show_progress
         self._cache: dict = {}
 
     @property
@@ -155,7 +157,7 @@ class Statistics:
         index = self.index
         out = np.zeros(len(rows), dtype=np.float64)
         for start, end in tqdm(list(chunks(len(rows), pairwise.QUERY_BLOCK)), desc=desc, unit="block",
-                               disable=not progress, leave=False):
+                               disable=not (progress and self.show_progress), leave=False):
             own = None if include_self else np.arange(rows.start + start, rows.start + end)
             query = np.asarray(index.features[rows.start + start : rows.start + end])
             out[start:end] = pairwise.pairwise_reduce(index.features, index.valid, query, reduce,

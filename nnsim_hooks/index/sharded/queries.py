@@ -72,7 +72,8 @@ class ShardedQueries(DatasetQueries):
         """Sums over every row of the index: this process's shares, all-reduced over ranks."""
         if self._statistics is None:
             reduce = (lambda x: dist_.all_reduce_sum(self.ctx, x)) if self.ctx is not None else None
-            self._statistics = Statistics(self.index, self.local, reduce, device=lambda: self.device)
+            self._statistics = Statistics(self.index, self.local, reduce, device=lambda: self.device,
+                                          show_progress=self.ctx is None or self.ctx.main)
         return self._statistics
 
     def map_rows(self, fn: Callable[[Rows], np.ndarray], step: str) -> np.ndarray:
@@ -114,24 +115,17 @@ class ShardedQueries(DatasetQueries):
         scores[bad], ids[bad] = np.nan, -1
         return scores, ids
 
-    def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
-        """:meth:`GradientIndex.neighbors`: each share's rows are its rank's queries; every
-        rank gets all ``[N, k]`` results."""
-        k = check_k(k, len(self.index))
-        f, all_ids = self.index.features, self.index.ids
-        # the same number of (collective) search calls on every rank: the largest share's
-        steps = max(1, max(-(-(b - a) // batch_size) for a, b in self.ranges))
-        blocks = []
-        for a, b in self.local:
-            for step in range(steps):
-                s, e = min(b, a + step * batch_size), min(b, a + (step + 1) * batch_size)
-                exclude = np.asarray(all_ids[s:e]) if exclude_self else None
-                blocks.append(self.search(np.asarray(f[s:e]), k, exclude=exclude))
-        mine = (np.concatenate([x[0] for x in blocks]), np.concatenate([x[1] for x in blocks]))
-        if self.ctx is None:
-            return mine
-        gathered = dist_.all_gather(self.ctx, mine, "gathering the neighbour lists")
-        return np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
+    def nearest(self, queries: np.ndarray, k: int, exclude) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` stored rows most similar to each query, exact, by this process alone
+        against every stored row (each rank answers its own share's rows in :meth:`neighbors`)."""
+        q = as_float32_rows(queries, self.index.dim, "queries")
+        table = exclusion_table(exclude, len(q))
+        wanted = k + (table.shape[1] if table is not None else 0)
+        scores, ids = pairwise.topk(self.index.features, self.index.valid, q, wanted, device=self.device)
+        scores, ids = first_k_not_excluded(scores, ids, table, k)
+        bad = ~defined_rows(q)
+        scores[bad], ids[bad] = np.nan, -1
+        return scores, ids
 
 
 def _merge(parts: List[Tuple[np.ndarray, np.ndarray]], k: int) -> Tuple[np.ndarray, np.ndarray]:
