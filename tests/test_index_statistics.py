@@ -118,3 +118,26 @@ def test_rows_slice_the_public_columns(data):
         rows.weights("gaussian")
     with pytest.raises(InputError, match="kernel must be one of"):
         ShardedQueries(idx, shards=2).effective_neighbors("gaussian")
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_neighbours_on_shares_equal_the_index_and_brute_force(data, exclude_self):
+    idx, K, valid = data["idx"], data["K"].copy(), data["valid"]
+    scores, ids = idx.neighbors(4, exclude_self=exclude_self, batch_size=10, progress=False)
+    for shards in (3, 7):
+        s, i = ShardedQueries(idx, shards=shards).neighbors(4, exclude_self=exclude_self, batch_size=10,
+                                                            progress=False)
+        np.testing.assert_allclose(s, scores, atol=1e-6, equal_nan=True)
+        # the same ids, but for exact ties (duplicated rows), which FAISS may order otherwise
+        found = i >= 0
+        np.testing.assert_array_equal(found, ids >= 0)
+        np.testing.assert_allclose(K[np.nonzero(found)[0], i[found]], s[found], atol=1e-5)
+        assert ((i == ids) | np.isclose(s, scores, atol=1e-6)).all()
+    K[:, ~valid] = -np.inf
+    if exclude_self:
+        np.fill_diagonal(K, -np.inf)
+    best = -np.sort(-K, axis=1)[:, :4]
+    np.testing.assert_allclose(scores[valid], best[valid], atol=1e-5)
+    assert (ids[~valid] == -1).all() and np.isnan(scores[~valid]).all()
+    if exclude_self:
+        assert not (ids == np.arange(N)[:, None]).any()
