@@ -155,8 +155,9 @@ class DatasetQueries:
     def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096,
                   progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored samples of every stored sample: ``(scores [N, k], ids [N, k])``
-        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time.
-        ``k`` above the number of other samples is clamped to it, with a warning."""
+        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time
+        (one index: its FAISS search, approximate for approximate index types; shares:
+        exact). ``k`` above the number of other samples is clamped to it, with a warning."""
         n = len(self.index)
         k = check_k(k, n - 1 if exclude_self else n,
                     "other samples in the index" if exclude_self else "samples in the index")
