@@ -9,7 +9,8 @@
 The core never imports this package, and importing it imports neither timm nor MONAI:
 each adapter loads its library when it is first used, and says which extra to install
 (``pip install 'nnsim_hooks[timm]'``, ``'nnsim_hooks[monai]'``) when it is missing.
-timm's fast layer rules are registered by :func:`register_timm_rules`, which
+Dataset layouts (folder, CSV, MONAI datalist) are a registry, one module each, in
+:mod:`.layouts`. timm's fast layer rules are registered by :func:`register_timm_rules`, which
 ``load_model("timm:...")`` and ``import nnsim_hooks.integrations.timm`` call.
 """
 

@@ -2,7 +2,7 @@
 torch Dataset of ``(tensor, label)``.
 
 ==============================  =====================================================
-``path``                        layout
+``path``                        layout (:mod:`.layouts`, first match)
 ==============================  =====================================================
 a folder of class folders       ImageFolder: ``root/<class>/<file>``; labels are the
                                 class folders' indices in sorted order
@@ -13,7 +13,7 @@ a folder of files               unlabelled (label -1)
                                 "label": ...}]}`` (paths relative to the JSON's folder)
 ==============================  =====================================================
 
-The pieces: layouts in :mod:`.folder_layout`, :mod:`.csv_layout`, :mod:`.datalist_layout`;
+The pieces: the layouts, one module each, and their registry in :mod:`.layouts`;
 the label rule (integers for every row, or class names for every row, or missing; never
 a mix) in :mod:`.labels`; reading 2-D images (one rule per PIL mode: 16-bit and float
 images keep their full range, alpha is dropped) in :mod:`.images`; volumes (NIfTI
@@ -35,13 +35,11 @@ from typing import Optional, Sequence, Union
 from nnsim_hooks.errors import DataError
 
 from .config import DataConfig, LoadedModel
-from .csv_layout import LABEL_COLUMNS, PATH_COLUMNS, read_csv
-from .datalist_layout import read_datalist
 from .file_dataset import FileDataset
 from .files import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, SHOW, VOLUME_EXTENSIONS, is_data_file, kind_of
-from .folder_layout import read_folder
 from .images import image_transform
-from .listing import Listing, check_exist
+from .layouts import list_samples
+from .layouts.csv_file import LABEL_COLUMNS, PATH_COLUMNS
 
 __all__ = ["load_dataset", "list_samples", "FileDataset", "image_transform", "kind_of", "is_data_file",
            "IMAGE_EXTENSIONS", "VOLUME_EXTENSIONS", "ARRAY_EXTENSIONS", "SHOW", "PATH_COLUMNS", "LABEL_COLUMNS"]
@@ -49,50 +47,14 @@ __all__ = ["load_dataset", "list_samples", "FileDataset", "image_transform", "ki
 logger = logging.getLogger(__name__)
 
 
-def list_samples(
-    path: str,
-    *,
-    section: Optional[str] = None,
-    image_key: str = "image",
-    label_key: str = "label",
-    mask_key: str = "mask",
-    classes: Optional[Sequence[str]] = None,
-) -> Listing:
-    """The files and labels of the layout at ``path`` (a folder, a ``.csv``, a ``.json``),
-    listed files checked to exist."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"data path '{path}' does not exist; expected a folder (ImageFolder or files), a .csv of "
-                        "path,label or a .json MONAI datalist")
-    if os.path.isdir(path):
-        listing = read_folder(path, classes)
-    elif path.lower().endswith(".csv"):
-        listing = read_csv(path, classes)
-        check_exist(listing.paths, f"CSV '{path}'")
-    elif path.lower().endswith(".json"):
-        listing = read_datalist(path, section, image_key, label_key, mask_key, classes)
-        check_exist(listing.paths, f"datalist '{path}'")
-        check_exist([m for m in listing.masks if m], f"datalist '{path}' (labels)")
-    else:
-        raise DataError(
-            f"data path '{path}' is neither a folder (ImageFolder), a .csv of path,label nor a .json MONAI datalist"
-        )
-    if not listing.paths:
-        raise DataError(f"no samples found in '{path}'")
-    return listing
-
-
 def load_dataset(
     path: str,
     loaded_model: Optional[Union[LoadedModel, DataConfig]] = None,
     *,
     spatial_size: Optional[Union[int, Sequence[int]]] = None,
-    section: Optional[str] = None,
-    image_key: str = "image",
-    label_key: str = "label",
-    mask_key: str = "mask",
     classes: Optional[Sequence[str]] = None,
     check: bool = True,
+    **layout_options,
 ) -> FileDataset:
     """The dataset at ``path`` (ImageFolder, folder, CSV or MONAI datalist), read the way
     ``loaded_model`` expects.
@@ -102,14 +64,15 @@ def load_dataset(
         loaded_model: what :func:`~nnsim_hooks.integrations.load_model` returned (or
             just a :class:`DataConfig`); None reads 2-D RGB images without resizing.
         spatial_size: resize every sample to this size (overrides the model's).
-        section: the datalist section (default ``training``, else the first present).
-        image_key, label_key, mask_key: the datalist's keys (a ``label`` that is a file is
-            taken as a mask).
         classes: the class names, index = class. CSV and datalist labels may then be
             these names or integer indices (mixed); ImageFolder folders get these indices
             instead of their sorted order. None: inferred (see :mod:`.labels`).
         check: read the first readable sample now, so that a 2-D/3-D or channel mismatch
             is reported before anything runs (unreadable files before it are skipped).
+        layout_options: options of the layout at ``path`` (:mod:`.layouts`; those of other
+            layouts are ignored). The datalist's: ``section`` (default ``training``, else
+            the first present), ``image_key``, ``label_key``, ``mask_key`` (its keys; a
+            ``label`` that is a file is taken as a mask).
     """
     if isinstance(loaded_model, LoadedModel):
         loaded, config = loaded_model, loaded_model.data_config
@@ -124,8 +87,7 @@ def load_dataset(
         if loaded is not None:
             loaded = replace(loaded, data_config=config)
     path = os.fspath(path)
-    listing = list_samples(path, section=section, image_key=image_key, label_key=label_key, mask_key=mask_key,
-                           classes=classes)
+    listing = list_samples(path, classes=classes, **layout_options)
     dataset = FileDataset(listing.paths, listing.labels, config, classes=listing.classes, masks=listing.masks,
                           loaded=loaded, layout=listing.layout, source=path)
     if check:

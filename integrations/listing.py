@@ -1,10 +1,12 @@
-"""What a data layout yields: the files, their labels and class names, in dataset order."""
+"""What a data layout is (:class:`Layout`, declared once per layout in
+:mod:`.layouts`) and what it yields (:class:`Listing`: the files, their labels and class
+names, in dataset order)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from nnsim_hooks.errors import DataError
 
@@ -39,3 +41,29 @@ def check_exist(paths: Sequence[str], source: str) -> None:
             + ", ".join(missing[:SHOW])
             + ". Paths are read relative to the list's own folder."
         )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way people lay out a dataset on disk.
+
+    Attributes:
+        name: what :attr:`Listing.layout` says for it (or the first of its names).
+        recognises: whether an existing ``path`` is this layout (a folder, a suffix...).
+        what: the layout in a few words, for error messages and ``--data`` checks
+            (``"a .csv of path,label"``).
+        help: the layout in a few words for the CLI's ``--data`` help.
+        options: the keyword options :attr:`list_samples` takes besides ``classes``
+            (e.g. the datalist's ``section``); other layouts' options are ignored.
+        list_samples: ``(path, classes, **options) -> Listing``, listed files checked to
+            exist (``classes``: class names in index order, or None).
+        suffixes: file suffixes it reads (none for a folder).
+    """
+
+    name: str
+    recognises: Callable[[str], bool]
+    what: str
+    help: str
+    list_samples: Callable[..., Listing]
+    options: Tuple[str, ...] = ()
+    suffixes: Tuple[str, ...] = ()

@@ -28,7 +28,7 @@ from .rules import LayerRule, add_rule, register_rule
 from . import training
 from . import audit  # the package is callable: nnsim_hooks.audit(model, dataset)
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "attach",

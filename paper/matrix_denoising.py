@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import nnsim_hooks
-from nnsim_hooks.exact.denoising import MOMENT_LIMIT, index_matrix_denoising_factor, matrix_denoising_factor
+from nnsim_hooks.exact.matrix_denoising import MOMENT_LIMIT, index_matrix_denoising_factor, matrix_denoising_factor
 
 from . import circle_toy, registration
 from .common import parser, seed_all, table, write_report

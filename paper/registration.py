@@ -16,7 +16,7 @@ and of the network; the measured noise reduction, Var(network − truth) / Var(l
 the part due to the noise alone, Var(f_noisy − f_clean) / Var(noise) with f_clean the same
 network trained on clean labels (same initialisation and batch order); and the label-free
 estimate from gradients only: the authors' d×d denoising factor Tr(F_i)/2 on the raw kernel
-(:func:`nnsim_hooks.exact.denoising.matrix_denoising_factor`), averaged over the training set.
+(:func:`nnsim_hooks.exact.matrix_denoising.matrix_denoising_factor`), averaged over the training set.
 
     OMP_NUM_THREADS=1 python -m paper.registration
     python -m paper.registration --small --out /tmp/reg
@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 import nnsim_hooks
-from nnsim_hooks.exact.denoising import matrix_denoising_factor
+from nnsim_hooks.exact.matrix_denoising import matrix_denoising_factor
 
 from .common import parser, seed_all, table, write_report
 

@@ -10,7 +10,7 @@ import pytest
 from audit_fixtures import brute_force_knn, clustered_features
 from nnsim_hooks.audit import Thresholds, analyse
 from nnsim_hooks.audit.checks import CHECKS
-from nnsim_hooks.audit.checks.base import FLAG, FLOAT, Check, Column, ThresholdSpec, check_registry
+from nnsim_hooks.audit.checks.check import FLAG, FLOAT, Check, Column, ThresholdSpec, check_registry
 from nnsim_hooks.cli import commands
 from nnsim_hooks.errors import InputError
 from nnsim_hooks.index import GradientIndex

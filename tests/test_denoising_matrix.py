@@ -1,4 +1,4 @@
-"""The d x d denoising factor (nnsim_hooks.exact.denoising) against a brute-force numpy oracle over
+"""The d x d denoising factor (nnsim_hooks.exact.matrix_denoising) against a brute-force numpy oracle over
 all pairs in float64, against 1/N_eff of the scalar path for d = 1, and from a stored index."""
 
 import numpy as np
@@ -8,8 +8,8 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import nnsim_hooks
-from nnsim_hooks.exact import denoising
-from nnsim_hooks.exact.denoising import index_matrix_denoising_factor, matrix_denoising_factor
+from nnsim_hooks.exact import matrix_denoising as denoising
+from nnsim_hooks.exact.matrix_denoising import index_matrix_denoising_factor, matrix_denoising_factor
 from nnsim_hooks.errors import InputError
 
 

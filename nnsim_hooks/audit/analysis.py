@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import DataError
 from . import checks
 from .checks.arrays import usable_neighbors
-from .checks.base import CLASS, FLAG, FLOAT, GROUP, CheckInputs, check_registry
+from .checks.check import CLASS, FLAG, FLOAT, GROUP, CheckInputs, check_registry
 from .output_choice import DEFAULT_K
 from .result import AuditResult
 from .thresholds import Thresholds

@@ -21,7 +21,7 @@ none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outli
 ``neighbor_1..k`` (dataset positions, -1: none) and ``similarity_1..k``.
 
 ``summary.json`` and ``per_class.csv`` likewise hold the core counts and each check's
-own keys (:meth:`nnsim_hooks.audit.checks.base.Check.summary` and ``per_class``).
+own keys (:meth:`nnsim_hooks.audit.checks.check.Check.summary` and ``per_class``).
 """
 
 from __future__ import annotations

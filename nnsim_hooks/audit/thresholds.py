@@ -1,6 +1,6 @@
 """The audit's thresholds: documented defaults, all configurable.
 
-Each check declares its own (:attr:`nnsim_hooks.audit.checks.base.Check.thresholds`);
+Each check declares its own (:attr:`nnsim_hooks.audit.checks.check.Check.thresholds`);
 :class:`Thresholds` holds one value per threshold of the registered checks. Every
 default was calibrated on scikit-learn's digits with a small CNN (see
 ``benchmarks/bench_label_issues.py`` and the histograms in each ``report.html``, which
@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import InputError
 from . import checks
-from .checks.base import ThresholdSpec
+from .checks.check import ThresholdSpec
 
 
 def threshold_specs() -> List[ThresholdSpec]:

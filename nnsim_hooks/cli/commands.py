@@ -69,11 +69,7 @@ def _add_audit(sub) -> None:
     a.add_argument("--out", default="nnsim-audit", help="output folder (default: %(default)s)")
     a.add_argument("--overwrite", action="store_true", help="replace a finished audit in --out")
     data = a.add_argument_group("your data (all optional: without --data the demo runs)")
-    data.add_argument(
-        "--data",
-        help="ImageFolder (one sub-folder per class), a folder of files, a CSV of path,label (.csv) or a MONAI "
-        "datalist JSON (.json); images, NIfTI/MHA/NRRD volumes or .npy arrays",
-    )
+    data.add_argument("--data", help=_data_help())
     data.add_argument("--classes", default=None, metavar="NAME,NAME,...",
                       help="class names in index order (comma-separated): CSV/datalist labels may then be these "
                       "names or integer indices; ImageFolder folders get these indices")
@@ -109,7 +105,7 @@ SUBCOMMANDS: List[Callable[[Any], None]] = [_add_audit, index_cli.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="nnsim", description="Input similarity from the neural network's perspective.")
     parser.add_argument("--version", action="version", version=f"nnsim_hooks {__version__}")
@@ -134,17 +130,31 @@ def _load_integrations():
     return integrations
 
 
-DATA_LAYOUTS = ("a folder (one sub-folder of images per class, or the files themselves), a .csv of path,label "
-                "or a .json MONAI datalist")
+def _layouts():
+    """The registry of dataset layouts (``nnsim_hooks.integrations.layouts``): the ``--data``
+    help, checks and messages come from it, so a new layout needs no edit here."""
+    try:
+        from ..integrations import layouts
+    except ImportError as exc:
+        raise CliError(f"--data needs nnsim_hooks.integrations, which failed to import: {exc}") from exc
+    return layouts
+
+
+def _data_help() -> str:
+    try:
+        return _layouts().data_help()
+    except CliError:  # the parser still builds; --data then says why
+        return "your dataset (needs nnsim_hooks.integrations)"
 
 
 def _check_data_path(data: str) -> None:
+    layouts = _layouts()
     path = Path(data)
     if not path.exists():
-        raise CliError(f"--data {data}: no such folder or file (expected {DATA_LAYOUTS})")
-    if path.is_file() and path.suffix.lower() not in (".csv", ".json"):
+        raise CliError(f"--data {data}: no such folder or file (expected {layouts.expected()})")
+    if layouts.layout_of(str(path)) is None:
         raise CliError(f"--data {data}: a {path.suffix or 'extensionless'} file is not a data layout "
-                       f"(expected {DATA_LAYOUTS})")
+                       f"(expected {layouts.expected()})")
 
 
 def _classes(text: Optional[str]) -> Optional[List[str]]:

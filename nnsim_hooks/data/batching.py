@@ -1,4 +1,5 @@
-"""Slicing and joining model inputs that are a tensor, a tuple of tensors or a dict."""
+"""Slicing and joining model inputs that are a tensor, a tuple of tensors or a dict, and
+splitting ``0..n-1`` into consecutive ranges (batches, blocks)."""
 
 from __future__ import annotations
 
@@ -34,5 +35,6 @@ def concat(first: Any, second: Any) -> Any:
 
 
 def chunks(n: int, size: int) -> Iterator[Tuple[int, int]]:
+    """``(start, end)`` of consecutive ranges of at most ``size`` covering ``0..n-1``."""
     for start in range(0, n, size):
         yield start, min(n, start + size)

@@ -1,5 +1,5 @@
 """Exact dataset-scale sums of the kernel, with no sketch: ``Handle.density`` and
-``Handle.consistency`` (the paper §2, §3).
+``Handle.consistency`` (the paper, §2, §3).
 
 Both are ``g_i . S`` for a few accumulators ``S = sum_j g_j w_j`` of the whole dataset, so
 each takes two passes over the data (see :mod:`nnsim_hooks.exact.gradient_sums`):

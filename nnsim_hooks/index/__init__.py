@@ -8,18 +8,19 @@
     >>> idx = nnsim_hooks.load_index("features/")          # later, elsewhere
 
 Modules: :mod:`.build` (extraction; batches come from :mod:`nnsim_hooks.data`),
-:mod:`.backend` (FAISS), :mod:`.gradient_index` (the index class, assembled from
-:mod:`.columns`, :mod:`.search` and :mod:`.queries`), :mod:`.moments` and :mod:`.exact`
-(the computations), :mod:`.arguments` (checks on what is passed in); :mod:`.folder` is the
-on-disk format (store, manifest, lock, integrity, writing and loading folders);
-:mod:`.sharded` is several processes (torchrun and ``shard=(i, n)`` builds, shard folders
-and their merge, sharded queries, process groups).
+:mod:`.backend` (FAISS), :mod:`.gradient_index` (the index class and ``load_index``,
+assembled from :mod:`.columns`, :mod:`.search` and :mod:`.queries`); :mod:`.queries` (the
+paper's dataset queries, written once against :mod:`.statistics`: rows and additive
+statistics, on one index or on shares), :mod:`.moments` and :mod:`.pairwise` (the
+computations), :mod:`.arguments` (checks on what is passed in); :mod:`.folder` is the
+on-disk format (store, manifest, lock, integrity, writing and reading folders), below the
+index class; :mod:`.sharded` is several processes (torchrun and ``shard=(i, n)`` builds,
+shard folders and their merge, sharded queries, process groups).
 """
 
 from .backend import INDEX_KINDS
 from .build import build_index
-from .gradient_index import GradientIndex
-from .folder.persist import load_index
+from .gradient_index import GradientIndex, load_index
 from .sharded.queries import ShardedQueries
 from .sharded.shards import merge_shards
 

@@ -14,10 +14,10 @@ from ..engine.outputs import CLASSIFIER_OUTPUTS
 from ..data.batch_source import Batch, BatchSource, to_device
 from .folder.data_fingerprint import data_differences, data_record
 from .gradient_index import GradientIndex
-from .folder.persist import finish
 from .folder.lock import FolderLock
 from .folder.manifest import check_fingerprint, new_manifest
 from .folder.store import ColumnSpec, Store, is_store, remove_store_files
+from .sharded import build as sharded_build
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +97,22 @@ def build_index(
         raise InputError(f"store_outputs must be True, False or 'auto', got {store_outputs!r}")
     if task not in ("auto", "classification", "regression"):
         raise InputError(f"task must be 'auto', 'classification' or 'regression', got {task!r}")
-    # Builds shared by several processes: nnsim_hooks.index.sharded.build.
-    from .sharded import build as sharded_build
-
+    options = dict(batch_size=batch_size, progress=progress, index=index, index_options=index_options, gpu=gpu,
+                   overwrite=overwrite, store_outputs=store_outputs, task=task, num_workers=num_workers,
+                   use_targets=use_targets)
+    # Builds shared by several processes: nnsim_hooks.index.sharded.build, which runs this
+    # module's one-process build on each share (handed in: sharded/ does not import us).
     planned = sharded_build.plan(path, distributed, shard, overwrite)
     if planned is not None:
-        return sharded_build.run(planned, handle, data, path, dict(
-            batch_size=batch_size, progress=progress, index=index, index_options=index_options, gpu=gpu,
-            overwrite=overwrite, store_outputs=store_outputs, task=task, num_workers=num_workers,
-            use_targets=use_targets))
+        return sharded_build.run(planned, handle, data, path, options, build_local=build_local)
+    return build_local(handle, data, path, **options)
+
+
+def build_local(handle, data, path: Optional[Union[str, Path]], *, batch_size: Optional[int], progress: bool,
+                index: str, index_options: Optional[Dict[str, Any]], gpu: Optional[bool], overwrite: bool,
+                store_outputs: Union[bool, str], task: str, num_workers: int,
+                use_targets: Optional[bool]) -> GradientIndex:
+    """:func:`build_index` in this process alone (arguments as there, already checked)."""
     if use_targets is None:
         use_targets = handle.wants_targets
     source = BatchSource(data, handle.batch_size if batch_size is None else batch_size, num_workers)
@@ -142,7 +149,7 @@ def _build(handle, source: BatchSource, path, lock, folder_existed: bool, overwr
             logger.info("the index at %s is complete (%d samples)", path, store.count)
     finally:
         store.close()
-    return finish(store, index, index_options, gpu=gpu, progress=progress)
+    return GradientIndex.from_store(store, index, index_options, gpu=gpu, progress=progress)
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -4,21 +4,29 @@ The class is assembled from three parts, one module each:
 
 - :mod:`.columns`: the per-sample columns, the pandas table, the fingerprint;
 - :mod:`.search`: the FAISS index, k-nearest-neighbour and range search;
-- :mod:`.queries`: density, counts, effective neighbours, denoising, consistency;
+- :mod:`.queries`: density, counts, effective neighbours, denoising, consistency
+  (written once for one index or its shares; this class is their one-process host);
 
-and :mod:`.persist` writes and reads index folders (``save``, ``from_features``,
-``load_index``).
+and :mod:`.folder.persist` writes and reads index folders (below this module: it hands
+back columns and manifests, and this module makes the index of them: ``save``,
+``from_features``, ``from_store``, :func:`load_index`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
 
 from .columns import IndexColumns
+from .folder import persist
+from .folder.integrity import check_index_file_size
+from .folder.store import INDEX_FILE, Store
 from .queries import DatasetQueries
 from .search import FaissSearch
+from .statistics import Rows, Statistics
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -32,12 +40,38 @@ class GradientIndex(DatasetQueries, FaissSearch, IndexColumns):
     available, ``labels``, ``predictions``, ``probabilities``, ``outputs``.
     """
 
+    # -- the queries' host (see nnsim_hooks.index.queries): every row, in this process --
+
+    @property
+    def index(self) -> "GradientIndex":
+        """The index the queries read: this one."""
+        return self
+
+    @property
+    def statistics(self) -> Statistics:
+        """Sums over every row (``S``, ``C``, ``M``, pair sums), cached with the index."""
+        if "statistics" not in self._cache:
+            self._cache["statistics"] = Statistics(self, device=lambda: self._device)
+        return self._cache["statistics"]
+
+    def map_rows(self, fn: Callable[[Rows], np.ndarray], step: str) -> np.ndarray:
+        """``fn`` of all the rows (one process holds them all; ``step`` names it for logs)."""
+        return fn(Rows(self))
+
+    def nearest(self, queries: np.ndarray, k: int, exclude) -> tuple:
+        """:meth:`search` (FAISS)."""
+        return self.search(queries, k, exclude=exclude)
+
+    @property
+    def range_search_available(self) -> bool:
+        return self.backend.supports_range_search
+
+    # -- folders -------------------------------------------------------------------------
+
     def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
         """Write the index to the folder ``path`` (atomically: a reader sees the old folder or
         the complete new one). Returns the path."""
-        from .folder.persist import save_index
-
-        return save_index(self, path, overwrite=overwrite)
+        return persist.save_index(self, path, overwrite=overwrite)
 
     @classmethod
     def from_features(cls, features, labels=None, predictions=None, probabilities=None, norms=None, outputs=None, *,
@@ -53,9 +87,46 @@ class GradientIndex(DatasetQueries, FaissSearch, IndexColumns):
         argmax), ``norms`` ([N], default 1: then the raw kernel equals the cosine) and
         ``outputs`` ([N, d]) are stored beside them. Written to the folder ``path`` if given.
         """
-        from .folder.persist import index_from_features
+        store, backend = persist.index_from_features(
+            features, labels, predictions, probabilities, norms, outputs, index=index, index_options=index_options,
+            path=path, overwrite=overwrite, normalize=normalize, progress=progress)
+        return cls._of_finished_store(store, backend, gpu)
 
-        return index_from_features(features, labels, predictions, probabilities, norms, outputs, index=index,
-                                   index_options=index_options, path=path, overwrite=overwrite, normalize=normalize,
-                                   gpu=gpu, progress=progress)
+    @classmethod
+    def from_store(cls, store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
+                   gpu: Optional[bool], progress: bool) -> "GradientIndex":
+        """The index of a fully extracted store (a build's, a merge's): its FAISS index
+        built, or reused when the store has the same one (see :func:`.folder.persist.finish`)."""
+        return cls._of_finished_store(store, persist.finish(store, index, index_options, progress=progress), gpu)
 
+    @classmethod
+    def _of_finished_store(cls, store: Store, backend, gpu: Optional[bool]) -> "GradientIndex":
+        idx = cls(store.arrays(), store.manifest, store.path, gpu=gpu, backend=backend)
+        if backend is not None:
+            idx._move_to_gpu()
+        return idx
+
+
+def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap: bool = True) -> GradientIndex:
+    """Open an index folder written by ``build_index(..., path)``, ``from_features(..., path=)``
+    or :meth:`GradientIndex.save`.
+
+    Columns are memory-mapped read-only (``mmap=False`` reads them into memory). With
+    ``handle``, its fingerprint is checked against the stored one
+    (:class:`~nnsim_hooks.errors.IndexMismatchError` says what differs). ``gpu``: put the
+    FAISS index on GPU (None: if FAISS has GPUs).
+
+    What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
+    the manifest's fields, dtypes and row shapes (:mod:`.folder.schema`); that every column
+    file holds exactly ``count`` rows; ``index.faiss`` against its record
+    (:mod:`.folder.integrity`). Non-finite feature rows are marked not valid, with a
+    warning. A folder still being written is refused, naming the writer.
+    """
+    path = Path(path)
+    columns, manifest = persist.read_index_folder(path, mmap=mmap)
+    idx = GradientIndex(columns, manifest, path, gpu=gpu)
+    if not idx.spec.exact:
+        check_index_file_size(path / INDEX_FILE, manifest.get("index_file"), idx.n_valid, idx.dim)
+    if handle is not None:
+        idx.check_handle(handle)
+    return idx

@@ -1,4 +1,4 @@
-"""Dataset-wide queries in linear time, from moments of the features (the paper §2, §3).
+"""Dataset-wide queries in linear time, from moments of the features (the paper, §2, §3).
 
 With unit feature rows f_i, k_ij = f_i . f_j, and weights w_j (1 for the cosine kernel,
 the gradient norm for the raw kernel K_ij = w_i w_j k_ij):

@@ -1,6 +1,19 @@
-"""The paper's dataset-scale queries on a :class:`~nnsim_hooks.index.GradientIndex`:
-density and neighbour counts (the paper, §2), effective neighbours, denoising and consistency
-(the paper, §3), from additive moments of the feature rows, never the N x N matrix.
+"""The paper's dataset-scale queries, written once: density and neighbour counts (the
+paper §2), effective neighbours, denoising and consistency (the paper, §3), from additive
+statistics of the feature rows (:mod:`.statistics`), never the N x N matrix.
+
+:class:`DatasetQueries` runs on whatever provides three things (its host):
+
+- ``index``: the :class:`~nnsim_hooks.index.GradientIndex` whose columns are read;
+- ``statistics``: a :class:`~nnsim_hooks.index.statistics.Statistics`, sums over every row;
+- ``map_rows(fn, step)``: ``fn(rows)`` for each :class:`~nnsim_hooks.index.statistics.Rows`
+  this process answers for, the per-row results of all rows returned in id order;
+- ``nearest(queries, k, exclude)``: the ``k`` stored rows most similar to each query, by
+  this process alone (FAISS for one index, exact torch products for shares).
+
+:class:`~nnsim_hooks.index.GradientIndex` is one host (all rows, one process);
+:class:`~nnsim_hooks.index.ShardedQueries` another (row shares, summed and gathered over
+processes). A new query is one method here, and both have it.
 
 Conventions for every per-sample result (arrays ``[N]`` in id order):
 
@@ -13,45 +26,38 @@ Conventions for every per-sample result (arrays ``[N]`` in id order):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..data.batching import chunks
 from ..errors import DataError, InputError
-from . import exact, moments
-from .arguments import check_threshold
-
-KERNELS = ("cosine", "raw")
-# Largest moment matrix kept between calls (C is D x D float64: 8 MB at D = 1024).
-_MAX_CACHED_BYTES = 256 << 20
+from . import moments, pairwise
+from .arguments import check_k, check_threshold
+from .statistics import KERNELS, Rows, Statistics, check_kernel  # noqa: F401 (KERNELS re-exported)
 
 
 class DatasetQueries:
-    """Density, counts, denoising and consistency (mixed into ``GradientIndex``)."""
+    """Density, counts, denoising and consistency on the host's rows (see the module's
+    docstring for what a host provides)."""
 
-    def _moment(self, name: str, kernel: str) -> np.ndarray:
-        """``S`` (name "sum") or ``C`` ("second") for a kernel, cached unless C is large."""
-        key = (name, kernel)
-        if key in self._cache:
-            return self._cache[key]
-        w = self._weights(kernel)
-        f = self.features
-        value = moments.weighted_sum(f, w) if name == "sum" else moments.second_moment(f, w)
-        if value.nbytes <= _MAX_CACHED_BYTES:
-            self._cache[key] = value
-        return value
+    index: Any
+    statistics: Statistics
 
-    def _weights(self, kernel: str) -> Optional[np.ndarray]:
-        if kernel not in KERNELS:
-            raise InputError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if kernel == "cosine":
-            return None
-        return np.where(np.asarray(self.valid), np.asarray(self.norms, dtype=np.float64), 0.0)
+    def map_rows(self, fn: Callable[[Rows], np.ndarray], step: str) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def _nan_where_invalid(self, values: np.ndarray) -> np.ndarray:
-        values[~np.asarray(self.valid)] = np.nan
-        return values
+    def nearest(self, queries: np.ndarray, k: int, exclude) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def range_search_available(self) -> bool:
+        """Whether ``neighbor_counts(method="auto")`` uses FAISS range search."""
+        return False
+
+    #: how the last :meth:`density` was computed: ``"exact"`` or ``"sketched, D=..."``
+    density_method: Optional[str] = None
 
     def density(self, *, include_self: bool = True, handle=None, data=None, batch_size: Optional[int] = None,
                 progress: bool = True) -> np.ndarray:
@@ -64,11 +70,17 @@ class DatasetQueries:
         :meth:`nnsim_hooks.Handle.density`). :attr:`density_method` then says which was
         used: ``"exact"`` or ``"sketched, D=..."``."""
         if handle is None and data is None:
-            out = moments.apply_rows(self.features, self._moment("sum", "cosine"))
-            if not include_self:
-                out -= moments.squared_norms(self.features)
-            self.density_method = f"sketched, D={self.dim}"
-            return self._nan_where_invalid(out)
+            s = self.statistics.weighted_sum("cosine")
+
+            def rows_density(rows: Rows) -> np.ndarray:
+                out = moments.apply_rows(rows.features, s)
+                if not include_self:
+                    out -= moments.squared_norms(rows.features)
+                return rows.nan_where_invalid(out)
+
+            out = self.map_rows(rows_density, "gathering densities")
+            self.density_method = f"sketched, D={self.index.dim}"
+            return out
         if handle is None or data is None:
             raise InputError(
                 "the exact density needs both handle= (attached to the index's model) and data= (the indexed samples, "
@@ -76,25 +88,23 @@ class DatasetQueries:
             )
         from .folder.manifest import check_fingerprint
 
-        stored = self.fingerprint
+        index = self.index
+        stored = index.fingerprint
         if stored is not None:
             current = handle.fingerprint()
             unresolved = current.get("output") == "auto"
             check_fingerprint({k: v for k, v in stored.items() if k != "sketch"},
                               {k: v for k, v in current.items() if k != "sketch"},
-                              self.path or "(in memory)", unresolved_output=unresolved)
+                              index.path or "(in memory)", unresolved_output=unresolved)
         out = np.asarray(handle.density(data, include_self=include_self, batch_size=batch_size, progress=progress),
                          dtype=np.float64)
-        if len(out) != len(self):
+        if len(out) != len(index):
             raise InputError(
-                f"data= holds {len(out)} samples but the index {len(self)}: give the samples the index was built from, "
+                f"data= holds {len(out)} samples but the index {len(index)}: give the samples the index was built from, "
                 "in the same order"
             )
         self.density_method = "exact"
         return out
-
-    #: how the last :meth:`density` was computed: ``"exact"`` or ``"sketched, D=..."``
-    density_method: Optional[str] = None
 
     def neighbor_counts(self, threshold: float, *, include_self: bool = True, method: str = "auto",
                         progress: bool = True) -> np.ndarray:
@@ -104,18 +114,26 @@ class DatasetQueries:
         ``method``: ``"range_search"`` (FAISS range search, query batches sized to bound
         memory; approximate for approximate index types), ``"exact"`` (blocked torch
         products, O(N^2 D) compute, O(block^2) memory), or ``"auto"``: range search unless
-        the index is on GPU (which has none).
+        the index is on GPU (which has none) or shared by several processes.
         """
         t = check_threshold(threshold)
         if method not in ("auto", "range_search", "exact"):
             raise InputError(f"method must be 'auto', 'range_search' or 'exact', got {method!r}")
         if method == "auto":
-            method = "range_search" if self.backend.supports_range_search else "exact"
+            method = "range_search" if self.range_search_available else "exact"
         if method == "exact":
-            counts = self._pairwise(exact.count_above(t), include_self, progress, "hard counts")
+            stats = self.statistics
+
+            def count(rows: Rows) -> np.ndarray:
+                counts = stats.pair_sums(rows, pairwise.count_above(t), include_self=include_self, progress=progress,
+                                         desc="hard counts")
+                return rows.nan_where_invalid(counts)
         else:
-            counts = self._range_counts(t, include_self, progress)
-        return self._nan_where_invalid(counts)
+            def count(rows: Rows) -> np.ndarray:
+                counts = self.index.range_counts(t, rows, include_self=include_self, progress=progress)
+                return rows.nan_where_invalid(counts)
+
+        return self.map_rows(count, "gathering neighbour counts")
 
     def soft_counts(self, power: float = 2, *, include_self: bool = True, progress: bool = True) -> np.ndarray:
         """The "less soft" counts ``sum_j max(k(x_i, x_j), 0) ** power`` (float64 [N]).
@@ -125,22 +143,39 @@ class DatasetQueries:
         """
         if not isinstance(power, (int, float)) or isinstance(power, bool) or not power > 0:
             raise InputError(f"power must be a positive number (the paper uses 2, 3, 4), got {power!r}")
-        counts = self._pairwise(exact.positive_power(float(power)), include_self, progress, f"soft counts ^{power}")
-        return self._nan_where_invalid(counts)
+        stats, reduce = self.statistics, pairwise.positive_power(float(power))
 
-    def _pairwise(self, reduce, include_self: bool, progress: bool, desc: str) -> np.ndarray:
+        def soft(rows: Rows) -> np.ndarray:
+            counts = stats.pair_sums(rows, reduce, include_self=include_self, progress=progress,
+                                     desc=f"soft counts ^{power}")
+            return rows.nan_where_invalid(counts)
+
+        return self.map_rows(soft, "gathering soft counts")
+
+    def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096,
+                  progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest stored samples of every stored sample: ``(scores [N, k], ids [N, k])``
+        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time
+        (one index: its FAISS search, approximate for approximate index types; shares:
+        exact). ``k`` above the number of other samples is clamped to it, with a warning."""
+        n = len(self.index)
+        k = check_k(k, n - 1 if exclude_self else n,
+                    "other samples in the index" if exclude_self else "samples in the index")
         from tqdm.auto import tqdm
 
-        n = len(self)
-        out = np.zeros(n, dtype=np.float64)
-        for start, end in tqdm(list(exact.blocks(n, exact.QUERY_BLOCK)), desc=desc, unit="block",
-                               disable=not progress, leave=False):
-            rows = None if include_self else np.arange(start, end)
-            out[start:end] = exact.pairwise_reduce(self.features, self.valid, np.asarray(self.features[start:end]),
-                                                   reduce, device=self._device, exclude_rows=rows)
-        return out
+        def rows_neighbors(rows: Rows) -> np.ndarray:
+            scores = np.full((len(rows), k), np.nan, dtype=np.float32)
+            ids = np.full((len(rows), k), -1, dtype=np.int64)
+            for start, end in tqdm(list(chunks(len(rows), batch_size)), desc="neighbours", unit="batch",
+                                   disable=not (progress and self.statistics.show_progress), leave=False):
+                exclude = np.asarray(rows.ids[start:end]) if exclude_self else None
+                scores[start:end], ids[start:end] = self.nearest(np.asarray(rows.features[start:end]), k, exclude)
+            return np.concatenate([scores, ids.astype(np.float64)], 1)  # both exact in float64
 
-    # -- denoising (the paper, §3) -------------------------------------------------------
+        out = self.map_rows(rows_neighbors, "gathering the neighbour lists")
+        return np.ascontiguousarray(out[:, :k], dtype=np.float32), np.ascontiguousarray(out[:, k:], dtype=np.int64)
+
+    # -- denoising (the paper, §3) ---------------------------------------------------------
 
     def effective_neighbors(self, kernel: str = "cosine", *, include_self: bool = True,
                             max_memory: Optional[int] = None) -> np.ndarray:
@@ -153,33 +188,30 @@ class DatasetQueries:
         ``f_i^T C f_i``, O(N D^2), built a chunk of columns at a time when it does not fit.
         ``max_memory`` (bytes; None: half the available memory) bounds what is held; below
         the minimum either path needs, an :class:`~nnsim_hooks.errors.InputError` names it.
+        (Shared by several processes, always the summed second moment.)
         ``kernel="raw"`` uses ``K_ij = |g_i| |g_j| k_ij`` with the stored gradient norms (the
         paper's raw kernel; for d > 1 outputs its scalar trace version). NaN where the
         denominator is 0.
         """
-        w = self._weights(kernel)
-        f = self.features
+        check_kernel(kernel)
+        stats = self.statistics
         budget = moments.memory_budget(max_memory)
-        num = moments.apply_rows(f, self._moment("sum", kernel))
-        den = self._squared_sums(f, w, kernel, budget)
-        if not include_self:
-            sq = moments.squared_norms(f)
-            wi = w if w is not None else 1.0
-            num -= wi * sq
-            den -= (wi * sq) ** 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = np.where(den > 0, num**2 / np.where(den > 0, den, 1.0), np.nan)
-        return self._nan_where_invalid(out)
+        s = stats.weighted_sum(kernel)
 
-    def _squared_sums(self, f, w, kernel: str, budget: int) -> np.ndarray:
-        """``sum_j K_ij^2`` for every row ``i`` of ``f`` (all rows of the index): the N x N
-        Gram in blocks when D > N, else the D x D second moment (whole or in column chunks)."""
-        n, dim = f.shape
-        if dim > n:
-            return moments.gram_squares(f, w, budget)
-        if ("second", kernel) in self._cache or moments.second_moment_fits(dim, budget):
-            return moments.quadratic_forms(f, self._moment("second", kernel))
-        return moments.chunked_quadratic_forms(f, w, budget)
+        def rows_n_eff(rows: Rows) -> np.ndarray:
+            f, w = rows.features, rows.weights(kernel)
+            num = moments.apply_rows(f, s)
+            den = stats.squared_sums(rows, kernel, budget)
+            if not include_self:
+                sq = moments.squared_norms(f)
+                wi = w if w is not None else 1.0
+                num -= wi * sq
+                den -= (wi * sq) ** 2
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out = np.where(den > 0, num**2 / np.where(den > 0, den, 1.0), np.nan)
+            return rows.nan_where_invalid(out)
+
+        return self.map_rows(rows_n_eff, "gathering effective neighbours")
 
     def denoising_factor(self, kernel: str = "cosine", *, include_self: bool = True,
                          max_memory: Optional[int] = None) -> np.ndarray:
@@ -199,54 +231,57 @@ class DatasetQueries:
         ``"cosine"``. NaN where ``sum_j K_ij`` is 0. With ``return_average=True`` also
         returns the kernel-weighted averages ``[N, C]``.
         """
-        p = self._consistency_values(values)
-        w = self._weights(kernel)
-        f = self.features
-        m = self._cross_moment(p, w)
-        s = self._moment("sum", kernel)
-        dist = np.empty(len(self), dtype=np.float64)
-        avg_all = np.empty((len(self), p.shape[1]), dtype=np.float64) if return_average else None
-        for start, end, fb in moments.row_blocks(f):
-            pb = np.asarray(p[start:end], dtype=np.float64)
-            num, den = fb @ m, fb @ s
-            if not include_self:
-                self_w = np.einsum("ij,ij->i", fb, fb) * (1.0 if w is None else w[start:end])
-                num -= self_w[:, None] * np.nan_to_num(pb)
-                den -= self_w
-            with np.errstate(divide="ignore", invalid="ignore"):
-                avg = num / np.where(den != 0, den, np.nan)[:, None]
-            dist[start:end] = np.linalg.norm(pb - avg, axis=1)
-            if avg_all is not None:
-                avg_all[start:end] = avg
-        dist = self._nan_where_invalid(dist)
-        if avg_all is not None:
-            avg_all[~np.asarray(self.valid)] = np.nan
-            return dist, avg_all
-        return dist
+        check_kernel(kernel)
+        p = consistency_values(self.index, values)
+        m = self.statistics.cross_moment(p, kernel)
+        s = self.statistics.weighted_sum(kernel)
 
-    def _cross_moment(self, p, w: Optional[np.ndarray]) -> np.ndarray:
-        """``M = sum_j w_j f_j p_j^T`` (a seam: sharded queries substitute the all-reduced sum)."""
-        return moments.cross_moment(self.features, p, w)
+        def rows_consistency(rows: Rows) -> np.ndarray:
+            w, pr = rows.weights(kernel), rows.slice(p)
+            dist = np.empty(len(rows), dtype=np.float64)
+            avg_all = np.empty((len(rows), p.shape[1]), dtype=np.float64) if return_average else None
+            for start, end, fb in moments.row_blocks(rows.features):
+                pb = np.asarray(pr[start:end], dtype=np.float64)
+                num, den = fb @ m, fb @ s
+                if not include_self:
+                    self_w = np.einsum("ij,ij->i", fb, fb) * (1.0 if w is None else w[start:end])
+                    num -= self_w[:, None] * np.nan_to_num(pb)
+                    den -= self_w
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    avg = num / np.where(den != 0, den, np.nan)[:, None]
+                dist[start:end] = np.linalg.norm(pb - avg, axis=1)
+                if avg_all is not None:
+                    avg_all[start:end] = avg
+            dist = rows.nan_where_invalid(dist)
+            if avg_all is None:
+                return dist
+            return np.concatenate([dist[:, None], rows.nan_where_invalid(avg_all)], 1)
 
-    def _consistency_values(self, values) -> Any:
-        if values is not None:
-            if isinstance(values, torch.Tensor):
-                values = values.detach().cpu().numpy()
-            values = np.asarray(values)
-            if values.ndim == 1:
-                values = values[:, None]
-            if values.ndim != 2 or len(values) != len(self) or not np.issubdtype(values.dtype, np.number):
-                raise InputError(f"values must be numbers [N={len(self)}, C], got {values.dtype} {list(values.shape)}")
-            return values
-        for col in (self.probabilities, self.outputs):
-            if col is not None:
-                return col
-        if self.predictions is not None:
-            return _OneHot(self.predictions)
-        raise DataError(
-            "consistency() needs the model's predictions, and this index stores none (no probabilities, outputs or "
-            "predictions); pass values=[N, C] yourself"
-        )
+        out = self.map_rows(rows_consistency, "gathering consistencies")
+        return (np.ascontiguousarray(out[:, 0]), np.ascontiguousarray(out[:, 1:])) if return_average else out
+
+
+def consistency_values(index, values=None) -> Any:
+    """What :meth:`DatasetQueries.consistency` averages: ``values`` ([N, C] numbers) if
+    given, else the index's stored probabilities, else its outputs, else one-hot predictions."""
+    if values is not None:
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        values = np.asarray(values)
+        if values.ndim == 1:
+            values = values[:, None]
+        if values.ndim != 2 or len(values) != len(index) or not np.issubdtype(values.dtype, np.number):
+            raise InputError(f"values must be numbers [N={len(index)}, C], got {values.dtype} {list(values.shape)}")
+        return values
+    for col in (index.probabilities, index.outputs):
+        if col is not None:
+            return col
+    if index.predictions is not None:
+        return _OneHot(index.predictions)
+    raise DataError(
+        "consistency() needs the model's predictions, and this index stores none (no probabilities, outputs or "
+        "predictions); pass values=[N, C] yourself"
+    )
 
 
 class _OneHot:

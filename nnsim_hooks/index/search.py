@@ -10,7 +10,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from . import exact
+from . import pairwise
 from ..atomic import store_errors, write_json_atomic
 from .backend import FaissIndex, gpu_available, make_spec
 from .arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
@@ -126,7 +126,7 @@ class FaissSearch:
         backend = self.backend
         if backend.max_k is not None and k > backend.max_k:
             # FAISS-GPU caps k; exact search in torch instead
-            return exact.topk(self.features, self.valid, q, k, device=self._device)
+            return pairwise.topk(self.features, self.valid, q, k, device=self._device)
         return backend.search(q, k)
 
     def search_inputs(self, handle, inputs, k: int, *, targets=None, exclude=None) -> Tuple[np.ndarray, np.ndarray]:
@@ -136,46 +136,33 @@ class FaissSearch:
         self.check_handle(handle)
         return self.search(features.float().cpu(), k, exclude=exclude)
 
-    def neighbors(self, k: int, *, exclude_self: bool = True, batch_size: int = 4096,
-                  progress: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest stored samples of every stored sample: ``(scores [N, k], ids [N, k])``
-        (rows of non-valid samples are ``(NaN, -1)``), searched ``batch_size`` at a time.
-        ``k`` above the number of other samples is clamped to it, with a warning."""
-        k = check_k(k, len(self) - 1 if exclude_self else len(self),
-                    "other samples in the index" if exclude_self else "samples in the index")
+    def range_counts(self, threshold: float, rows=None, *, include_self: bool = True,
+                     progress: bool = True) -> np.ndarray:
+        """``#{j : k_ij > threshold}`` by FAISS range search, for each of ``rows`` (a
+        :class:`~nnsim_hooks.index.statistics.Rows`; None: every row), float64, 0 where not
+        valid. Query batches are sized to bound the results held at once."""
         from tqdm.auto import tqdm
 
-        n = len(self)
-        scores = np.full((n, k), np.nan, dtype=np.float32)
-        ids = np.full((n, k), -1, dtype=np.int64)
-        for start, end in tqdm(list(exact.blocks(n, batch_size)), desc="neighbours", unit="batch",
-                               disable=not progress, leave=False):
-            exclude = np.asarray(self.ids[start:end]) if exclude_self else None
-            scores[start:end], ids[start:end] = self.search(np.asarray(self.features[start:end]), k, exclude=exclude)
-        return scores, ids
-
-    def _range_counts(self, t: float, include_self: bool, progress: bool) -> np.ndarray:
-        from tqdm.auto import tqdm
-
+        t = float(threshold)
         backend = self.backend
-        n = len(self)
-        counts = np.zeros(n, dtype=np.float64)
-        valid_rows = np.flatnonzero(np.asarray(self.valid))
+        lo, hi = (0, len(self)) if rows is None else (rows.start, rows.stop)
+        counts = np.zeros(hi - lo, dtype=np.float64)
+        valid_rows = lo + np.flatnonzero(np.asarray(self.valid[lo:hi]))
         bar = tqdm(total=len(valid_rows), desc="range search", unit="query", disable=not progress, leave=False)
         step, pos = 64, 0
         while pos < len(valid_rows):
-            rows = valid_rows[pos : pos + step]
-            q = np.ascontiguousarray(self.features[rows[0] : rows[-1] + 1][rows - rows[0]])
+            batch = valid_rows[pos : pos + step]
+            q = np.ascontiguousarray(self.features[batch[0] : batch[-1] + 1][batch - batch[0]])
             lims, _, hit_ids = backend.range_search(q, t)
             lims = lims.astype(np.int64)
             per_query = np.diff(lims).astype(np.float64)
             if not include_self:
-                owner = np.repeat(np.arange(len(rows)), np.diff(lims))
-                per_query -= np.bincount(owner[hit_ids == rows[owner]], minlength=len(rows))
-            counts[rows] = per_query
-            pos += len(rows)
-            bar.update(len(rows))
-            mean_hits = max(1.0, lims[-1] / len(rows))
+                owner = np.repeat(np.arange(len(batch)), np.diff(lims))
+                per_query -= np.bincount(owner[hit_ids == batch[owner]], minlength=len(batch))
+            counts[batch - lo] = per_query
+            pos += len(batch)
+            bar.update(len(batch))
+            mean_hits = max(1.0, lims[-1] / len(batch))
             step = int(np.clip(_RANGE_RESULTS_PER_CALL / mean_hits, 16, 8192))
         bar.close()
         return counts

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import List
 
 from . import denoising, label_issues, near_duplicates, rare_samples
-from .base import Check, check_registry
+from .check import Check, check_registry
 
 CHECKS: List[Check] = [
     label_issues.CHECK,

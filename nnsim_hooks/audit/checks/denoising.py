@@ -10,7 +10,7 @@ import numpy as np
 
 from ...errors import DataError
 from .arrays import nanstat
-from .base import FLOAT, Check, CheckInputs, Column
+from .check import FLOAT, Check, CheckInputs, Column
 from .label_issues import label_noise_rate
 
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .arrays import agreement, class_column, usable_neighbors
-from .base import CLASS, FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
+from .check import CLASS, FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
 
 #: How much the report's gallery shows (the table has everything).
 MAX_LABEL_ISSUES = 36

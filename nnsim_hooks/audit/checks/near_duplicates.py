@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .arrays import usable_neighbors
-from .base import FLAG, GROUP, Check, CheckInputs, Column, ThresholdSpec
+from .check import FLAG, GROUP, Check, CheckInputs, Column, ThresholdSpec
 from .rare_samples import knn_similarity
 
 #: How much the report's gallery shows (the table has everything).

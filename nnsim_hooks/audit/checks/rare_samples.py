@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .arrays import usable_neighbors
-from .base import FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
+from .check import FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
 
 #: The robust standard deviation of a normal sample is 1.4826 x its median absolute deviation.
 MAD_TO_STD = 1.4826

@@ -33,7 +33,7 @@ def package_versions() -> Dict[str, str]:
     import numpy
     import torch
 
-    from ... import __version__
+    from ...version import __version__
 
     versions = {"nnsim_hooks": __version__, "numpy": numpy.__version__, "torch": torch.__version__}
     versions["python"] = platform.python_version()

@@ -1,5 +1,9 @@
 """Index folders: writing a finished index (``save``, ``from_features``, ``finish``) and
-reading one back (``load_index``)."""
+reading one back (``read_index_folder``, for ``load_index``).
+
+This module sits below :class:`~nnsim_hooks.index.GradientIndex`: it reads and writes
+columns, manifests and FAISS files, and hands back what the class is built from (so the
+class can call it without an import cycle)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,11 +21,11 @@ from ...errors import DataError, InputError, StoreError
 from ...atomic import store_errors, write_json_atomic
 from ..backend import FaissIndex, IndexSpec, make_spec
 from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
-from ..gradient_index import GradientIndex
-from .integrity import check_index_file_size, drop_nonfinite_rows, index_file_record
+from .integrity import drop_nonfinite_rows, index_file_record
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
-from .schema import is_store_owned
+from .schema import COLUMNS, is_store_owned
+from .shard_folders import has_shards
 from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, remove_store_files, write_column
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -29,11 +33,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 BLOCK_BYTES = 64 << 20
 
 
-def save_index(self: GradientIndex, path: PathLike, *, overwrite: bool = False) -> Path:
-    """Write the index to the folder ``path`` (atomically: a reader sees the old folder or
+def save_index(index, path: PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``index`` (a :class:`~nnsim_hooks.index.GradientIndex`) to the folder ``path`` (atomically: a reader sees the old folder or
     the complete new one). Returns the path."""
     path = Path(path)
-    if self.path is not None and path.resolve() == self.path.resolve():
+    if index.path is not None and path.resolve() == index.path.resolve():
         return path  # already there: every change is written as it is made
     if path.exists() and not path.is_dir():
         raise StoreError(f"'{path}' is a file; an index needs a folder path")
@@ -55,13 +59,16 @@ def save_index(self: GradientIndex, path: PathLike, *, overwrite: bool = False) 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        for name, col in self._columns.items():
+        for name in COLUMNS:
+            col = index.column(name)
+            if col is None:
+                continue
             write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
         index_file = None
-        if not self.spec.exact:
-            self.backend.write(tmp / INDEX_FILE)
-            index_file = index_file_record(tmp / INDEX_FILE, self.backend)
-        manifest = dict(self.manifest, updated=now(), index=self.spec.to_dict(), complete=True, index_file=index_file)
+        if not index.spec.exact:
+            index.backend.write(tmp / INDEX_FILE)
+            index_file = index_file_record(tmp / INDEX_FILE, index.backend)
+        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file)
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
@@ -73,9 +80,9 @@ def save_index(self: GradientIndex, path: PathLike, *, overwrite: bool = False) 
 def index_from_features(features, labels=None, predictions=None, probabilities=None, norms=None, outputs=None, *,
                   index: str = "flat", index_options: Optional[Dict[str, Any]] = None,
                   path: Optional[PathLike] = None, overwrite: bool = False, normalize: bool = False,
-                  gpu: Optional[bool] = None, progress: bool = False) -> GradientIndex:
-    """An index of given feature rows, without a model (benchmarks, tests, features
-    computed elsewhere).
+                  progress: bool = False) -> Tuple[Store, Optional[FaissIndex]]:
+    """The store of given feature rows, without a model (benchmarks, tests, features
+    computed elsewhere), finished (see :func:`finish`); the FAISS index built if not flat.
 
     ``features``: float32 ``[N, D]`` unit rows (``normalize=True`` normalizes them);
     NaN or all-zero rows mark samples without a gradient direction. ``labels``,
@@ -108,7 +115,7 @@ def index_from_features(features, labels=None, predictions=None, probabilities=N
     with FolderLock(folder, "from_features") if folder is not None else contextlib.nullcontext():
         store = Store.create(folder, manifest, overwrite=overwrite)
         _write_rows(store, feats, columns, norms, normalize, folder, existed)
-        return finish(store, index, index_options, gpu=gpu, progress=progress)
+        return store, finish(store, index, index_options, progress=progress)
 
 
 def _write_rows(store: Store, feats: np.ndarray, columns: Dict[str, np.ndarray], norms, normalize: bool,
@@ -183,9 +190,11 @@ def _swap_in(tmp: Path, path: Path) -> None:
             os.replace(tmp, path)
 
 
-def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *, gpu: Optional[bool],
-           progress: bool) -> GradientIndex:
-    """Build (or reuse) the FAISS index of a fully extracted store and mark it complete."""
+def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
+           progress: bool) -> Optional[FaissIndex]:
+    """Build (or reuse) the FAISS index of a fully extracted store and mark it complete:
+    the index built now (None when reused, or flat: built on first search). The store's
+    manifest then records the index's spec."""
     arrays = store.arrays()
     manifest = store.manifest
     n_valid = int(np.count_nonzero(arrays["valid"]))
@@ -199,51 +208,36 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
         and (spec.exact or (file is not None and file.is_file()))
         and not index_options
     )
-    backend = None
-    if not reuse:
-        index_file = None
-        if not spec.exact:  # built now, to be saved; a flat index is built on first search
-            backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
-            if file is not None:
-                backend.write(file)
-                index_file = index_file_record(file, backend)
-        elif file is not None:
-            with store_errors("deleting", file):
-                file.unlink(missing_ok=True)
-        store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
-    else:
-        spec = IndexSpec.from_dict(stored)
-    idx = GradientIndex(arrays, store.manifest, store.path, gpu=gpu, backend=backend)
-    idx.spec = spec
-    if backend is not None:
-        idx._move_to_gpu()
-    return idx
+    if reuse:
+        return None
+    backend, index_file = None, None
+    if not spec.exact:  # built now, to be saved; a flat index is built on first search
+        backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
+        if file is not None:
+            backend.write(file)
+            index_file = index_file_record(file, backend)
+    elif file is not None:
+        with store_errors("deleting", file):
+            file.unlink(missing_ok=True)
+    store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
+    return backend
 
 
-def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap: bool = True) -> GradientIndex:
-    """Open an index folder written by ``build_index(..., path)``, ``from_features(..., path=)``
-    or :meth:`GradientIndex.save`.
-
-    Columns are memory-mapped read-only (``mmap=False`` reads them into memory). With
-    ``handle``, its fingerprint is checked against the stored one
-    (:class:`~nnsim_hooks.errors.IndexMismatchError` says what differs). ``gpu``: put the
-    FAISS index on GPU (None: if FAISS has GPUs).
+def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """The checked columns and manifest of a finished index folder (what
+    :func:`~nnsim_hooks.index.load_index` opens).
 
     What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
     the manifest's fields, dtypes and row shapes (:mod:`.schema`); that every column file
     holds exactly ``count`` rows; ``index.faiss`` against its record (:mod:`.integrity`).
     Non-finite feature rows are marked not valid, with a warning. A folder still being
-    written is refused, naming the writer.
+    written is refused, naming the writer; so is a folder of shards not merged yet.
     """
-    path = Path(path)
-    if not is_store(path):
-        from ..sharded.shards import has_shards  # a folder of shards
-
-        if has_shards(path):
-            raise StoreError(
-                f"'{path}' holds the shards of a build shared by several processes, not merged yet: finish every "
-                f"shard, then merge them (nnsim index merge {path}, or nnsim_hooks.index.merge_shards(path))"
-            )
+    if not is_store(path) and has_shards(path):
+        raise StoreError(
+            f"'{path}' holds the shards of a build shared by several processes, not merged yet: finish every "
+            f"shard, then merge them (nnsim index merge {path}, or nnsim_hooks.index.merge_shards(path))"
+        )
     manifest = read_manifest(path)
     if not manifest.get("complete"):
         writer = describe_holder(path) if path.is_dir() else None
@@ -260,9 +254,4 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     if not mmap:
         columns = {k: np.array(v) for k, v in columns.items()}
     columns = drop_nonfinite_rows(columns, path, manifest)
-    idx = GradientIndex(columns, manifest, path, gpu=gpu)
-    if not idx.spec.exact:
-        check_index_file_size(path / INDEX_FILE, manifest.get("index_file"), idx.n_valid, idx.dim)
-    if handle is not None:
-        idx.check_handle(handle)
-    return idx
+    return columns, manifest

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -52,6 +52,7 @@ from .shards import (
     write_merged,
 )
 from ..folder.store import Store, is_store, remove_store_files
+from ..gradient_index import GradientIndex, load_index
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,10 @@ def shard_data(data: Any, start: int, stop: int):
     )
 
 
-def run(planned: Tuple, handle, data, path, options: Dict[str, Any]):
-    """Build as ``planned`` (see :func:`plan`); ``options`` are build_index's keyword arguments."""
+def run(planned: Tuple, handle, data, path, options: Dict[str, Any], *, build_local: Callable[..., Any]):
+    """Build as ``planned`` (see :func:`plan`); ``options`` are build_index's keyword
+    arguments; ``build_local(handle, data, folder, **options)`` builds one share's store in
+    this process (:func:`nnsim_hooks.index.build.build_local`)."""
     from ...data.batch_source import BatchSource
 
     if options["use_targets"] is None:
@@ -132,10 +135,10 @@ def run(planned: Tuple, handle, data, path, options: Dict[str, Any]):
             logger.info("'%s' is merged already; shard %d of %d has nothing left to do", path, i, n)
             return None
         check_layout(Path(path), n, total)
-        _build_share(handle, data, Path(path), i, n, total, source.describe(), options)
+        _build_share(build_local, handle, data, Path(path), i, n, total, source.describe(), options)
         return None
     ctx = planned[1]
-    return _run_distributed(ctx, handle, data, path, batch_size, options)
+    return _run_distributed(ctx, build_local, handle, data, path, batch_size, options)
 
 
 def _total(source) -> int:
@@ -159,9 +162,8 @@ def _summary(handle, total: int, options: Dict[str, Any]) -> Dict[str, Any]:
             "index_options": repr(options["index_options"])}
 
 
-def _run_distributed(ctx, handle, data, path, batch_size: int, options: Dict[str, Any]):
+def _run_distributed(ctx, build_local, handle, data, path, batch_size: int, options: Dict[str, Any]):
     from ...data.batch_source import BatchSource
-    from ..folder.persist import load_index
 
     def prelude():
         if path is None:
@@ -185,7 +187,7 @@ def _run_distributed(ctx, handle, data, path, batch_size: int, options: Dict[str
             progress = options["progress"] and ctx.main
             dist_.everywhere(
                 ctx, "extracting the features",
-                lambda: _build_share(handle, data, path, ctx.rank, ctx.world, total, source.describe(),
+                lambda: _build_share(build_local, handle, data, path, ctx.rank, ctx.world, total, source.describe(),
                                      dict(options, progress=progress)))
         dist_.on_main(ctx, "merging the shards", lambda: _merge_locked(path, state, options))
     finally:
@@ -232,19 +234,16 @@ def _prepare_folder(path: Path, total: int, world: int, options: Dict[str, Any],
 
 
 def _merge_locked(path: Path, state: str, options: Dict[str, Any]):
-    from ..folder.persist import finish
-
     manifest = read_manifest(path) if state == "merged" else write_merged(path)
-    finish(Store(path, manifest), options["index"], options["index_options"], gpu=options["gpu"],
-           progress=options["progress"])
+    GradientIndex.from_store(Store(path, manifest), options["index"], options["index_options"], gpu=options["gpu"],
+                             progress=options["progress"])
     if has_shards(path):
         remove_shards(path)
 
 
-def _build_share(handle, data, path: Path, i: int, n: int, total: int, describe: str, options: Dict[str, Any]) -> None:
+def _build_share(build_local, handle, data, path: Path, i: int, n: int, total: int, describe: str,
+                 options: Dict[str, Any]) -> None:
     """Extract share ``i`` of ``n`` into its shard folder (resuming what is there)."""
-    from ..build import build_index
-
     info = shard_info(i, n, total, describe)
     folder = shard_folder(path, i, n)
     if is_store(folder):
@@ -269,5 +268,5 @@ def _build_share(handle, data, path: Path, i: int, n: int, total: int, describe:
                 Store.create(folder, manifest)
         if info["start"] == info["stop"]:
             return
-    build_index(handle, shard_data(data, info["start"], info["stop"]), folder, distributed=False,
+    build_local(handle, shard_data(data, info["start"], info["stop"]), folder,
                 **dict(options, index="flat", index_options=None, gpu=False, overwrite=False))

@@ -23,7 +23,6 @@ interrupted before that commit is simply redone.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -33,21 +32,13 @@ import numpy as np
 from ...errors import IndexMismatchError, InputError, StoreError
 from ...atomic import store_errors, write_all, write_atomic, write_json_atomic
 from ..folder.manifest import MANIFEST, fingerprint_differences, now, read_manifest
+from ..folder.shard_folders import SHARDS_DIR, has_shards, list_shards, shard_folder, shard_name  # noqa: F401 (re-exported)
 from ..folder.store import Store, is_store, open_columns, remove_store_files
+from ..gradient_index import GradientIndex
 
 logger = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"
-_NAME = re.compile(r"^rank-(\d{5})-of-(\d{5})$")
 _CHUNK_BYTES = 64 << 20
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"rank-{i:05d}-of-{n:05d}"
-
-
-def shard_folder(path: Path, i: int, n: int) -> Path:
-    return Path(path) / SHARDS_DIR / shard_name(i, n)
 
 
 def shard_range(total: int, i: int, n: int) -> Tuple[int, int]:
@@ -73,23 +64,6 @@ def check_shard_arg(shard: Any) -> Tuple[int, int]:
 def shard_info(i: int, n: int, total: int, data: str) -> Dict[str, Any]:
     start, stop = shard_range(total, i, n)
     return {"index": i, "count": n, "start": start, "stop": stop, "total": total, "data": data}
-
-
-def list_shards(path: Path) -> List[Tuple[Path, int, int]]:
-    """``(folder, i, n)`` for every ``shards/rank-*-of-*`` folder of ``path``, sorted."""
-    root = Path(path) / SHARDS_DIR
-    if not root.is_dir():
-        return []
-    out = []
-    for entry in sorted(root.iterdir()):
-        m = _NAME.match(entry.name)
-        if m and entry.is_dir():
-            out.append((entry, int(m.group(1)), int(m.group(2))))
-    return out
-
-
-def has_shards(path: Path) -> bool:
-    return bool(list_shards(path))
 
 
 def check_layout(path: Path, n: int, total: int) -> None:
@@ -277,7 +251,6 @@ def merge_shards(path, *, index: str = "flat", index_options: Optional[Dict[str,
     ``index``, ``index_options``, ``gpu``: the FAISS index, as in ``build_index``.
     """
     from ..folder.lock import FolderLock
-    from ..folder.persist import finish
 
     path = Path(path)
     if not path.is_dir():
@@ -294,7 +267,7 @@ def merge_shards(path, *, index: str = "flat", index_options: Optional[Dict[str,
                 logger.info("'%s' is merged already; deleting the leftover shards", path)
         else:
             manifest = write_merged(path)
-        idx = finish(Store(path, manifest), index, index_options, gpu=gpu, progress=progress)
+        idx = GradientIndex.from_store(Store(path, manifest), index, index_options, gpu=gpu, progress=progress)
         if not keep_shards:
             remove_shards(path)
     return idx

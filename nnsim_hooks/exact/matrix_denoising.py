@@ -125,7 +125,7 @@ def index_matrix_denoising_factor(index, *, d: Optional[int] = None, kernel: str
         raise InputError(
             f"kernel={kernel!r} cannot be computed from an index: its rows are the whitened Jacobians "
             "K(x,x)^(-1/2) J(x) and the d x d K(x,x) is not stored, so the raw kernel J_i J_j^T cannot be rebuilt. "
-            "Use kernel='cosine' here, or nnsim_hooks.exact.denoising.matrix_denoising_factor(handle, inputs, kernel='raw') "
+            "Use kernel='cosine' here, or nnsim_hooks.exact.matrix_denoising.matrix_denoising_factor(handle, inputs, kernel='raw') "
             "on exact Jacobians"
         )
     width = index.dim

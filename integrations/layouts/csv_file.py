@@ -1,4 +1,4 @@
-"""A CSV of ``path,label`` rows: header optional, paths relative to the CSV's folder."""
+"""The CSV layout: ``path,label`` rows, header optional, paths relative to the CSV's folder."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import List, Optional, Sequence
 
 from nnsim_hooks.errors import DataError
 
-from .files import is_data_file
-from .labels import parse_labels
-from .listing import Listing
+from ..files import is_data_file
+from ..labels import parse_labels
+from ..listing import Layout, Listing, check_exist
 
 PATH_COLUMNS = ("path", "image", "file", "filename", "filepath", "img")
 LABEL_COLUMNS = ("label", "target", "class", "y", "category")
@@ -68,3 +68,20 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None) -> Listing:
         places.append(f"line {line}")
     labels, names = parse_labels(raw, places, f"CSV '{path}'", classes)
     return Listing(paths, labels, names, layout="csv")
+
+
+def list_csv(path: str, classes: Optional[Sequence[str]] = None) -> Listing:
+    """:func:`read_csv`, its files checked to exist."""
+    listing = read_csv(path, classes)
+    check_exist(listing.paths, f"CSV '{path}'")
+    return listing
+
+
+LAYOUT = Layout(
+    name="csv",
+    recognises=lambda path: path.lower().endswith(".csv"),
+    what="a .csv of path,label",
+    help="a CSV of path,label (.csv)",
+    list_samples=list_csv,
+    suffixes=(".csv",),
+)

@@ -1,4 +1,4 @@
-"""Exact, blocked torch computations over all stored rows.
+"""Exact, blocked torch products of query rows with all stored rows (top-k, pair sums).
 
 They answer what FAISS-GPU cannot (range search, k > 2048) and the all-pairs queries
 (hard counts, ``sum_j max(k, 0)^n``). Memory stays bounded by the block sizes whatever N
@@ -12,18 +12,15 @@ drops a query's own row.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..data.batching import chunks
+
 DB_BLOCK = 16384
 QUERY_BLOCK = 4096
-
-
-def blocks(n: int, size: int) -> Iterator[Tuple[int, int]]:
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -35,7 +32,7 @@ def _scores(queries: torch.Tensor, features: np.ndarray, valid: np.ndarray, star
             exclude_rows: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     """``queries @ features[start:end].T`` with invalid and excluded rows set to NaN."""
     s = queries @ _tensor(features[start:end], device).T
-    bad = ~torch.from_numpy(np.asarray(valid[start:end], dtype=bool)).to(device)
+    bad = ~torch.from_numpy(np.array(valid[start:end], dtype=bool)).to(device)  # a copy: memmaps are read-only
     if bool(bad.any()):
         s[:, bad] = float("nan")
     if exclude_rows is not None:
@@ -55,7 +52,7 @@ def topk(features: np.ndarray, valid: np.ndarray, queries: np.ndarray, k: int, *
     ex = torch.from_numpy(np.asarray(exclude_rows, dtype=np.int64)).to(device) if exclude_rows is not None else None
     best_s = torch.full((len(q), 0), float("-inf"), device=device)
     best_i = torch.full((len(q), 0), -1, dtype=torch.int64, device=device)
-    for start, end in blocks(len(features), DB_BLOCK):
+    for start, end in chunks(len(features), DB_BLOCK):
         s = _scores(q, features, valid, start, end, ex, device).nan_to_num_(nan=float("-inf"))
         ids = torch.arange(start, end, device=device).expand(len(q), -1)
         cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, ids], 1)
@@ -81,7 +78,7 @@ def pairwise_reduce(features: np.ndarray, valid: np.ndarray, queries: np.ndarray
     q = _tensor(queries, device)
     ex = torch.from_numpy(np.asarray(exclude_rows, dtype=np.int64)).to(device) if exclude_rows is not None else None
     total = torch.zeros(len(q), dtype=torch.float64, device=device)
-    for start, end in blocks(len(features), DB_BLOCK):
+    for start, end in chunks(len(features), DB_BLOCK):
         s = _scores(q, features, valid, start, end, ex, device)
         total += reduce(s).nan_to_num_(nan=0.0).sum(1)
     return total.cpu().numpy()

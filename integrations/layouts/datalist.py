@@ -1,4 +1,4 @@
-"""A MONAI datalist JSON: ``{"training": [{"image": path, "label": ...}, ...]}``, paths
+"""The MONAI datalist layout, a JSON: ``{"training": [{"image": path, "label": ...}, ...]}``, paths
 relative to the JSON's folder. A ``label`` that is a file is a segmentation mask."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any, Optional, Sequence
 
 from nnsim_hooks.errors import DataError
 
-from .files import is_data_file
-from .labels import parse_labels
-from .listing import Listing
+from ..files import is_data_file
+from ..labels import parse_labels
+from ..listing import Layout, Listing, check_exist
 
 SECTIONS = ("training", "validation", "test", "testing")
 
@@ -90,3 +90,23 @@ def read_datalist(
         places.append(f"item {i}")
     labels, names = parse_labels(raw, places, f"datalist '{path}'", classes)
     return Listing(paths, labels, names, layout="datalist", masks=masks)
+
+
+def list_datalist(path: str, classes: Optional[Sequence[str]] = None, *, section: Optional[str] = None,
+                  image_key: str = "image", label_key: str = "label", mask_key: str = "mask") -> Listing:
+    """:func:`read_datalist`, its image and mask files checked to exist."""
+    listing = read_datalist(path, section, image_key, label_key, mask_key, classes)
+    check_exist(listing.paths, f"datalist '{path}'")
+    check_exist([m for m in listing.masks if m], f"datalist '{path}' (labels)")
+    return listing
+
+
+LAYOUT = Layout(
+    name="datalist",
+    recognises=lambda path: path.lower().endswith(".json"),
+    what="a .json MONAI datalist",
+    help="a MONAI datalist JSON (.json)",
+    list_samples=list_datalist,
+    options=("section", "image_key", "label_key", "mask_key"),
+    suffixes=(".json",),
+)

@@ -1,4 +1,4 @@
-"""Folders: ``root/<class>/<file>`` (ImageFolder) or ``root/<file>`` (unlabelled)."""
+"""The folder layout: ``root/<class>/<file>`` (ImageFolder) or ``root/<file>`` (unlabelled)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import List, Optional, Sequence
 
 from nnsim_hooks.errors import DataError
 
-from .files import IMAGE_EXTENSIONS, SHOW, VOLUME_EXTENSIONS, is_data_file
-from .listing import Listing
+from ..files import IMAGE_EXTENSIONS, SHOW, VOLUME_EXTENSIONS, is_data_file
+from ..listing import Layout, Listing
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +70,12 @@ def read_folder(root: str, classes: Optional[Sequence[str]] = None) -> Listing:
         f"folder '{root}' holds neither class folders nor image/volume files; expected root/<class>/<image> "
         "(ImageFolder), a CSV of path,label or a MONAI datalist JSON"
     )
+
+
+LAYOUT = Layout(
+    name="folder",
+    recognises=os.path.isdir,
+    what="a folder (one sub-folder of images per class, or the files themselves)",
+    help="ImageFolder (one sub-folder per class), a folder of files",
+    list_samples=read_folder,
+)
