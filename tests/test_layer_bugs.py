@@ -42,11 +42,13 @@ def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2) -> N
     with nnsim_hooks.attach(model, output=weighted_outputs(w)) as h:
         assert_grads_close(h.per_sample_gradients(inputs), ref, rtol=1e-9, atol=1e-10)
         assert h.coverage.fast, "the case must exercise a fast rule"
-    with nnsim_hooks.attach(model, output=one, sketch_dim=32) as h:
+    # exact_limit=0: every parameter is sketched in the first stage, through the
+    # rule's own factored sketch where it has one.
+    with nnsim_hooks.attach(model, output=one, sketch_dim=32, exact_limit=0) as h:
         flat = flatten_grads(ref1)
         torch.testing.assert_close(h.similarity(inputs), brute_cosine(flat, flat), rtol=1e-9, atol=1e-10)
         features = h.features(inputs)
-    with nnsim_hooks.attach(fallback_twin(model, layer_name), output=one, sketch_dim=32) as h:
+    with nnsim_hooks.attach(fallback_twin(model, layer_name), output=one, sketch_dim=32, exact_limit=0) as h:
         assert layer_name in h.coverage.fallback
         twin = h.features(inputs)
     torch.testing.assert_close(features, twin, rtol=1e-9, atol=1e-10)
@@ -106,3 +108,21 @@ def test_layernorm_without_bias_over_all_dims(shape):
     layer = nn.LayerNorm(shape, bias=False)
     nn.init.normal_(layer.weight)
     check_every_path(Head(layer), torch.randn(4, *shape), "layer")
+
+
+# -- 2. ConvTranspose with output_padding >= stride (legal when dilation > stride) ----------
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.ConvTranspose1d(2, 3, 3, stride=1, dilation=3, output_padding=2), torch.randn(3, 2, 5)),
+        (nn.ConvTranspose2d(2, 3, 3, stride=2, dilation=3, output_padding=2, padding=1), torch.randn(3, 2, 4, 5)),
+        (nn.ConvTranspose2d(4, 2, (2, 3), stride=(1, 2), dilation=(2, 3), output_padding=(1, 2), groups=2),
+         torch.randn(3, 4, 3, 4)),
+        (nn.ConvTranspose3d(2, 2, 2, stride=1, dilation=2, output_padding=1, bias=False), torch.randn(3, 2, 3, 2, 3)),
+    ],
+    ids=["1d-stride-1", "2d-padded", "2d-groups-per-dim", "3d-no-bias"],
+)
+def test_conv_transpose_output_padding_past_stride(layer, x):
+    check_every_path(Head(layer), x, "layer")
