@@ -28,9 +28,10 @@ def fallback_twin(model: nn.Module, layer_name: str) -> nn.Module:
     return twin
 
 
-def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2) -> None:
+def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2, fast: bool = True) -> None:
     """Per-sample gradients (d outputs), exact similarity and features (one output)
-    against the loop, the brute-force cosine and the torch.func twin."""
+    against the loop, the brute-force cosine and the torch.func twin (``fast=False``: the
+    layer has no fast rule; its features are only checked to be unit rows)."""
     model = model.double().eval()
     inputs = as_double(inputs)
     with torch.no_grad():
@@ -41,13 +42,16 @@ def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2) -> N
     ref1 = {n: g[:, 0] for n, g in ref.items()}
     with nnsim_hooks.attach(model, output=weighted_outputs(w)) as h:
         assert_grads_close(h.per_sample_gradients(inputs), ref, rtol=1e-9, atol=1e-10)
-        assert h.coverage.fast, "the case must exercise a fast rule"
+        assert not fast or layer_name in h.coverage.fast, "the case must exercise a fast rule"
     # exact_limit=0: every parameter is sketched in the first stage, through the
     # rule's own factored sketch where it has one.
     with nnsim_hooks.attach(model, output=one, sketch_dim=32, exact_limit=0) as h:
         flat = flatten_grads(ref1)
         torch.testing.assert_close(h.similarity(inputs), brute_cosine(flat, flat), rtol=1e-9, atol=1e-10)
         features = h.features(inputs)
+    if not fast:
+        torch.testing.assert_close(features.norm(dim=1), torch.ones(len(features), dtype=features.dtype))
+        return
     with nnsim_hooks.attach(fallback_twin(model, layer_name), output=one, sketch_dim=32, exact_limit=0) as h:
         assert layer_name in h.coverage.fallback
         twin = h.features(inputs)
@@ -126,3 +130,59 @@ def test_layernorm_without_bias_over_all_dims(shape):
 )
 def test_conv_transpose_output_padding_past_stride(layer, x):
     check_every_path(Head(layer), x, "layer")
+
+
+# -- 5. recurrent layers when the batch size is layers * directions -------------------------
+
+
+class Recurrent(nn.Module):
+    """A batch-first model around a recurrent layer: its outputs and its last hidden state
+    (``[layers * directions, B, H]``), optionally started from a state computed from the input."""
+
+    def __init__(self, layer: nn.Module, initial_state: bool = False):
+        super().__init__()
+        self.layer = layer
+        self.batch_first = layer.batch_first
+        states = layer.num_layers * (2 if layer.bidirectional else 1)
+        self.start = nn.Linear(layer.input_size, states * layer.hidden_size) if initial_state else None
+
+    def forward(self, x):
+        hx = None
+        if self.start is not None:
+            h0 = self.start(x.mean(1)).reshape(x.shape[0], -1, self.layer.hidden_size).transpose(0, 1).contiguous()
+            hx = (h0, torch.tanh(h0)) if isinstance(self.layer, (nn.LSTM, DPLSTM)) else h0
+        out, h = self.layer(x if self.batch_first else x.transpose(0, 1), hx)
+        h = h[0] if isinstance(h, tuple) else h
+        seq = out.sum(1 if self.batch_first else 0)
+        return torch.cat([seq, h.transpose(0, 1).flatten(1)], dim=1)
+
+
+from opacus.layers import DPGRU, DPLSTM, DPRNN  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "make, states",
+    [
+        (lambda bf: nn.RNN(3, 4, num_layers=2, batch_first=bf), 2),
+        (lambda bf: nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=bf), 4),
+        (lambda bf: nn.LSTM(3, 4, num_layers=1, bidirectional=True, batch_first=bf), 2),
+        (lambda bf: DPLSTM(3, 4, num_layers=2, bidirectional=True, batch_first=bf), 4),
+        (lambda bf: DPGRU(3, 4, num_layers=3, batch_first=bf), 3),
+        (lambda bf: DPRNN(3, 4, num_layers=2, batch_first=bf), 2),
+    ],
+    ids=["rnn", "gru-bidirectional", "lstm-bidirectional", "dp-lstm", "dp-gru", "dp-rnn"],
+)
+def test_recurrent_at_every_batch_size(make, states):
+    """Batch-first layers: their h_n ``[layers * directions, B, H]`` has the batch's size
+    first when B == layers * directions, and was taken as batch-first."""
+    for batch in (1, states, states + 1):
+        layer = make(True)
+        check_every_path(Recurrent(layer), torch.randn(batch, 5, 3), "layer", fast=False)
+
+
+def test_recurrent_with_initial_state_from_the_input():
+    """h0 ``[layers * directions, B, H]`` is an input too: at B == layers * directions it
+    also passes for batch-first."""
+    model = Recurrent(nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), initial_state=True)
+    for batch in (3, 4):
+        check_every_path(model, torch.randn(batch, 5, 3), "layer", fast=False)
