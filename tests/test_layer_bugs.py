@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from opacus.layers import DPGRU, DPLSTM, DPRNN
+
 import nnsim_hooks
 from nnsim_hooks.errors import InputError
 from core_oracles import assert_grads_close, brute_cosine, flatten_grads
@@ -28,10 +30,11 @@ def fallback_twin(model: nn.Module, layer_name: str) -> nn.Module:
     return twin
 
 
-def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2, fast: bool = True) -> None:
+def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2, fast: bool = True, twin=None) -> None:
     """Per-sample gradients (d outputs), exact similarity and features (one output)
-    against the loop, the brute-force cosine and the torch.func twin (``fast=False``: the
-    layer has no fast rule; its features are only checked to be unit rows)."""
+    against the loop, the brute-force cosine and the features of ``twin`` (None: the
+    torch.func twin), a model with the same parameters on which the layer has no fast
+    rule (``fast=False``: it has none anyway; its features are only checked to be unit rows)."""
     model = model.double().eval()
     inputs = as_double(inputs)
     with torch.no_grad():
@@ -47,15 +50,16 @@ def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2, fast
     # rule's own factored sketch where it has one.
     with nnsim_hooks.attach(model, output=one, sketch_dim=32, exact_limit=0) as h:
         flat = flatten_grads(ref1)
-        torch.testing.assert_close(h.similarity(inputs), brute_cosine(flat, flat), rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(h.similarity(inputs), brute_cosine(flat, flat), rtol=1e-9, atol=1e-10, equal_nan=True)
         features = h.features(inputs)
     if not fast:
         torch.testing.assert_close(features.norm(dim=1), torch.ones(len(features), dtype=features.dtype))
         return
-    with nnsim_hooks.attach(fallback_twin(model, layer_name), output=one, sketch_dim=32, exact_limit=0) as h:
-        assert layer_name in h.coverage.fallback
-        twin = h.features(inputs)
-    torch.testing.assert_close(features, twin, rtol=1e-9, atol=1e-10)
+    twin = fallback_twin(model, layer_name) if twin is None else twin.double().eval()
+    with nnsim_hooks.attach(twin, output=one, sketch_dim=32, exact_limit=0) as h:
+        twin_features = h.features(inputs)
+        assert layer_name not in h.coverage.fast
+    torch.testing.assert_close(features, twin_features, rtol=1e-9, atol=1e-10, equal_nan=True)
 
 
 def as_double(inputs):
@@ -157,9 +161,6 @@ class Recurrent(nn.Module):
         return torch.cat([seq, h.transpose(0, 1).flatten(1)], dim=1)
 
 
-from opacus.layers import DPGRU, DPLSTM, DPRNN  # noqa: E402
-
-
 @pytest.mark.parametrize(
     "make, states",
     [
@@ -186,3 +187,88 @@ def test_recurrent_with_initial_state_from_the_input():
     model = Recurrent(nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True), initial_state=True)
     for batch in (3, 4):
         check_every_path(model, torch.randn(batch, 5, 3), "layer", fast=False)
+
+
+# -- 4. EmbeddingBag with flat ids and offsets ----------------------------------------------
+
+
+class FlatBags(nn.Module):
+    """Padded ids ``[B, T]`` and bag lengths ``[B]`` in; the bag layer gets the flat ids
+    ``[N]`` and the offsets ``[B]`` (``[B + 1]`` with ``include_last_offset``)."""
+
+    def __init__(self, bag: nn.EmbeddingBag):
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, ids, lengths, weights=None):
+        inside = torch.arange(ids.shape[1]) < lengths[:, None]
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        offsets = offsets if self.bag.include_last_offset else offsets[:-1]
+        return torch.tanh(self.bag(ids[inside], offsets, None if weights is None else weights[inside]))
+
+
+class OneBagAtATime(FlatBags):
+    """The same maths, the bag layer called once per sample (outputs ``[1, E]``, not the
+    batch): the model's generic rule computes it, without the EmbeddingBag rule."""
+
+    def forward(self, ids, lengths, weights=None):
+        rows = [super(OneBagAtATime, self).forward(ids[i : i + 1], lengths[i : i + 1],
+                                                   None if weights is None else weights[i : i + 1])
+                for i in range(ids.shape[0])]
+        return torch.cat(rows)
+
+
+class FixedBags(nn.Module):
+    """Bags of one length: offsets from ``torch.arange``, not derived from the inputs."""
+
+    def __init__(self, bag: nn.EmbeddingBag):
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, ids):
+        b, t = ids.shape
+        return torch.tanh(self.bag(ids.reshape(-1), torch.arange(0, b * t, t)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(mode="sum"), dict(mode="mean", include_last_offset=True), dict(mode="max", padding_idx=2),
+     dict(mode="sum", scale_grad_by_freq=True), dict(mode="sum", per_sample_weights=True)],
+    ids=["sum", "mean-last-offset", "max-padding-idx", "sum-by-frequency", "per-sample-weights"],
+)
+def test_embedding_bag_with_flat_ids_and_offsets(options):
+    options = dict(options)
+    weighted = options.pop("per_sample_weights", False)
+    bag = nn.EmbeddingBag(7, 3, **options)
+    ids = torch.tensor([[2, 1, 2, 5, 0], [3, 3, 3, 6, 2], [4, 0, 0, 0, 0], [6, 5, 2, 1, 1]])
+    lengths = torch.tensor([3, 5, 0, 4])  # one empty bag
+    inputs = (ids, lengths) + ((torch.randn(4, 5),) if weighted else ())
+    check_every_path(FlatBags(bag), inputs, "bag", twin=OneBagAtATime(bag))
+
+
+def test_embedding_bag_with_offsets_not_from_the_inputs():
+    bag = nn.EmbeddingBag(7, 3, mode="mean")
+    ids = torch.randint(0, 7, (4, 3))
+    check_every_path(FixedBags(bag), ids, "bag")
+
+
+def test_embedding_bag_as_the_whole_model_with_flat_ids_is_refused():
+    """Called as Opacus's tests call it, ``model(ids [N], offsets [B])``, the inputs have no
+    common batch dimension: refused, naming the shapes (wrap the layer as FlatBags does)."""
+    bag = nn.EmbeddingBag(7, 3).double()
+    with nnsim_hooks.attach(bag, output="sum") as h:
+        with pytest.raises(InputError, match=r"share the batch size 9.*\[9\].*\[4\]"):
+            h.per_sample_gradients((torch.randint(0, 7, (9,)), torch.tensor([0, 2, 5, 7])))
+
+
+def test_embedding_bag_similarity_across_batches_of_other_bag_widths():
+    """Batches pad their bags to their own longest: the kept factors of two batches do
+    not line up, and their Gram block comes from materialised gradients."""
+    model = FlatBags(nn.EmbeddingBag(7, 3, mode="mean")).double()
+    ids = torch.randint(0, 7, (6, 5))
+    lengths = torch.tensor([3, 5, 1, 4, 2, 2])  # widths 5, 4 and 2 in batches of two
+    w = torch.randn(1, 3, dtype=torch.float64)
+    flat = flatten_grads({n: g[:, 0] for n, g in loop_per_sample_grads(model, (ids, lengths), weighted_outputs(w)).items()})
+    with nnsim_hooks.attach(model, output=weighted_outputs(w), batch_size=2) as h:
+        sim = h.similarity((ids, lengths), progress=False)
+    torch.testing.assert_close(sim, brute_cosine(flat, flat), rtol=1e-9, atol=1e-10)

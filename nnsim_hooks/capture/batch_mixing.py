@@ -48,7 +48,7 @@ def summary(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Per-sample sum and norm ``[rows, 2]`` (float64), or None."""
     if t is None or t.dim() == 0 or t.is_complex():
         return None
-    flat = t.detach().reshape(t.shape[0], -1)
+    flat = t.detach().reshape(t.shape[0], -1) if t.numel() else t.detach().new_zeros(t.shape[0], 0)  # [0]: an empty bag
     if not flat.is_floating_point():
         flat = flat.double()
     return torch.stack(
