@@ -61,9 +61,10 @@ def describe(inputs: Any) -> str:
 def check_inputs(model: nn.Module, inputs: Any) -> int:
     """Validate device and dtype of every tensor in ``inputs``; return the batch size.
 
-    A batch of no samples is refused: the number of differentiated values per sample
-    comes from the output function, which cannot be evaluated on nothing, and the
-    features and the exact sums refuse empty data the same way."""
+    A batch of no samples is refused, on every path (per-sample gradients, similarity,
+    features, the training term), as the features and the exact sums refuse empty data:
+    the number of values per sample is the output function's, and the built-in ones
+    cannot tell it from an empty batch."""
     device, dtype = model_device_dtype(model)
     batch = batch_size_of(inputs)
     if batch == 0:

@@ -91,13 +91,12 @@ class Trace:
     first output (shapes kept to compare layouts), and, with ``leaves``, the shape and
     summary of every output tensor."""
 
-    def __init__(self, outputs: bool = False):
+    def __init__(self, outputs: bool = False, leaves: bool = False):
         # [module, input shape, input summary, output shape, output summary, output leaves]
         self.calls: List[list] = []
         self._open: List[list] = []
         self.outputs = outputs  # summarise the first output (only to name the module that mixes samples)
-        #: summarise every output tensor, to compare the outputs' layouts
-        self.leaves = False
+        self.leaves = leaves  # summarise every output tensor, to compare the outputs' layouts
 
     def enter(self, module: nn.Module, args) -> None:
         t = first_tensor(args)
@@ -119,8 +118,7 @@ class Trace:
 
 
 def _trace(model: nn.Module, inputs: Any, outputs: bool = False):
-    trace = Trace(outputs)
-    trace.leaves = True
+    trace = Trace(outputs, leaves=True)
     handles = []
     try:
         for module in model.modules():

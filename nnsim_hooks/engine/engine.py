@@ -166,9 +166,7 @@ class Engine:
         capture.active = True
         self._stack.clear()
         self._stack.recorder = recorder
-        self._stack.trace = Trace() if check_layout else None
-        if check_layout:
-            self._stack.trace.leaves = True
+        self._stack.trace = Trace(leaves=True) if check_layout else None
         self._stack.active = True
         try:
             # Our hooks go on the model for this pass only (capture first: its forward
