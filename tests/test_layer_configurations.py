@@ -214,6 +214,8 @@ def _rms_norm(rng, i) -> Case:
 def _group_norm(rng, i) -> Case:
     groups, per = rng.randint(1, 3), rng.randint(1, 3)
     size = _spatial(rng, rng.randint(0, 2), 1, 4)
+    if per * math.prod(size) == 1:  # PyTorch refuses groups of one value
+        per = 2
     b = _batch(rng, i)
     desc = dict(N=b, groups=groups, C=groups * per, size=size)
     return desc, Head(_randomize(nn.GroupNorm(groups, groups * per), rng)), torch.randn(b, groups * per, *size)
@@ -321,8 +323,11 @@ def check(kind: str, seed: int, i: int, d: int = 2) -> None:
         except Exception as exc:  # name the configuration
             raise AssertionError(f"{where}: {type(exc).__name__}: {exc}") from exc
     try:
-        if all(not bool(r.any()) for r in ref.values()):  # every id on padding_idx, ...
-            assert list(got) == list(ref) and all(got[n].shape == r.shape and not got[n].any() for n, r in ref.items())
+        if all(float(r.abs().max()) < 1e-12 for r in ref.values()):
+            # No gradient (every id on padding_idx; LayerNorm over one value, whose
+            # normalised input is 0 up to rounding): a relative check cannot fail.
+            assert list(got) == list(ref)
+            assert all(got[n].shape == r.shape and float(got[n].abs().max()) < 1e-12 for n, r in ref.items())
         else:
             assert_grads_close(got, ref, rtol=1e-8, atol=1e-10)
     except AssertionError as exc:
