@@ -28,7 +28,9 @@ def batch_size(inputs: Any) -> int:
     return (inputs if torch.is_tensor(inputs) else inputs[0]).shape[0]
 
 
-def loop_per_sample_grads(model: nn.Module, inputs: Any, value_fn: Callable[[Any], torch.Tensor]) -> Dict[str, torch.Tensor]:
+def loop_per_sample_grads(
+    model: nn.Module, inputs: Any, value_fn: Callable[[Any], torch.Tensor]
+) -> Dict[str, torch.Tensor]:
     """``{name: [B, d, *shape]}`` for the trainable parameters, in ``named_parameters()``
     order; ``value_fn(outputs)`` gives ``[1, d]`` for a batch of one sample."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

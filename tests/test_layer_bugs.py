@@ -6,6 +6,8 @@ sketched features) against a per-sample autograd loop.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -22,8 +24,6 @@ def fallback_twin(model: nn.Module, layer_name: str) -> nn.Module:
     """A copy of ``model`` whose module ``layer_name`` is a subclass of its type: no fast
     rule matches it (the table is keyed by exact type), so torch.func computes it. Same
     parameter names and shapes, hence the same sketch."""
-    import copy
-
     twin = copy.deepcopy(model)
     layer = twin.get_submodule(layer_name)
     layer.__class__ = type("Twin" + type(layer).__name__, (type(layer),), {})
@@ -50,7 +50,8 @@ def check_every_path(model: nn.Module, inputs, layer_name: str, d: int = 2, fast
     # rule's own factored sketch where it has one.
     with nnsim_hooks.attach(model, output=one, sketch_dim=32, exact_limit=0) as h:
         flat = flatten_grads(ref1)
-        torch.testing.assert_close(h.similarity(inputs), brute_cosine(flat, flat), rtol=1e-9, atol=1e-10, equal_nan=True)
+        torch.testing.assert_close(h.similarity(inputs), brute_cosine(flat, flat), rtol=1e-9, atol=1e-10,
+                                   equal_nan=True)
         features = h.features(inputs)
     if not fast:
         torch.testing.assert_close(features.norm(dim=1), torch.ones(len(features), dtype=features.dtype))
@@ -102,7 +103,8 @@ def test_empty_batch_is_refused_on_every_path(layer, x, output):
             with pytest.raises(InputError, match=r"no samples.*\[0, .*skip empty batches"):
                 run(x)
     # An empty side of a pair of batches is no pass of its own: an empty block.
-    full = torch.randn(2, *x.shape[1:], dtype=x.dtype) if x.is_floating_point() else torch.randint(0, 10, (2, *x.shape[1:]))
+    shape = (2, *x.shape[1:])
+    full = torch.randn(shape, dtype=x.dtype) if x.is_floating_point() else torch.randint(0, 10, shape)
     with nnsim_hooks.attach(model, output="sum") as h:
         assert h.similarity(x, full).shape == (0, 2)
         assert h.similarity(full, x).shape == (2, 0)
@@ -268,7 +270,8 @@ def test_embedding_bag_similarity_across_batches_of_other_bag_widths():
     ids = torch.randint(0, 7, (6, 5))
     lengths = torch.tensor([3, 5, 1, 4, 2, 2])  # widths 5, 4 and 2 in batches of two
     w = torch.randn(1, 3, dtype=torch.float64)
-    flat = flatten_grads({n: g[:, 0] for n, g in loop_per_sample_grads(model, (ids, lengths), weighted_outputs(w)).items()})
+    ref = loop_per_sample_grads(model, (ids, lengths), weighted_outputs(w))
+    flat = flatten_grads({n: g[:, 0] for n, g in ref.items()})
     with nnsim_hooks.attach(model, output=weighted_outputs(w), batch_size=2) as h:
         sim = h.similarity((ids, lengths), progress=False)
     torch.testing.assert_close(sim, brute_cosine(flat, flat), rtol=1e-9, atol=1e-10)

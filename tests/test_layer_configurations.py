@@ -117,7 +117,8 @@ def _conv(rng: random.Random, i: int, n: int) -> Case:
         padding = rng.choice([0, 1, 2, "same", "valid"])
         dilation = rng.randint(1, 3)
         groups = rng.choice([g for g in range(1, 17) if c % g == 0 and out % g == 0])
-        mode = rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"]) if padding not in (0, "valid") else "zeros"
+        modes = ["zeros", "zeros", "reflect", "replicate", "circular"] if padding not in (0, "valid") else ["zeros"]
+        mode = rng.choice(modes)
         size = _spatial(rng, n, {1: 6, 2: 5, 3: 4}[n], {1: 14, 2: 9, 3: 6}[n])
         if padding == "same" and stride != 1:
             continue
@@ -169,7 +170,8 @@ def _bilinear(rng, i) -> Case:
     d1, d2, d_out = rng.randint(1, 4), rng.randint(1, 4), rng.randint(1, 3)
     b = _batch(rng, i)
     desc = dict(N=b, tokens=tokens, in1=d1, in2=d2, out=d_out, bias=rng.random() < 0.7)
-    return desc, Head(nn.Bilinear(d1, d2, d_out, bias=desc["bias"])), (torch.randn(b, *tokens, d1), torch.randn(b, *tokens, d2))
+    inputs = (torch.randn(b, *tokens, d1), torch.randn(b, *tokens, d2))
+    return desc, Head(nn.Bilinear(d1, d2, d_out, bias=desc["bias"])), inputs
 
 
 def _embedding(rng, i) -> Case:

@@ -89,7 +89,8 @@ class GramTerm:
         """``[B*d, B'*d]`` float64 inner products of this batch's gradients with ``other``'s."""
         if self.grads is not None:
             return (self.grads @ other.grads.T).double()
-        if self.activation.shape[1:] != other.activation.shape[1:] or self.backprops.shape[2:] != other.backprops.shape[2:]:
+        if (self.activation.shape[1:] != other.activation.shape[1:]
+                or self.backprops.shape[2:] != other.backprops.shape[2:]):
             # Factors that do not line up (bags or sequences padded per batch to another
             # length): the inner products of the two batches' materialised gradients.
             mine = self.rule.grad_sample(self.module, self.activation, self.backprops)
