@@ -59,9 +59,19 @@ def describe(inputs: Any) -> str:
 
 
 def check_inputs(model: nn.Module, inputs: Any) -> int:
-    """Validate device and dtype of every tensor in ``inputs``; return the batch size."""
+    """Validate device and dtype of every tensor in ``inputs``; return the batch size.
+
+    A batch of no samples is refused, on every path (per-sample gradients, similarity,
+    features, the training term), as the features and the exact sums refuse empty data:
+    the number of values per sample is the output function's, and the built-in ones
+    cannot tell it from an empty batch."""
     device, dtype = model_device_dtype(model)
     batch = batch_size_of(inputs)
+    if batch == 0:
+        raise InputError(
+            f"inputs hold no samples ({describe(inputs)}): per-sample gradients need a batch of at least one "
+            "sample [B >= 1, ...]; skip empty batches before calling"
+        )
     tensors = [inputs] if torch.is_tensor(inputs) else list(inputs.values() if isinstance(inputs, dict) else inputs)
     for t in tensors:
         if not torch.is_tensor(t):

@@ -4,9 +4,11 @@ Shapes cannot tell a sequence-first tensor ``[T, B, C]`` from a batch-first one 
 T == B, nor see a module without parameters that mixes samples (``x - x.mean(0)``).
 Running the model on the two halves of the batch separately can: each module's input
 and output, and the model's output, must be the halves' ones joined along the first
-dimension. A module whose input is not is treated like one run on a shared table (its
-user takes its parameters); an output that is not means the model couples samples, and
-per-sample gradients are not defined.
+dimension. A module whose input is not, or one of whose outputs only has the batch's
+size first (a recurrent layer's ``h_n`` ``[layers * directions, B, H]`` when
+layers * directions == B), is treated like one run on a shared table (its user takes
+its parameters), as it is at every other batch size; a model output that is not means
+the model couples samples, and per-sample gradients are not defined.
 
 The whole batch's trace is the captured pass's own (recorded by the module stack), so
 the check costs two forwards (with gradients on, as the captured pass; nothing is
@@ -46,7 +48,7 @@ def summary(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Per-sample sum and norm ``[rows, 2]`` (float64), or None."""
     if t is None or t.dim() == 0 or t.is_complex():
         return None
-    flat = t.detach().reshape(t.shape[0], -1)
+    flat = t.detach().reshape(t.shape[0], -1) if t.numel() else t.detach().new_zeros(t.shape[0], 0)  # [0]: an empty bag
     if not flat.is_floating_point():
         flat = flat.double()
     return torch.stack(
@@ -85,29 +87,38 @@ def tolerances(model: nn.Module) -> Tuple[float, float]:
 
 
 class Trace:
-    """Per module call, in call order: the module, and summaries of its first input and
-    of its first output (shapes kept to compare layouts)."""
+    """Per module call, in call order: the module, summaries of its first input and of its
+    first output (shapes kept to compare layouts), and, with ``leaves``, the shape and
+    summary of every output tensor."""
 
-    def __init__(self, outputs: bool = False):
-        self.calls: List[list] = []  # [module, input shape, input summary, output shape, output summary]
+    def __init__(self, outputs: bool = False, leaves: bool = False):
+        # [module, input shape, input summary, output shape, output summary, output leaves]
+        self.calls: List[list] = []
         self._open: List[list] = []
-        self.outputs = outputs  # summarise outputs too (only to name the module that mixes samples)
+        self.outputs = outputs  # summarise the first output (only to name the module that mixes samples)
+        self.leaves = leaves  # summarise every output tensor, to compare the outputs' layouts
 
     def enter(self, module: nn.Module, args) -> None:
         t = first_tensor(args)
-        entry = [module, None if t is None else tuple(t.shape), summary(t), None, None]
+        entry = [module, None if t is None else tuple(t.shape), summary(t), None, None, []]
         self.calls.append(entry)
         self._open.append(entry)
 
     def leave(self, module: nn.Module, output) -> None:
-        if self.outputs and self._open and self._open[-1][0] is module:
-            entry = self._open.pop()
+        if not (self._open and self._open[-1][0] is module):
+            return
+        entry = self._open.pop()
+        if self.outputs:
             t = first_tensor(output)
             entry[3], entry[4] = (None if t is None else tuple(t.shape)), summary(t)
+        if self.leaves:
+            # Every output, not only the first: a recurrent layer's h_n [layers * directions,
+            # B, H] passes for batch-first when layers * directions == B.
+            entry[5] = [(tuple(t.shape), summary(t)) for t in tree_flatten(output)[0] if torch.is_tensor(t)]
 
 
 def _trace(model: nn.Module, inputs: Any, outputs: bool = False):
-    trace = Trace(outputs)
+    trace = Trace(outputs, leaves=True)
     handles = []
     try:
         for module in model.modules():
@@ -128,9 +139,18 @@ def _batch_first(shape, batch: int) -> bool:
     return shape is not None and len(shape) > 0 and shape[0] == batch
 
 
+def _halves_batch_first(first, second, half: int, rest: int) -> bool:
+    """Do the halves' versions of an output have their own batch sizes first?"""
+    return (
+        torch.is_tensor(first) and torch.is_tensor(second)
+        and _batch_first(tuple(first.shape), half) and _batch_first(tuple(second.shape), rest)
+    )
+
+
 def not_batch_first(model: nn.Module, inputs: Any, batch: int, whole: Trace, outputs: Any) -> Set[int]:
-    """Ids of the modules some call of which gets an input that is not the halves' inputs
-    joined. Raises :class:`BatchCouplingError` naming the module that mixes samples."""
+    """Ids of the modules some call of which gets an input, or gives an output with the
+    batch size first, that is not the halves' ones joined. Raises
+    :class:`BatchCouplingError` naming the module that mixes samples."""
     half = batch // 2
     rtol, atol = tolerances(model)
     first, out_first = _trace(model, batching.take(inputs, slice(0, half)))
@@ -140,6 +160,7 @@ def not_batch_first(model: nn.Module, inputs: Any, batch: int, whole: Trace, out
         if (
             torch.is_tensor(a)
             and _batch_first(tuple(a.shape), batch)
+            and _halves_batch_first(b, c, half, batch - half)  # else only its size is the batch's (h_n [L, B, H])
             and not _joined(summary(a), summary(b), summary(c), rtol, atol)
         ):
             # Failure path: trace again, outputs included, to name the module.
@@ -150,17 +171,33 @@ def not_batch_first(model: nn.Module, inputs: Any, batch: int, whole: Trace, out
         logger.debug("layout check skipped: the halves took another path through the model")
         return set()
     bad: Set[int] = set()
-    for (module, shape, a, _, _), (_, _, b, _, _), (_, _, c, _, _) in zip(whole.calls, first.calls, second.calls):
+    for (module, shape, a, *_, outs), (_, _, b, *_, outs_b), (_, _, c, *_, outs_c) in zip(
+        whole.calls, first.calls, second.calls
+    ):
         if _batch_first(shape, batch) and not _joined(a, b, c, rtol, atol):
             bad.add(id(module))
+        elif not _outputs_joined(outs, outs_b, outs_c, batch, rtol, atol):
+            bad.add(id(module))
     return bad
+
+
+def _outputs_joined(whole, first, second, batch: int, rtol: float, atol: float) -> bool:
+    """Are a call's outputs that have the batch size first the halves' ones joined? One
+    whose size only happens to be the batch's (h_n ``[layers * directions, B, H]`` when
+    layers * directions == B) is not: in the halves it keeps that size."""
+    if not (len(whole) == len(first) == len(second)):
+        return True  # another set of outputs in the halves: nothing to compare
+    return all(
+        not _batch_first(shape, batch) or (shape[1:] == shape_b[1:] == shape_c[1:] and _joined(a, b, c, rtol, atol))
+        for (shape, a), (shape_b, b), (shape_c, c) in zip(whole, first, second)
+    )
 
 
 def _mixing_message(model, whole, first, second, batch, same_path) -> str:
     culprit = None
     rtol, atol = tolerances(model)
     if same_path:
-        for (module, shape, a, oshape, out), (_, _, b, _, ob), (_, _, c, _, oc) in zip(
+        for (module, shape, a, oshape, out, _), (_, _, b, _, ob, _), (_, _, c, _, oc, _) in zip(
             whole.calls, first.calls, second.calls
         ):
             if (

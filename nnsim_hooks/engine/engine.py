@@ -166,7 +166,7 @@ class Engine:
         capture.active = True
         self._stack.clear()
         self._stack.recorder = recorder
-        self._stack.trace = Trace() if check_layout else None
+        self._stack.trace = Trace(leaves=True) if check_layout else None
         self._stack.active = True
         try:
             # Our hooks go on the model for this pass only (capture first: its forward
@@ -213,7 +213,12 @@ class Engine:
                         "check layers= and requires_grad"
                     )
                 if not capture.calls:
-                    raise ModelError("none of the selected modules ran during the model's forward pass")
+                    raise ModelError(
+                        "none of the selected modules ran on the batch during the model's forward pass. A module "
+                        "some of whose outputs do not have the batch first (a recurrent layer's h_n [layers, B, H]) "
+                        "is computed by the module that calls it: if it is the whole model, wrap it in a module "
+                        "that returns only batch-first outputs"
+                    )
                 grad_inputs = capture.grad_inputs()
                 seen = {id(t) for t in grad_inputs}
                 # Reach the ops that use generic-rule parameters directly, too.

@@ -89,6 +89,14 @@ class GramTerm:
         """``[B*d, B'*d]`` float64 inner products of this batch's gradients with ``other``'s."""
         if self.grads is not None:
             return (self.grads @ other.grads.T).double()
+        if (self.activation.shape[1:] != other.activation.shape[1:]
+                or self.backprops.shape[2:] != other.backprops.shape[2:]):
+            # Factors that do not line up (bags or sequences padded per batch to another
+            # length): the inner products of the two batches' materialised gradients.
+            mine = self.rule.grad_sample(self.module, self.activation, self.backprops)
+            theirs = other.rule.grad_sample(other.module, other.activation, other.backprops)
+            flat = lambda g: g.reshape(g.shape[0] * g.shape[1], -1)  # noqa: E731
+            return sum((flat(mine[n]) @ flat(theirs[n]).T).double() for n in mine)
         # The rule's own Gram of the two batches together, off-diagonal block: exactly
         # the numbers a pass over both batches would give.
         a = torch.cat([self.activation, other.activation])

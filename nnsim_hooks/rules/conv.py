@@ -140,6 +140,25 @@ class ConvRule(_ConvBase):
         return out
 
 
+def input_positions(cols: torch.Tensor, module: nn.Module, out_size, in_size) -> torch.Tensor:
+    """``cols`` ``[N, C, L]``, the positions of a convolution (stride, dilation, padding of
+    ``module``) of a transposed convolution's output gradient ``[N, *, *out_size]``, cut
+    to the ``in_size`` positions of its input.
+
+    They are the same positions unless ``output_padding >= stride`` (legal when
+    ``dilation > stride``): the output then ends with rows no input position reaches,
+    which give ``output_padding // stride`` positions more along that dimension.
+    """
+    grid = [
+        (size + 2 * p - dil * (k - 1) - 1) // st + 1
+        for size, p, dil, k, st in zip(out_size, module.padding, module.dilation, module.kernel_size, module.stride)
+    ]
+    if list(grid) == list(in_size):
+        return cols
+    cut = cols.reshape(*cols.shape[:2], *grid)[(..., *(slice(0, n) for n in in_size))]
+    return cut.reshape(*cols.shape[:2], -1)
+
+
 @register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class ConvTransposeRule(_ConvBase):
     """``conv_transpose(a, W)`` is the adjoint of ``conv(., W)``, so
@@ -148,10 +167,11 @@ class ConvTransposeRule(_ConvBase):
 
     name = "conv_transpose"
 
-    def _delta_patches(self, module, backprops: torch.Tensor) -> torch.Tensor:
+    def _delta_patches(self, module, backprops: torch.Tensor, positions) -> torch.Tensor:
         d, b = backprops.shape[:2]
         flat = backprops.reshape(d * b, *backprops.shape[2:])
         patches = unfold_nd(flat, module.kernel_size, module.stride, module.dilation, tuple(module.padding))
+        patches = input_positions(patches, module, flat.shape[2:], positions)
         return patches.reshape(d, b, module.groups, -1, patches.shape[-1])  # [d, B, G, c_g, L]
 
     def _check_padding(self, module):
@@ -163,7 +183,7 @@ class ConvTransposeRule(_ConvBase):
         out: Grads = {}
         d, b = backprops.shape[:2]
         if module.weight.requires_grad:
-            patches = self._delta_patches(module, backprops)
+            patches = self._delta_patches(module, backprops, activation.shape[2:])
             a = activation.to(backprops.dtype).reshape(b, module.groups, -1, patches.shape[-1])
             g = torch.einsum("bgrl,jbgcl->bjgrc", a, patches)
             out["weight"] = g.reshape(b, d, *module.weight.shape)
@@ -186,7 +206,8 @@ class ConvTransposeRule(_ConvBase):
             else:
                 filters = s.col_matrix.reshape(-1, *module.weight.shape[1:])
                 conv = _CONV_FN[_ndim(module)]
-                cols = conv(flat, filters, None, module.stride, module.padding, module.dilation)
+                cols = conv(flat, filters, None, module.stride, module.padding, module.dilation).flatten(2)
+            cols = input_positions(cols, module, flat.shape[2:], activation.shape[2:])
             cols = cols.reshape(d, b, cols.shape[1], -1)  # [d, B, R*k_c, L]
             out["weight"] = s.combine_factors(s.rows_of(a, 1).unsqueeze(0), cols)
         if module.bias is not None and module.bias.requires_grad:

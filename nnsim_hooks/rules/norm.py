@@ -106,11 +106,14 @@ class LayerNormRule(LayerRule):
         normalized = F.layer_norm(x, module.normalized_shape, eps=module.eps)
         n = len(module.normalized_shape)
         dims = tuple(range(2, backprops.dim() - n))
+        # No dims to sum when the normalised shape covers every non-batch dimension, and
+        # torch reads .sum(()) as "sum everything".
+        over_tokens = (lambda t: t.sum(dims)) if dims else (lambda t: t)
         out: Grads = {}
         if module.weight is not None and module.weight.requires_grad:
-            out["weight"] = (backprops * normalized.unsqueeze(0)).sum(dims).transpose(0, 1)
+            out["weight"] = over_tokens(backprops * normalized.unsqueeze(0)).transpose(0, 1)
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = backprops.sum(dims).transpose(0, 1)
+            out["bias"] = over_tokens(backprops).transpose(0, 1)
         return out
 
 
