@@ -26,9 +26,7 @@ import torch.nn as nn
 from ..capture.hooks import LayerCall
 from ..capture.targets import CoverageReport, Target
 from ..exact.gram_blocks import GramTerm
-from ..exact import gradient_sums
-from ..rules.base import Grads
-from ..rules.linear import LinearRule
+from ..rules.base import Grads, dots_of_grads, sums_of_grads
 from .captured_pass import MANY_OUTPUTS, Pass, PassRunner  # noqa: F401 - Pass and MANY_OUTPUTS: part of this module's API
 from .generic import GenericRule
 from .outputs import OutputSpec
@@ -170,11 +168,10 @@ class Engine:
 
         def fast(target, call, activation, backprops) -> List[GramTerm]:
             key, rule = key_of(target), target.rule
-            parts = None if torch.is_tensor(activation) else getattr(rule, "linear_parts", None)
-            parts = parts and parts(call.module, activation, backprops)
-            if parts:  # a rule of the whole call that splits into Linear layers: their factors
-                return [GramTerm(f"{key}/{suffix}", target.name, rule=_LINEAR, module=view, activation=x,
-                                 backprops=delta) for suffix, view, x, delta in parts]
+            parts = rule.parts(call.module, activation, backprops)
+            if parts:  # a rule of the whole call split into simpler layers: their factors
+                return [GramTerm(f"{key}/{part.suffix}", target.name, rule=part.rule, module=part.module,
+                                 activation=part.activation, backprops=part.backprops) for part in parts]
             if not torch.is_tensor(activation):
                 # A rule of the whole call (attention): its own Gram within this pass; kept
                 # across batches as per-sample gradients (its operands do not concatenate).
@@ -236,9 +233,8 @@ class Engine:
         keyed by the model's parameter names (see :mod:`nnsim_hooks.exact.gradient_sums`)."""
         parts = self._each_unit(
             p,
-            fast=lambda target, call, activation, backprops: gradient_sums.rule_sums(
-                target.rule, call.module, activation, backprops, weights),
-            materialised=lambda target, grads: gradient_sums.sums_of_grads(grads, weights),
+            fast=lambda target, call, activation, backprops: target.rule.sums(call.module, activation, backprops, weights),
+            materialised=lambda target, grads: sums_of_grads(grads, weights),
         )
         return sum_by_parameter(self.passes.plan, parts, check=False)
 
@@ -252,12 +248,12 @@ class Engine:
             return {n: sums[g] for n, g in target.param_names.items() if g in sums and n not in skip}
 
         def fast(target, call, activation, backprops) -> Optional[torch.Tensor]:
-            return gradient_sums.rule_dots(target.rule, call.module, activation, backprops,
-                                           local_sums(target, call.skip))
+            local = local_sums(target, call.skip)
+            return target.rule.dots(call.module, activation, backprops, local) if local else None
 
         total = torch.zeros(p.batch, p.d, k, dtype=torch.float64, device=p.values.device)
         for _, _, part in self._each_unit(
-            p, fast, materialised=lambda target, grads: gradient_sums.dots_of_grads(grads, local_sums(target))
+            p, fast, materialised=lambda target, grads: dots_of_grads(grads, local_sums(target))
         ):
             if part is not None:
                 total += part.double()
@@ -292,6 +288,3 @@ def _pick(sketches: Dict, grads: Grads) -> Dict:
     """``sketches`` for the parameters of ``grads``, in the order of ``grads``."""
     return {k: sketches[k] for k in grads}
 
-
-#: the rule of the Linear layers a whole-call rule splits into (see MultiheadAttentionRule.linear_parts)
-_LINEAR = LinearRule()
