@@ -10,7 +10,7 @@ hooks cannot cope with on stock torchvision ResNets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -92,12 +92,11 @@ def copies_to_hook(leaves: list, spec, positions: List[int]):
     return leaves, tree_unflatten(leaves, spec)
 
 
-class CapturePolicy:
-    """What the capture asks its owner about each hooked call, decided once at construction
-    (:class:`Capture` takes one). The defaults hook every call whose outputs have the batch
-    first, with the module's own parameters and the generic rule; the engine's policy
-    (:class:`~nnsim_hooks.engine.policy.EnginePolicy`) answers from its plan and from the
-    parameter-use recorder of the pass under way."""
+class CapturePolicy(Protocol):
+    """What the capture asks its owner about each hooked call, fixed at construction
+    (:class:`Capture` takes one). The engine's is
+    :class:`~nnsim_hooks.engine.policy.EnginePolicy`, which answers from its plan and from
+    the parameter-use recorder of the pass under way."""
 
     def check(self, name: str, module: nn.Module) -> None:
         """Raise if ``module`` cannot be captured in its current state (every forward)."""
@@ -105,26 +104,23 @@ class CapturePolicy:
     def rule_of(self, module: nn.Module) -> Optional[object]:
         """The module's fast rule, asked first whether a call ran on the batch (see
         ``LayerRule.batched``); None: the generic rule."""
-        return None
 
     def on_batch(self, args: Tuple, kwargs: Dict, module: nn.Module) -> bool:
         """For a call whose outputs have the batch first: whether its inputs are the batch."""
-        return True
 
     def derives_from_batch(self, args: Tuple, kwargs: Dict, module: nn.Module) -> bool:
         """For a call its rule placed on the batch: whether its inputs derive from it."""
-        return True
 
     def on_unbatched(self, module: nn.Module) -> None:
         """Told of a call that did not run on the batch (it is not recorded)."""
 
     def covered(self, module: nn.Module) -> Set[str]:
-        """Local names of the module's parameters a running ancestor already accounts for."""
-        return set()
+        """Local names of the module's parameters a running ancestor already accounts for
+        (left out of this call's results)."""
 
     def params_of(self, module: nn.Module) -> List[torch.Tensor]:
-        """The parameters a hooked module is differentiated for."""
-        return list(module.parameters(recurse=False))
+        """The parameters a hooked module is differentiated for (where backward stops
+        when the call's inputs need no gradient)."""
 
 
 class Capture:
