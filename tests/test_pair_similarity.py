@@ -62,7 +62,7 @@ def assert_matches_oracle(model, a, b, output="auto", targets=None, handle_kwarg
     ref_k = (reference or oracle_pairs)(model, a, b, output, targets)
     ref = _param_grads(ref_k, params, w)
     with nnsim_hooks.attach(model, output=output, **(handle_kwargs or {})) as h:
-        for _ in range(2):  # the first call per batch size also checks the sums; the second uses ghost products
+        for _ in range(2):  # a second call on the same handle must give the same numbers
             k = h.pair_similarity(a, b, targets_a=targets, targets_b=targets)
             got = _param_grads(k, params, w)
             torch.testing.assert_close(k, ref_k, rtol=0, atol=1e-8)
@@ -136,7 +136,7 @@ def test_torch_func_path_matches_oracle_with_layer_norm():
 
 
 class TiedHead(nn.Module):
-    """A Linear whose weight is also used outside its call: the sums check must catch it."""
+    """A Linear whose weight is also used outside its call: the parameter-use recorder must catch it."""
 
     def __init__(self):
         super().__init__()
@@ -153,6 +153,27 @@ def test_parameter_used_outside_its_module_is_counted():
     model = TiedHead().to(DT).train()
     a, b = _data(4)
     assert_matches_oracle(model, a, b, "contrast")
+
+
+class NoVmapScale(Scale):
+    """A truth value taken from a tensor (vmap cannot): the generic rule's per-sample loop."""
+
+    def forward(self, x):
+        out = x * self.w
+        if bool((x.abs() > 1e6).any()):  # never, for these inputs
+            out = out * 0
+        return out
+
+
+def test_torch_func_loop_keeps_the_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), NoVmapScale(6), nn.Tanh(), nn.Linear(6, 3)).to(DT).train()
+    a, b = _data(5)
+    assert_matches_oracle(model, a, b, "contrast")
+    assert_matches_oracle(model, a, b, "full")
+    with nnsim_hooks.attach(model) as h:
+        h.pair_similarity(a, b)
+        assert h.engine.fallback_methods == {"2": "loop"}
 
 
 def _vit():

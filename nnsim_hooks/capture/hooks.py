@@ -10,7 +10,7 @@ hooks cannot cope with on stock torchvision ResNets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -92,16 +92,48 @@ def copies_to_hook(leaves: list, spec, positions: List[int]):
     return leaves, tree_unflatten(leaves, spec)
 
 
+class CapturePolicy(Protocol):
+    """What the capture asks its owner about each hooked call, fixed at construction
+    (:class:`Capture` takes one). The engine's is
+    :class:`~nnsim_hooks.engine.policy.EnginePolicy`, which answers from its plan and from
+    the parameter-use recorder of the pass under way."""
+
+    def check(self, name: str, module: nn.Module) -> None:
+        """Raise if ``module`` cannot be captured in its current state (every forward)."""
+
+    def rule_of(self, module: nn.Module) -> Optional[object]:
+        """The module's fast rule, asked first whether a call ran on the batch (see
+        ``LayerRule.batched``); None: the generic rule."""
+
+    def on_batch(self, args: Tuple, kwargs: Dict, module: nn.Module) -> bool:
+        """For a call whose outputs have the batch first: whether its inputs are the batch."""
+
+    def derives_from_batch(self, args: Tuple, kwargs: Dict, module: nn.Module) -> bool:
+        """For a call its rule placed on the batch: whether its inputs derive from it."""
+
+    def on_unbatched(self, module: nn.Module) -> None:
+        """Told of a call that did not run on the batch (it is not recorded)."""
+
+    def covered(self, module: nn.Module) -> Set[str]:
+        """Local names of the module's parameters a running ancestor already accounts for
+        (left out of this call's results)."""
+
+    def params_of(self, module: nn.Module) -> List[torch.Tensor]:
+        """The parameters a hooked module is differentiated for (where backward stops
+        when the call's inputs need no gradient)."""
+
+
 class Capture:
     """Hooks the target modules during a pass; records :class:`LayerCall` s while active.
 
+    ``policy`` answers the questions each call raises (see :class:`CapturePolicy`).
     ``on_grad(call, j, leaf_index, grad)`` is called from inside backward for each
     output gradient that arrives; by default it is stored in ``call.grads``.
     """
 
-    def __init__(self, modules: Dict[str, nn.Module], check: Callable[[str, nn.Module], None]):
+    def __init__(self, policy: CapturePolicy, modules: Optional[Dict[str, nn.Module]] = None):
         self.modules: Dict[str, nn.Module] = {}
-        self._check = check
+        self.policy = policy
         self._handles: List = []
         self._tensor_handles: List = []
         self.active = False
@@ -110,23 +142,7 @@ class Capture:
         #: the batch size of the current pass
         self.batch = 0
         self.on_grad: Optional[Callable[[LayerCall, int, int, torch.Tensor], None]] = None
-        #: decides whether a call ran on the batch; an unbatched call is reported to
-        #: ``on_unbatched(module)`` and not recorded
-        self.on_batch: Callable[..., bool] = lambda args, kwargs, module=None: True
-        self.on_unbatched: Callable[[nn.Module], None] = lambda module: None
-        #: the rule of a hooked module (None: the generic rule), asked first whether a call
-        #: ran on the batch (see LayerRule.batched); then ``derives_from_batch(args, kwargs,
-        #: module)`` must hold too
-        self.rule_of: Callable[[nn.Module], Optional[object]] = lambda module: None
-        self.derives_from_batch: Callable[..., bool] = lambda args, kwargs, module=None: True
-        #: local names of the module's parameters already covered by a running ancestor
-        self.covered: Callable[[nn.Module], Set[str]] = lambda module: set()
-        #: the parameters a hooked module is differentiated for: its own, plus those of
-        #: children it uses directly once it is on the generic rule
-        self.params_of: Callable[[nn.Module], List[torch.Tensor]] = lambda module: list(
-            module.parameters(recurse=False)
-        )
-        for name, module in modules.items():
+        for name, module in (modules or {}).items():
             self.add(name, module)
 
     def add(self, name: str, module: nn.Module) -> None:
@@ -160,24 +176,25 @@ class Capture:
         def forward_hook(module, args, kwargs, output):
             if not self.active:
                 return None
-            self._check(name, module)
+            policy = self.policy
+            policy.check(name, module)
             leaves, spec = tree_flatten(output)
             positions = [k for k, t in enumerate(leaves) if torch.is_tensor(t) and t.requires_grad]
             if not positions:
                 return None  # ran without gradient (torch.no_grad inside the model): contributes nothing
-            rule = self.rule_of(module)
+            rule = policy.rule_of(module)
             verdict = None if rule is None else rule.batched(
                 module, args, kwargs, [leaves[k] for k in positions], self.batch
             )
             if verdict is None:
                 batch_first = all(leaves[k].dim() > 0 and leaves[k].shape[0] == self.batch for k in positions)
-                on_batch = batch_first and self.on_batch(args, kwargs, module)
+                on_batch = batch_first and policy.on_batch(args, kwargs, module)
             else:  # the rule knows where this module keeps the batch
-                on_batch = verdict and self.derives_from_batch(args, kwargs, module)
+                on_batch = verdict and policy.derives_from_batch(args, kwargs, module)
             if not on_batch:
                 # Shared by all samples (a table), or another layout (windows folded into
                 # the batch, sequence first): the module that mixes it in takes it.
-                self.on_unbatched(module)
+                policy.on_unbatched(module)
                 return None
             leaves, replaced = copies_to_hook(leaves, spec, positions)
             out_leaves = [leaves[k] for k in positions]
@@ -186,7 +203,7 @@ class Capture:
             # the call (DenseNet-style feature lists) must not change what the rule reruns.
             args, kwargs = tree_unflatten(in_leaves, in_spec)
             versions = [(t, t._version) for t in in_leaves if torch.is_tensor(t)]
-            call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions, skip=self.covered(module))
+            call = LayerCall(name, module, args, kwargs, out_leaves, positions, versions, skip=policy.covered(module))
             call.out_versions = [t._version for t in out_leaves]
             self.calls.append(call)
             for i, leaf in enumerate(out_leaves):
@@ -242,7 +259,7 @@ class Capture:
                 for t in inputs:
                     add(t)
             else:
-                for p in self.params_of(call.module):
+                for p in self.policy.params_of(call.module):
                     if p.requires_grad:
                         add(p)
         return out

@@ -1,313 +1,80 @@
-"""One captured forward/backward pass and the three things computed from it.
+"""One captured forward/backward pass and what is computed from it.
 
-:meth:`Engine.backprop` runs the model once with the hooks active and back-propagates
-each of the d differentiated outputs, stopping at the hooked modules' inputs so that no
-weight gradient is formed. From what was captured:
+:meth:`Engine.backprop` runs the model once with the hooks active (see
+:mod:`nnsim_hooks.engine.captured_pass`). From what was captured:
 
 - :meth:`Engine.grads`: per-sample gradients, keyed by the model's parameter names;
 - :meth:`Engine.gram`: the Gram matrix of all per-sample gradients (ghost inner products
   where the layer allows), one layer at a time;
+- :meth:`Engine.self_kernels`, :meth:`Engine.weighted_sums`, :meth:`Engine.dots`: what the
+  exact density needs (see :mod:`nnsim_hooks.exact.gradient_sums`);
 - :meth:`Engine.sketch`: sketched per-sample gradients, never materialised for layers
   with a factored rule.
 
-Modules with a fast rule are handled call by call. Modules on the generic rule are
-handled whole: from the direct uses of their parameters when that split has been
-checked (:mod:`nnsim_hooks.capture.direct_uses`), else by re-running them under torch.func.
+Each goes through one loop over the pass's units (:mod:`nnsim_hooks.engine.units`): a call
+of a module on a fast rule asks the rule (:class:`~nnsim_hooks.rules.base.LayerRule`); a
+module on the generic rule is handled whole (:mod:`nnsim_hooks.engine.generic`).
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from ..capture.hooks import Capture, LayerCall
-from ..exact import gradient_sums
-from ..capture.direct_uses import split_grads
+from ..capture.hooks import LayerCall
+from ..capture.targets import CoverageReport, Target
 from ..exact.gram_blocks import GramTerm
-from ..capture.batch_mixing import Trace, gradient_mixing, not_batch_first
-from ..errors import BatchCouplingError, ModelError, NonFiniteGradientError
-from .outputs import OutputSpec, check_no_mixing
-from ..rules.fallback import fallback_grad_sample
-from ..rules.linear import LinearRule
-from ..rules.norm import batch_coupling_message, uses_batch_statistics
+from ..rules.base import Grads, dots_of_grads, sums_of_grads
+from .captured_pass import MANY_OUTPUTS, Pass, PassRunner  # noqa: F401 - Pass and MANY_OUTPUTS: part of this module's API
+from .generic import GenericRule
+from .outputs import OutputSpec
 from .sketch import Sketcher
-from ..capture.targets import CoverageReport, Target, promote, shared_parameters
-from ..capture.param_uses import DirectUse, ModuleStack, ParamUseRecorder
-from ..validation import call_model, check_inputs, check_targets, model_device_dtype
-
-logger = logging.getLogger(__name__)
-
-# Above this many differentiated values per sample, warn: one backward pass each.
-MANY_OUTPUTS = 64
-
-Grads = Dict[str, torch.Tensor]
-
-
-@dataclass
-class Pass:
-    """What one captured batch left behind."""
-
-    calls: List[LayerCall]
-    outputs: Any  # the model's outputs, detached
-    values: torch.Tensor  # the differentiated values, [B, d]
-    vector: bool  # True when the output function returned [B, d] rather than [B]
-    batch: int
-    uses: List[DirectUse] = field(default_factory=list)
-    unsplittable: Set[int] = field(default_factory=set)
-    #: generic-rule gradients kept for reuse within this pass (see Engine.reuse_generic)
-    reused: Optional[Dict[Tuple[int, ...], Grads]] = None
-    reuse_bytes: int = 0
-
-    @property
-    def d(self) -> int:
-        return self.values.shape[1]
-
-
-class _Replan(Exception):
-    """Raised inside a pass when the plan changed and the pass must be run again."""
+from .units import check_finite, each_unit, sum_by_parameter, unit_grads
 
 
 class Engine:
     def __init__(self, model: nn.Module, targets: List[Target], output: OutputSpec, coverage: CoverageReport):
         self.model = model
-        self.output = output
         self.coverage = coverage
-        self._batchnorms = [
-            (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
-        self._dropouts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        #: how the generic rule ran for each module: "vmap", "loop" or "direct uses"
-        self.fallback_methods: Dict[str, str] = {}
-        #: per generic-rule module: True once its direct-use split matched a full re-run
-        self._split_checked: Dict[str, bool] = {}
-        #: batch sizes whose layout was checked (see layout.py), and the modules found
-        #: to get inputs without the batch first
-        self._layout_checked: Set[int] = set()
-        self._warned_many = False
-        self._not_batch_first: Set[int] = set()
-        self._gradient_layout_checked: Set[int] = set()
-        self.capture = Capture({}, self._check_module)
-        self._stack: Optional[ModuleStack] = None
-        try:
-            self._set_targets(targets)
-            self._stack = ModuleStack(model)
-        except Exception:
-            self.close()
-            raise
-
-    def _set_targets(self, targets: List[Target]) -> None:
-        self.targets = {t.name: t for t in targets}
-        self._by_module = {id(t.module): t for t in targets}
-        self._shared = shared_parameters(targets)
-        self._generic = {id(t.module) for t in targets if t.rule is None}
-        self._holders: Dict[int, set] = {}
-        for t in targets:
-            for local in t.param_names:
-                self._holders.setdefault(id(t.module.get_parameter(local)), set()).add(id(t.module))
-        for t in targets:
-            if t.name not in self.capture.modules:
-                self.capture.add(t.name, t.module)
+        self.passes = PassRunner(model, targets, output, coverage)
+        self.generic = GenericRule()
 
     # -- the captured pass -------------------------------------------------------------
 
-    def _check_module(self, name: str, module: nn.Module) -> None:
-        target = self.targets[name]
-        if target.rule is not None:
-            target.rule.check(module, name)
+    @property
+    def output(self) -> OutputSpec:
+        return self.passes.output
 
-    def _check_model_state(self) -> None:
-        for name, module in self._batchnorms:
-            if uses_batch_statistics(module):
-                raise BatchCouplingError(batch_coupling_message(name, module))
-        generic_roots = [t.name for t in self.targets.values() if t.rule is None]
-        for name, module in self._dropouts:
-            if module.training and module.p > 0 and any(
-                r == "" or name == r or name.startswith(r + ".") for r in generic_roots
-            ):
-                raise ModelError(
-                    f"dropout '{name}' is active (training mode) inside module handled by the generic rule, "
-                    "which re-runs that module and would draw other dropout masks. Call model.eval()."
-                )
+    @output.setter
+    def output(self, spec: OutputSpec) -> None:
+        self.passes.output = spec
 
-    def backprop(self, inputs, targets=None) -> Pass:
-        batch = check_inputs(self.model, inputs)
-        device, _ = model_device_dtype(self.model)
-        targets = check_targets(targets, batch, device)
-        self._check_model_state()
-        # A parameter used outside its module's forward hands the module that used it
-        # to the generic rule; the pass is then run again with the new plan.
-        for _ in range(len(self.targets) + 2):
-            try:
-                return self._backprop(inputs, targets, batch)
-            except _Replan:
-                continue
-        raise ModelError("the set of modules using parameters keeps changing between passes")  # pragma: no cover
+    @property
+    def targets(self) -> Dict[str, Target]:
+        return self.passes.plan.targets
 
-    def _backprop(self, inputs, targets, batch: int) -> Pass:
-        check_layout = batch >= 2 and batch not in self._layout_checked
-        capture = self.capture
-        capture.clear()
-        capture.batch = batch
-        recorder = ParamUseRecorder(
-            self._holders, self._generic, self._stack, lambda: capture.pass_index, batch, self._not_batch_first
-        )
-        recorder.mark_batch(inputs)
-        capture.on_batch = recorder.on_batch
-        capture.derives_from_batch = recorder.derives_from_batch
-        capture.rule_of = lambda module: self._by_module[id(module)].rule
-        capture.on_unbatched = lambda module: recorder.unbatched_call(module, self._params_of(module))
-        capture.covered = self._covered
-        capture.params_of = self._params_of
-        capture.active = True
-        self._stack.clear()
-        self._stack.recorder = recorder
-        self._stack.trace = Trace(leaves=True) if check_layout else None
-        self._stack.active = True
-        try:
-            # Our hooks go on the model for this pass only (capture first: its forward
-            # hooks then run while the module is still on the stack).
-            capture.install()
-            self._stack.install()
-            with torch.enable_grad():
-                with recorder:
-                    outputs = call_model(self.model, inputs)
-                capture.active = False
-                self._stack.active = False
-                if check_layout:
-                    bad = not_batch_first(self.model, inputs, batch, self._stack.trace, outputs) - self._not_batch_first
-                    self._layout_checked.add(batch)  # after: a model that mixes samples is refused every time
-                    if bad:  # this pass took those modules as batch first: run it again
-                        self._not_batch_first |= bad
-                        raise _Replan()
-                if recorder.strays:
-                    self._set_targets(
-                        promote(self.model, list(self.targets.values()), recorder.strays, self.coverage, recorder.shared)
-                    )
-                    raise _Replan()
-                if self.output.name == "auto":
-                    self.output = self.output.resolve(outputs)
-                values = self.output(outputs, targets, batch)
-                vector = values.dim() == 2
-                if vector and values.shape[1] > MANY_OUTPUTS and not self._warned_many:
-                    self._warned_many = True
-                    warnings.warn(
-                        f"nnsim_hooks: output '{self.output.name}' gives {values.shape[1]} values per sample, so each "
-                        f"batch takes {values.shape[1]} backward passes; for dense outputs reduce them first "
-                        "(output='sum', a region of interest, or a callable)",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                values = values if vector else values.unsqueeze(1)
-                check_no_mixing(self.output, outputs, targets, values if vector else values[:, 0])
-                if not bool(torch.isfinite(values).all()):
-                    bad = (~torch.isfinite(values)).any(1).nonzero().flatten()[:10].tolist()
-                    raise NonFiniteGradientError(f"the model's outputs are NaN or Inf for samples {bad}")
-                if not values.requires_grad:
-                    raise ModelError(
-                        "the differentiated output does not depend on any selected trainable parameter; "
-                        "check layers= and requires_grad"
-                    )
-                if not capture.calls:
-                    raise ModelError(
-                        "none of the selected modules ran on the batch during the model's forward pass. A module "
-                        "some of whose outputs do not have the batch first (a recurrent layer's h_n [layers, B, H]) "
-                        "is computed by the module that calls it: if it is the whole model, wrap it in a module "
-                        "that returns only batch-first outputs"
-                    )
-                grad_inputs = capture.grad_inputs()
-                seen = {id(t) for t in grad_inputs}
-                # Reach the ops that use generic-rule parameters directly, too.
-                grad_inputs += [u.param for u in recorder.uses if id(u.param) not in seen and not seen.add(id(u.param))]
-                for j in range(values.shape[1]):
-                    capture.pass_index = j
-                    torch.autograd.grad(
-                        values[:, j].sum(), grad_inputs, retain_graph=j < values.shape[1] - 1, allow_unused=True
-                    )
-            calls = list(capture.calls)
-            for call in calls:
-                call.check_unchanged()
-        finally:
-            capture.active = False
-            self._stack.active = False
-            self._stack.clear()
-            self._stack.recorder = None
-            self._stack.trace = None
-            recorder.remove_hooks()
-            capture.remove()
-            self._stack.remove()
-        if batch >= 2 and batch not in self._gradient_layout_checked:
-            self._gradient_layout_checked.add(batch)
-            self._check_gradient_layout(inputs, targets, batch)
-        detached = outputs.detach() if torch.is_tensor(outputs) else outputs
-        return Pass(calls, detached, values.detach(), vector, batch, recorder.uses, recorder.unsplittable)
+    @property
+    def capture(self):
+        return self.passes.capture
 
-    def _check_gradient_layout(self, inputs, targets, batch: int) -> None:
-        """Once per batch size: samples mixed in the backward only (see layout.py).
+    @property
+    def fallback_methods(self) -> Dict[str, str]:
+        """How the generic rule ran for each module: "vmap", "loop" or "direct uses"."""
+        return self.generic.methods
 
-        A warning, not an error: some models' backward kernels give gradients that differ
-        by batch size (timm's efficientformer_l1 on CPU, about 1% in float64) while the
-        per-sample gradients still match a per-sample loop, so this check cannot tell
-        such rounding from mixing for sure."""
-        modules = [t.module for t in self.targets.values()]
-        try:
-            culprit = gradient_mixing(self.model, modules, inputs, targets, batch, self.output, self._not_batch_first)
-        except Exception as exc:  # the check itself must never break a model that works
-            logger.debug("gradient layout check skipped: %s", exc)
-            return
-        if culprit is not None:
-            warnings.warn(
-                f"nnsim_hooks: the gradient reaching module '{culprit}' for one sample changes when the other "
-                "samples of the batch change, although the forward values do not. Either a later layer mixes the "
-                "samples in a way the values hide (attention across the batch dimension: per-sample gradients are "
-                "then not defined and these numbers are wrong), or the model's backward rounds differently by batch "
-                "size. Check with nnsim_hooks.oracle.check_per_sample_gradients(model, inputs).",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+    def backprop(self, inputs, targets=None, create_graph: bool = False) -> Pass:
+        """One captured pass; ``create_graph=True`` keeps the captured gradients in the
+        autograd graph (the training term differentiates through them)."""
+        return self.passes.run(inputs, targets, create_graph)
 
-    def _covered(self, module: nn.Module) -> Set[str]:
-        """Parameters of ``module`` that a running generic-rule ancestor also holds: its
-        re-run includes this call, so counting them here too would count them twice."""
-        target = self._by_module[id(module)]
-        running = [m for m in self._stack.stack if m is not module and id(m) in self._generic]
-        if not running:
-            return set()
-        ids = {id(m) for m in running}
-        return {local for local in target.param_names if self._holders[id(module.get_parameter(local))] & ids}
+    def _fallback(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
+        return self.generic.grads(target, calls, p)
 
-    def _params_of(self, module: nn.Module) -> List[nn.Parameter]:
-        target = self._by_module[id(module)]
-        return [module.get_parameter(local) for local in target.param_names]
-
-    # -- per-target results ------------------------------------------------------------
-
-    def _fast(self, call: LayerCall) -> bool:
-        target = self._by_module[id(call.module)]
-        return target.rule is not None and (len(call.out_leaves) == 1 or target.rule.multi_output)
-
-    def _units(self, p: Pass) -> Iterator[Tuple[Target, List[LayerCall]]]:
-        """Fast-rule calls one by one, then each generic-rule module with all its calls."""
-        generic: Dict[str, List[LayerCall]] = {}
-        for call in p.calls:
-            target = self._by_module[id(call.module)]
-            if self._fast(call):
-                yield target, [call]
-            else:
-                generic.setdefault(target.name, []).append(call)
-        for name, calls in generic.items():
-            yield self.targets[name], calls
-
-    def _unit_grads(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
-        """Per-sample gradients ``[B, d, *shape]`` keyed by local parameter name."""
-        if len(calls) == 1 and self._fast(calls[0]):
-            call = calls[0]
-            grads = target.rule.grad_sample(call.module, *target.rule.operands(call, p.d))
-            return {k: v for k, v in grads.items() if k not in call.skip}
+    def _generic_grads(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
+        """A generic-rule unit's per-sample gradients, kept for reuse within ``p`` when
+        :meth:`reuse_generic` asked for it."""
         if p.reused is None:
             return self._fallback(target, calls, p)
         key = tuple(id(c) for c in calls)
@@ -327,71 +94,25 @@ class Engine:
         sums), instead of re-running torch.func for each."""
         p.reused, p.reuse_bytes = {}, max_bytes
 
-    def _fallback(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
-        names = list(target.param_names)
-        params = {n: target.module.get_parameter(n) for n in names}
-        splittable = (
-            target.rule is None
-            and not any(id(q) in p.unsplittable for q in params.values())
-            and not any(call.skip for call in calls)
-        )
-        checked = self._split_checked.get(target.name)
-        if splittable and checked:
-            split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
-            if split is not None:
-                self.fallback_methods[target.name] = "direct uses"
-                return split
-        out: Grads = {}
-        for call in calls:
-            wanted = [n for n in names if n not in call.skip]
-            if not wanted:
-                continue
-            grads, method = fallback_grad_sample(call, p.d, wanted)
-            self.fallback_methods[target.name] = method
-            for n, g in grads.items():
-                out[n] = out[n] + g if n in out else g
-        if splittable and checked is None and p.batch >= 2:
-            split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
-            if split is not None:
-                ok = all(_close(split[n], out[n]) for n in out)
-                self._split_checked[target.name] = ok
-                logger.debug("direct-use split for %r %s the full re-run", target.name, "matches" if ok else "differs from")
-        return out
+    def _each_unit(self, p: Pass, fast, materialised, fast_when=None):
+        return each_unit(self.passes.plan, p, fast, materialised, self._generic_grads, fast_when)
 
-    def _check_finite(self, results: List[Tuple[str, torch.Tensor]]) -> None:
-        if not results:
-            return
-        # A NaN or Inf anywhere makes the sum non-finite: one reduction in the tensor's own
-        # dtype (no copy, no mask as large as the per-sample gradients). A sum that merely
-        # overflows is confirmed element-wise below before anything is raised.
-        flags = torch.isfinite(torch.stack([r.sum().to(torch.float64) for _, r in results]))
-        if bool(flags.all()):
-            return
-        # Backward visits the modules in reverse; the first non-finite one from the output
-        # end is where the problem starts.
-        for (name, r), ok in reversed(list(zip(results, flags.tolist()))):
-            if not ok:
-                target = self.targets[name]
-                bad = (~torch.isfinite(r.reshape(r.shape[0], -1))).any(1).nonzero().flatten()[:10].tolist()
-                if not bad:
-                    continue  # the sum overflowed; every entry is finite
-                raise NonFiniteGradientError(
-                    f"the per-sample gradient of module '{name}' ({type(target.module).__name__}) is NaN or Inf "
-                    f"for samples {bad}; check the inputs for NaN/Inf and the model for overflow there"
-                )
+    def unit_grads(self, target: Target, calls: List[LayerCall], p: Pass) -> Grads:
+        """Per-sample gradients ``[B, d, *shape]`` of one unit, keyed by local parameter name."""
+        return unit_grads(self.passes.plan, target, calls, p, self._generic_grads)
+
+    # -- per-sample gradients ------------------------------------------------------------
 
     @torch.no_grad()
     def grads(self, p: Pass) -> Grads:
         """Per-sample gradients keyed by ``model.named_parameters()`` names: ``[B, *shape]``
         for a scalar output, ``[B, d, *shape]`` when the output function returns ``[B, d]``."""
-        total: Grads = {}
-        checks = []
-        for target, calls in self._units(p):
-            for local, g in self._unit_grads(target, calls, p).items():
-                name = target.param_names[local]
-                total[name] = total[name] + g if name in total else g
-                checks.append((target.name, g))
-        self._check_finite(checks)
+        parts = self._each_unit(
+            p,
+            fast=lambda target, call, activation, backprops: target.rule.grad_sample(call.module, activation, backprops),
+            materialised=lambda target, grads: grads,
+        )
+        total = sum_by_parameter(self.passes.plan, parts, check=True)
         # Parameters no call reached (an unused branch) have zero gradients.
         for t in self.targets.values():
             for local, name in t.param_names.items():
@@ -401,6 +122,8 @@ class Engine:
         order = {n: i for i, (n, _) in enumerate(self.model.named_parameters())}
         out = {n: total[n] for n in sorted(total, key=order.__getitem__)}
         return out if p.vector else {n: g[:, 0] for n, g in out.items()}
+
+    # -- Gram matrices -------------------------------------------------------------------
 
     @torch.no_grad()
     def gram(self, p: Pass) -> torch.Tensor:
@@ -421,7 +144,7 @@ class Engine:
             if term.grads is None:
                 checks.append((term.owner, part))
             total = part if total is None else total + part
-        self._check_finite(checks)
+        check_finite(self.passes.plan, checks)
         return total
 
     @torch.no_grad()
@@ -431,56 +154,64 @@ class Engine:
         (summed first over the calls of modules called twice and over tied weights).
         ``keep=True`` (the parts are stored) materialises a fast rule's gradients too
         where they are smaller than its factors (norms, depthwise convolutions)."""
-        counts: Dict[int, int] = {}
-        for call in p.calls:
-            counts[id(call.module)] = counts.get(id(call.module), 0) + 1
-        terms: List[GramTerm] = []
+        plan = self.passes.plan
+        counts = plan.call_counts(p.calls)
         seen: Dict[str, int] = {}
-        pending: Grads = {}  # summed gradients of modules called twice / tied weights
         checks = []
-        for target, calls in self._units(p):
+
+        def key_of(target: Target) -> str:
             number = seen[target.name] = seen.get(target.name, -1) + 1
-            key = f"{target.name}#{number}"
-            alone = counts[id(target.module)] == 1 and not (set(target.param_names.values()) & self._shared)
-            if alone and len(calls) == 1 and self._fast(calls[0]) and not calls[0].skip:
-                call = calls[0]
-                activation, backprops = target.rule.operands(call, p.d)
-                parts = None if torch.is_tensor(activation) else getattr(target.rule, "linear_parts", None)
-                parts = parts and parts(call.module, activation, backprops)
-                if parts:  # a rule of the whole call that splits into Linear layers: their factors
-                    for suffix, view, x, delta in parts:
-                        terms.append(GramTerm(f"{key}/{suffix}", target.name, rule=_LINEAR, module=view,
-                                              activation=x, backprops=delta))
-                    continue
-                if not torch.is_tensor(activation):
-                    # A rule of the whole call (attention): its own Gram within this pass; kept
-                    # across batches as per-sample gradients (its operands do not concatenate).
-                    if keep:
-                        grads = target.rule.grad_sample(call.module, activation, backprops)
-                        checks.extend((target.name, g) for g in grads.values())
-                        terms.append(GramTerm.of_grads(key, target.name, grads))
-                    else:  # computed (and checked) in gram_of_terms
-                        terms.append(GramTerm(key, target.name, rule=target.rule, module=call.module,
-                                              activation=activation, backprops=backprops, whole_call=True))
-                    continue
-                term = GramTerm(key, target.name, rule=target.rule, module=call.module, activation=activation,
-                                backprops=backprops)
-                if keep and self._grad_bytes(target, p) <= term.nbytes():
-                    grads = target.rule.grad_sample(call.module, activation, term.backprops)
+            return f"{target.name}#{number}"
+
+        def alone(target: Target) -> bool:
+            return counts[id(target.module)] == 1 and not (set(target.param_names.values()) & plan.shared)
+
+        def fast(target, call, activation, backprops) -> List[GramTerm]:
+            key, rule = key_of(target), target.rule
+            parts = rule.parts(call.module, activation, backprops)
+            if parts:  # a rule of the whole call split into simpler layers: their factors
+                return [GramTerm(f"{key}/{part.suffix}", target.name, rule=part.rule, module=part.module,
+                                 activation=part.activation, backprops=part.backprops) for part in parts]
+            if not torch.is_tensor(activation):
+                # A rule of the whole call (attention): its own Gram within this pass; kept
+                # across batches as per-sample gradients (its operands do not concatenate).
+                if keep:
+                    grads = rule.grad_sample(call.module, activation, backprops)
                     checks.extend((target.name, g) for g in grads.values())
-                    term = GramTerm.of_grads(key, target.name, grads)
-                terms.append(term)
+                    return [GramTerm.of_grads(key, target.name, grads)]
+                # computed (and checked) in gram_of_terms
+                return [GramTerm(key, target.name, rule=rule, module=call.module, activation=activation,
+                                 backprops=backprops, whole_call=True)]
+            term = GramTerm(key, target.name, rule=rule, module=call.module, activation=activation,
+                            backprops=backprops)
+            if keep and self._grad_bytes(target, p) <= term.nbytes():
+                grads = rule.grad_sample(call.module, activation, term.backprops)
+                checks.extend((target.name, g) for g in grads.values())
+                term = GramTerm.of_grads(key, target.name, grads)
+            return [term]
+
+        def materialised(target, grads) -> Grads:
+            checks.extend((target.name, g) for g in grads.values())
+            return grads
+
+        terms: List[GramTerm] = []
+        pending: Grads = {}  # summed gradients of modules called twice / tied weights
+        for target, took_fast, part in self._each_unit(
+            p, fast, materialised, fast_when=lambda target, call: alone(target) and not call.skip
+        ):
+            if took_fast:
+                terms.extend(part)
                 continue
-            for local, g in self._unit_grads(target, calls, p).items():
+            key = key_of(target)
+            for local, g in part.items():
                 name = target.param_names[local]
-                checks.append((target.name, g))
-                if alone or target.rule is None and name not in self._shared:
+                if alone(target) or target.rule is None and name not in plan.shared:
                     terms.append(GramTerm.of_grads(f"{key}/{local}", target.name, {name: g}))
                 else:
                     pending[name] = pending[name] + g if name in pending else g
         if pending:
             terms.append(GramTerm.of_grads("shared:" + ",".join(sorted(pending)), "shared parameters", pending))
-        self._check_finite(checks)
+        check_finite(plan, checks)
         if not terms:
             raise ValueError("no trainable parameters in this pass")  # pragma: no cover - find_targets refuses
         return terms
@@ -500,71 +231,60 @@ class Engine:
     def weighted_sums(self, p: Pass, weights: torch.Tensor) -> Grads:
         """``S_k = sum_j sum_m W[j, m, k] g_{j,m}`` for ``W [B, d, K]``: ``{name: [K, *shape]}``
         keyed by the model's parameter names (see :mod:`nnsim_hooks.exact.gradient_sums`)."""
-        total: Grads = {}
-        for target, calls in self._units(p):
-            if len(calls) == 1 and self._fast(calls[0]):
-                call = calls[0]
-                part = gradient_sums.rule_sums(target.rule, call.module, *target.rule.operands(call, p.d), weights)
-                part = {k: v for k, v in part.items() if k not in call.skip}
-            else:
-                part = gradient_sums.sums_of_grads(self._unit_grads(target, calls, p), weights)
-            for local, s in part.items():
-                name = target.param_names[local]
-                total[name] = total[name] + s if name in total else s
-        return total
+        parts = self._each_unit(
+            p,
+            fast=lambda target, call, activation, backprops: target.rule.sums(call.module, activation, backprops, weights),
+            materialised=lambda target, grads: sums_of_grads(grads, weights),
+        )
+        return sum_by_parameter(self.passes.plan, parts, check=False)
 
     @torch.no_grad()
     def dots(self, p: Pass, sums: Grads) -> torch.Tensor:
         """``P[i, m, k] = g_{i,m} . S_k`` ``[B, d, K]`` float64, for accumulators ``sums`` from
         :meth:`weighted_sums` (parameters missing from ``sums`` count as zero)."""
         k = next(iter(sums.values())).shape[0]
+
+        def local_sums(target: Target, skip=()) -> Grads:
+            return {n: sums[g] for n, g in target.param_names.items() if g in sums and n not in skip}
+
+        def fast(target, call, activation, backprops) -> Optional[torch.Tensor]:
+            local = local_sums(target, call.skip)
+            return target.rule.dots(call.module, activation, backprops, local) if local else None
+
         total = torch.zeros(p.batch, p.d, k, dtype=torch.float64, device=p.values.device)
-        for target, calls in self._units(p):
-            if len(calls) == 1 and self._fast(calls[0]):
-                call = calls[0]
-                local = {n: sums[g] for n, g in target.param_names.items() if g in sums and n not in call.skip}
-                part = gradient_sums.rule_dots(target.rule, call.module, *target.rule.operands(call, p.d), local)
-            else:
-                local = {n: sums[g] for n, g in target.param_names.items() if g in sums}
-                part = gradient_sums.dots_of_grads(self._unit_grads(target, calls, p), local)
+        for _, _, part in self._each_unit(
+            p, fast, materialised=lambda target, grads: dots_of_grads(grads, local_sums(target))
+        ):
             if part is not None:
                 total += part.double()
         return total
 
+    # -- sketches ----------------------------------------------------------------------
+
     @torch.no_grad()
     def sketch(self, p: Pass, sketcher: Sketcher) -> torch.Tensor:
         """Sketched gradients ``[B, d, dim]`` (not normalised)."""
-        parts: Grads = {}
-        checks = []
         dtype, device = p.values.dtype, p.values.device
-        for target, calls in self._units(p):
+
+        def local_sketches(target: Target):
             sketches = sketcher.param_sketches(list(target.param_names.values()), device, dtype)
-            local = {k: sketches[g] for k, g in target.param_names.items()}
-            if len(calls) == 1 and self._fast(calls[0]):
-                call = calls[0]
-                result = target.rule.sketch(call.module, *target.rule.operands(call, p.d), local)
-                result = {k: v for k, v in result.items() if k not in call.skip}
-            else:
-                grads = self._unit_grads(target, calls, p)
-                result = {k: local[k].project_gradients(g) for k, g in grads.items()}
-            for k, s in result.items():
-                name = target.param_names[k]
-                checks.append((target.name, s))
-                parts[name] = parts[name] + s if name in parts else s
-        self._check_finite(checks)
-        return sketcher.combine(parts, p.batch, p.d, device, dtype)
+            return {k: sketches[g] for k, g in target.param_names.items()}
+
+        parts = self._each_unit(
+            p,
+            fast=lambda target, call, activation, backprops: target.rule.sketch(
+                call.module, activation, backprops, local_sketches(target)),
+            materialised=lambda target, grads: {
+                k: sketch.project_gradients(grads[k]) for k, sketch in _pick(local_sketches(target), grads).items()
+            },
+        )
+        return sketcher.combine(sum_by_parameter(self.passes.plan, parts, check=True), p.batch, p.d, device, dtype)
 
     def close(self) -> None:
-        self.capture.remove()
-        if self._stack is not None:
-            self._stack.remove()
-            self._stack = None
+        self.passes.close()
 
 
-#: the rule of the Linear layers a whole-call rule splits into (see MultiheadAttentionRule.linear_parts)
-_LINEAR = LinearRule()
+def _pick(sketches: Dict, grads: Grads) -> Dict:
+    """``sketches`` for the parameters of ``grads``, in the order of ``grads``."""
+    return {k: sketches[k] for k in grads}
 
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    scale = b.abs().max().item() if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5 * max(scale, 1e-12) + 1e-12))

@@ -42,9 +42,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import Grads, LayerRule, dots_of_grads, gram_of_grads, self_gram_of_grads, sums_of_grads
+from .base import Grads, LayerRule, Part, dots_of_grads, gram_of_grads, self_gram_of_grads, sums_of_grads
 from .factored import factored_dots, factored_gram, factored_self_gram, factored_sums
+from .linear import LinearRule
 from .registry import register_rule
+
+#: the rule of the Linear layers a tapped call splits into (see MultiheadAttentionRule.parts)
+_LINEAR = LinearRule()
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -348,11 +352,10 @@ class MultiheadAttentionRule(LayerRule):
             rows.append(torch.cat([zeros if r is None else r for r in roles], -1).transpose(2, 3))
         return torch.cat(cols, -1), torch.cat(rows, -1)
 
-    def linear_parts(self, module, inputs: AttentionCall, backprops):
-        """For a tapped call, its two weights as Linear layers: ``[(name, view, inputs [B, L, in],
-        output gradients [d, B, L, out])]`` with ``view.weight`` / ``view.bias`` the module's
-        parameters (for :class:`~nnsim_hooks.rules.linear.LinearRule`); None otherwise. Unlike
-        the call's operands these concatenate across batches (exact similarity keeps them)."""
+    def parts(self, module, inputs: AttentionCall, backprops) -> Optional[List[Part]]:
+        """For a tapped call, its two weights as Linear layers (``view.weight`` / ``view.bias``
+        the module's parameters, for :class:`~nnsim_hooks.rules.linear.LinearRule`) with their
+        inputs ``[B, L, in]`` and output gradients ``[d, B, L, out]``; None otherwise."""
         if inputs.tapped is None:
             return None
         parts = []
@@ -360,14 +363,13 @@ class MultiheadAttentionRule(LayerRule):
                                   ("out_proj", module.out_proj.weight, module.out_proj.bias)):
             x, delta = inputs.tapped[key]
             bias = bias if bias is not None and bias.requires_grad else None
-            parts.append((key, LinearView(weight, bias), x, delta))
+            parts.append(Part(key, _LINEAR, LinearView(weight, bias), x, delta))
         return parts
 
     # -- weighted sums and products (the exact dataset-scale queries) ----------------------
 
     def sums(self, module, inputs, backprops, weights) -> Grads:
-        """``{name: [K, *shape]}``: see :mod:`nnsim_hooks.exact.gradient_sums` (factored, no per-sample
-        gradient of the weights)."""
+        """Factored, with no per-sample gradient of the weights (see :meth:`LayerRule.sums`)."""
         matrices, vectors = self._factors(module, inputs, backprops)
         out = sums_of_grads(vectors, weights)
         for name, (cols, rows) in matrices.items():

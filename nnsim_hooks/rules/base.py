@@ -16,26 +16,45 @@ to have the capture hook gradients at nodes inside the call's own autograd graph
 (attention reads its two matrix products there instead of recomputing them). Existing
 rules change nothing.
 
-From these a rule provides three things, each for all d outputs at once:
+From these a rule provides, each for all d outputs at once:
 
-- :meth:`LayerRule.grad_sample` materialises per-sample gradients ``[B, d, *shape]``;
-- :meth:`LayerRule.gram` gives the Gram matrix of those gradients, ``[B*d, B*d]``
-  (rows ordered sample-major), without materialising them where the layer allows
-  (ghost inner products);
-- :meth:`LayerRule.sketch` gives the randomly projected gradients ``[B, d, m]``,
-  where the layer allows without materialising them.
+- :meth:`LayerRule.grad_sample` (required) materialises per-sample gradients
+  ``[B, d, *shape]``, keyed by the module's local parameter names;
+- :meth:`LayerRule.factors` (optional): for a layer whose weight gradient is
+  ``sum_u rows_u cols_u^T`` over positions u (Linear, convolutions), the two factors.
+  A rule that gives them gets the factored Gram, self-Gram, sketch, weighted sums and
+  products below without writing them, and the training term's ghost inner products;
+- :meth:`LayerRule.gram`: the Gram matrix of the per-sample gradients, ``[B*d, B*d]``
+  (rows ordered sample-major), ghost inner products where the layer allows;
+- :meth:`LayerRule.self_gram`: the Gram's diagonal blocks ``[B, d, d]`` (each sample's own
+  kernel, which the exact density needs without the rest);
+- :meth:`LayerRule.sketch`: the randomly projected gradients ``[B, d, m]``;
+- :meth:`LayerRule.sums` and :meth:`LayerRule.dots`: weighted sums of the per-sample
+  gradients and each sample's products with them (the exact density, see
+  :mod:`nnsim_hooks.exact.gradient_sums`);
+- :meth:`LayerRule.parts`: for a rule of the whole call, the call split into simpler
+  layers' calls whose operands concatenate across batches (attention's two matrix
+  products as Linear layers), which the exact Gram keeps between batches.
 
-Only :meth:`grad_sample` is required; the other two fall back to materialising, as does
-:meth:`LayerRule.self_gram` (the Gram's diagonal blocks, each sample's own kernel, which
-the exact density needs without the rest of the Gram).
+Every method but :meth:`grad_sample` has a default here: from :meth:`factors` when the
+rule gives them, else from the materialised gradients. ``differentiable = True`` declares
+that :meth:`grad_sample` and :meth:`factors` are plain torch maths on their arguments
+that keep the autograd graph, so that the training term (the paper, §4) can
+differentiate through them; a rule that does not declare it is handled there by
+torch.func.
+
+A new rule is one file: a subclass with :meth:`grad_sample` (and whatever faster forms
+the layer allows), registered with ``@register_rule(ModuleType)``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from .factored import factored_dots, factored_gram, factored_self_gram, factored_sketch, factored_sums, mix
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..capture.hooks import LayerCall
@@ -49,6 +68,22 @@ def trainable(module: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
     for name, param in module.named_parameters(recurse=False):
         if param.requires_grad:
             yield name, param
+
+
+def trains(module: Any, name: str) -> bool:
+    """True when ``module.<name>`` is a tensor that requires grad (None, absent or frozen: False)."""
+    p = getattr(module, name, None)
+    return isinstance(p, torch.Tensor) and p.requires_grad
+
+
+class Part(NamedTuple):
+    """One simpler layer's call inside a rule of the whole call (see :meth:`LayerRule.parts`)."""
+
+    suffix: str  # tells the part apart within the call ("in_proj")
+    rule: "LayerRule"
+    module: Any  # what ``rule`` reads: an nn.Module or a view with the same attributes
+    activation: torch.Tensor
+    backprops: torch.Tensor
 
 
 class LayerRule:
@@ -93,26 +128,78 @@ class LayerRule:
         """Raise a :class:`~nnsim_hooks.errors.ModelError` if this module cannot be
         handled in its current state (called on every captured forward)."""
 
+    #: True: grad_sample and factors keep the autograd graph (the training term uses them)
+    differentiable = False
+
     def grad_sample(self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor) -> Grads:
-        raise NotImplementedError
+        """Per-sample gradients ``{local name: [B, d, *shape]}`` of the module's trainable
+        parameters. Required."""
+        raise NotImplementedError(f"{type(self).__name__} must implement grad_sample")
 
-    def gram(self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
-        grads = self.grad_sample(module, activation, backprops)
-        return gram_of_grads(grads)
+    def factors(self, module: nn.Module, activation, backprops) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(cols [B, c, L], rows [d, B, r, L])`` when the per-sample gradient of ``weight``
+        (any shape with ``r * c`` elements) is ``sum_u rows_u cols_u^T`` over L positions and
+        that of ``bias`` (if trainable) is ``sum_u rows_u``; None (the default): no such form."""
+        return None
 
-    def self_gram(self, module: nn.Module, activation: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    def gram(self, module: nn.Module, activation, backprops) -> torch.Tensor:
+        """``[B*d, B*d]`` float64 Gram matrix of the per-sample gradients (sample-major)."""
+        f = self.factors(module, activation, backprops)
+        if f is not None:
+            return factored_gram(*f, trains(module, "weight"), trains(module, "bias"))
+        return gram_of_grads(self.grad_sample(module, activation, backprops))
+
+    def self_gram(self, module: nn.Module, activation, backprops) -> torch.Tensor:
         """The diagonal blocks of :meth:`gram`, ``[B, d, d]`` float64: each sample's own kernel."""
+        f = self.factors(module, activation, backprops)
+        if f is not None:
+            return factored_self_gram(*f, trains(module, "weight"), trains(module, "bias"))
         return self_gram_of_grads(self.grad_sample(module, activation, backprops))
 
-    def sketch(
-        self,
-        module: nn.Module,
-        activation: torch.Tensor,
-        backprops: torch.Tensor,
-        sketches: Dict[str, "ParamSketch"],
-    ) -> Grads:
+    def sketch(self, module: nn.Module, activation, backprops, sketches: Dict[str, "ParamSketch"]) -> Grads:
+        """``{local name: [B, d, m]}``: each parameter's per-sample gradients projected by its
+        :class:`~nnsim_hooks.engine.sketch.ParamSketch` in ``sketches``."""
+        f = self.factors(module, activation, backprops)
+        if f is not None:
+            return factored_sketch(module, *f, sketches)
         grads = self.grad_sample(module, activation, backprops)
         return {name: sketches[name].project_gradients(g) for name, g in grads.items()}
+
+    def sums(self, module: nn.Module, activation, backprops, weights: torch.Tensor) -> Grads:
+        """``{local name: [K, *shape]}``: ``S_k = sum_i sum_m W[i, m, k] g_{i,m}`` for weights
+        ``W [B, d, K]`` (see :mod:`nnsim_hooks.exact.gradient_sums`)."""
+        f = self.factors(module, activation, backprops)
+        if f is None:
+            return sums_of_grads(self.grad_sample(module, activation, backprops), weights)
+        cols, rows = f
+        out: Grads = {}
+        if trains(module, "weight"):
+            out["weight"] = factored_sums(cols, rows, weights).reshape(weights.shape[2], *module.weight.shape)
+        if trains(module, "bias"):
+            out["bias"] = mix(rows.sum(-1), weights).sum(1)
+        return out
+
+    def dots(self, module: nn.Module, activation, backprops, sums: Grads) -> Optional[torch.Tensor]:
+        """``[B, d, K]``: ``g_{i,m} . S_k`` for accumulators ``sums`` ``{local name: [K, *shape]}``
+        (absent parameters count as zero; None when none is there)."""
+        f = self.factors(module, activation, backprops)
+        if f is None:
+            return dots_of_grads(self.grad_sample(module, activation, backprops), sums)
+        cols, rows = f
+        total = None
+        if "weight" in sums:
+            s = sums["weight"]
+            total = factored_dots(cols, rows, s.reshape(s.shape[0], rows.shape[2], cols.shape[1]))
+        if "bias" in sums:
+            part = torch.einsum("mbr,kr->bmk", rows.sum(-1), sums["bias"].to(rows.dtype))
+            total = part if total is None else total + part
+        return total
+
+    def parts(self, module: nn.Module, activation, backprops) -> Optional[List[Part]]:
+        """For a rule of the whole call: the call as simpler layers' calls (:class:`Part`)
+        whose operands, unlike the call's, concatenate across batches; the exact Gram then
+        keeps those between batches. None (the default): not split."""
+        return None
 
 
 def gram_of_grads(grads: Grads) -> torch.Tensor:

@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Grads, LayerRule, gram_of_grads
-from .factored import factored_gram, factored_self_gram
+from .base import Grads, LayerRule, trains
+from .factored import mix
 from .registry import register_rule
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 def pad_like_layer(x: torch.Tensor, conv: nn.Module) -> Tuple[torch.Tensor, Tuple[int, ...]]:
@@ -67,6 +68,8 @@ def _ndim(module: nn.Module) -> int:
 
 
 class _ConvBase(LayerRule):
+    differentiable = True
+
     def _patches(self, module, x: torch.Tensor) -> torch.Tensor:
         x, padding = pad_like_layer(x, module)
         return unfold_nd(x, module.kernel_size, module.stride, module.dilation, padding)
@@ -98,23 +101,46 @@ class ConvRule(_ConvBase):
             out["bias"] = backprops.reshape(d, b, backprops.shape[2], -1).sum(-1).transpose(0, 1)
         return out
 
-    def gram(self, module, activation, backprops) -> torch.Tensor:
+    def factors(self, module, activation, backprops):
+        """Patches ``[B, c, L]`` and output gradients ``[d, B, r, L]``; None for grouped
+        convolutions (their gradients are small per group: materialised)."""
         if module.groups > 1:
-            return gram_of_grads(self.grad_sample(module, activation, backprops))
+            return None
         cols, rows = self._factors(module, activation, backprops)
-        return factored_gram(
-            cols[:, 0], rows[:, :, 0], module.weight.requires_grad,
-            module.bias is not None and module.bias.requires_grad,
-        )
+        return cols[:, 0], rows[:, :, 0]
 
-    def self_gram(self, module, activation, backprops) -> torch.Tensor:
-        if module.groups > 1:
-            return super().self_gram(module, activation, backprops)
-        cols, rows = self._factors(module, activation, backprops)
-        return factored_self_gram(
-            cols[:, 0], rows[:, :, 0], module.weight.requires_grad,
-            module.bias is not None and module.bias.requires_grad,
-        )
+    def sums(self, module, activation, backprops, weights) -> Grads:
+        """The weight gradient of a backward whose output gradients were mixed by ``weights``:
+        one convolution weight-gradient per k, no patches (any groups, any padding mode)."""
+        n = _ndim(module)
+        x, padding = pad_like_layer(activation.to(backprops.dtype), module)
+        r = mix(backprops, weights)  # [K, B, out, *L]
+        out: Grads = {}
+        if trains(module, "weight"):
+            out["weight"] = torch.stack([
+                _CONV_WEIGHT[n](x, module.weight.shape, rk, module.stride, padding, module.dilation, module.groups)
+                for rk in r
+            ])
+        if trains(module, "bias"):
+            out["bias"] = r.reshape(r.shape[0], r.shape[1], r.shape[2], -1).sum((1, 3))
+        return out
+
+    def dots(self, module, activation, backprops, sums):
+        """The layer's own forward with the weights ``S_k``, dotted with each output gradient."""
+        x, padding = pad_like_layer(activation.to(backprops.dtype), module)
+        d, b, c = backprops.shape[:3]
+        k = next(iter(sums.values())).shape[0]
+        conv = _CONV_FN[_ndim(module)]
+        ys = []
+        for j in range(k):
+            w = sums["weight"][j].to(x.dtype) if "weight" in sums else None
+            bias = sums["bias"][j].to(x.dtype) if "bias" in sums else None
+            if w is None:  # bias only: the product is delta summed over positions, dotted with S_b
+                ys.append(bias.view(1, c, 1).expand(b, c, backprops[0, 0, 0].numel()))
+                continue
+            ys.append(conv(x, w, bias, module.stride, padding, module.dilation, module.groups).reshape(b, c, -1))
+        y = torch.stack(ys)  # [K, B, out, L]
+        return torch.einsum("mbcl,kbcl->bmk", backprops.reshape(d, b, c, -1), y)
 
     def sketch(self, module, activation, backprops, sketches) -> Grads:
         if module.groups > 1:

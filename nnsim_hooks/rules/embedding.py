@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .base import Grads, LayerRule, gram_of_grads
+from .factored import mix
 from .registry import register_rule
 
 
@@ -27,6 +28,7 @@ def _ids_and_grads(module: nn.Embedding, activation: torch.Tensor, backprops: to
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
     name = "embedding"
+    differentiable = True
 
     def supports(self, module: nn.Embedding) -> bool:
         return not module.scale_grad_by_freq
@@ -63,3 +65,22 @@ class EmbeddingRule(LayerRule):
             rows = s.row_matrix.T[ids]  # [B, T, R*k_r]: column id_t of S_row
         cols = s.cols_of(g, 3)  # [d, B, T, R*k_c]
         return {"weight": s.combine_factors(rows.transpose(1, 2).unsqueeze(0), cols.transpose(2, 3))}
+
+    def sums(self, module, activation, backprops, weights) -> Grads:
+        """Each k's table: the mixed output gradients added at their rows (one index_add)."""
+        if not module.weight.requires_grad:
+            return {}
+        ids, g = _ids_and_grads(module, activation, backprops)
+        r = mix(g, weights)  # [K, B, T, E]
+        k = r.shape[0]
+        table = torch.zeros(k, *module.weight.shape, dtype=r.dtype, device=r.device)
+        table.index_add_(1, ids.reshape(-1), r.reshape(k, -1, module.embedding_dim))
+        return {"weight": table}
+
+    def dots(self, module, activation, backprops, sums):
+        """Each output gradient dotted with the rows of ``S_k`` its ids pick."""
+        if "weight" not in sums:
+            return None
+        ids, g = _ids_and_grads(module, activation, backprops)
+        rows = sums["weight"].to(g.dtype)[:, ids]  # [K, B, T, E]
+        return torch.einsum("mbte,kbte->bmk", g, rows)

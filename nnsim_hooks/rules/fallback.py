@@ -7,16 +7,26 @@ user modules. The module is re-run on its captured inputs, one sample at a time 
 ``vmap``, differentiating only its *own* parameters; its children keep their own rules.
 If ``vmap`` cannot run the module, a per-sample loop is used instead: slower, same
 numbers.
+
+With ``create_graph=True`` (the training term, the paper, §4) the gradients stay in
+the autograd graph: the parameters are not detached, the captured inputs and output
+gradients carry their own graph, and regular autograd differentiates through
+``vmap(vjp(...))``. Active dropout then draws each sample's masks anew
+(``randomness="different"``), as documented for the term.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import List, Tuple
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call, vjp, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import BatchCouplingError, ModelError
@@ -50,12 +60,12 @@ def _cotangents(call, d: int, batch: int) -> List[torch.Tensor]:
     return out
 
 
-def fallback_grad_sample(call, d: int, names: List[str]) -> Tuple[Grads, str]:
+def fallback_grad_sample(call, d: int, names: List[str], create_graph: bool = False) -> Tuple[Grads, str]:
     """Per-sample gradients ``[B, d, *shape]`` of the parameters ``names`` (relative to
     the module: its own, or a child's that it uses directly), and which method produced
-    them (``vmap`` or ``loop``)."""
+    them (``vmap`` or ``loop``); ``create_graph``: see the module docstring."""
     module = call.module
-    params = [module.get_parameter(n).detach() for n in names]
+    params = [module.get_parameter(n) if create_graph else module.get_parameter(n).detach() for n in names]
     batch = _batch_size(call)
     cotangents = _cotangents(call, d, batch)
     flat_inputs, spec = tree_flatten((call.args, call.kwargs))
@@ -69,15 +79,21 @@ def fallback_grad_sample(call, d: int, names: List[str]) -> Tuple[Grads, str]:
         leaves, _ = tree_flatten(out)
         return tuple(leaves[k] for k in positions)
 
-    try:
-        outputs, grads = _vmapped(run, params, flat_inputs, batched, cotangents)
-        method = "vmap"
-    except Exception as exc:  # vmap lacks a batching rule, data-dependent control flow, ...
-        logger.debug("vmap failed on module %r (%s); using a per-sample loop", call.module_name, exc)
-        outputs, grads = _looped(run, params, flat_inputs, batched, cotangents, batch, d)
-        method = "loop"
-    _check_reproduced(call, outputs)
+    with ComposedLayerNorm() if create_graph else contextlib.nullcontext():
+        try:
+            outputs, grads = _vmapped(run, params, flat_inputs, batched, cotangents, create_graph)
+            method = "vmap"
+        except Exception as exc:  # vmap lacks a batching rule, data-dependent control flow, ...
+            logger.debug("vmap failed on module %r (%s); using a per-sample loop", call.module_name, exc)
+            outputs, grads = _looped(run, params, flat_inputs, batched, cotangents, batch, d, create_graph)
+            method = "loop"
+    if not (create_graph and _draws_masks(module)):  # other masks give other outputs
+        _check_reproduced(call, outputs)
     return dict(zip(names, grads)), method
+
+
+def _draws_masks(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in module.modules())
 
 
 def _check_reproduced(call, outputs) -> None:
@@ -100,7 +116,7 @@ def _check_reproduced(call, outputs) -> None:
             )
 
 
-def _vmapped(run, params, flat_inputs, batched, cotangents):
+def _vmapped(run, params, flat_inputs, batched, cotangents, create_graph: bool = False):
     dims = [0 if b else None for b in batched]
     # Non-tensor leaves cannot go through vmap: pass them via the closure.
     tensor_slots = [i for i, t in enumerate(flat_inputs) if torch.is_tensor(t)]
@@ -118,14 +134,15 @@ def _vmapped(run, params, flat_inputs, batched, cotangents):
 
     tensor_inputs = [flat_inputs[i] for i in tensor_slots]
     in_dims = ([dims[i] for i in tensor_slots], [0] * len(cotangents))
-    with torch.no_grad(), warnings.catch_warnings():
+    with contextlib.nullcontext() if create_graph else torch.no_grad(), warnings.catch_warnings():
         # Ops without a batching rule (fused attention) run one sample at a time inside
         # vmap: slower, same numbers. PyTorch warns each time; the coverage report says it.
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return vmap(per_sample, in_dims=in_dims)(tensor_inputs, cotangents)
+        randomness = "different" if create_graph else "error"
+        return vmap(per_sample, in_dims=in_dims, randomness=randomness)(tensor_inputs, cotangents)
 
 
-def _looped(run, params, flat_inputs, batched, cotangents, batch, d):
+def _looped(run, params, flat_inputs, batched, cotangents, batch, d, create_graph: bool = False):
     results: List[List[torch.Tensor]] = [[] for _ in params]
     primals: List[List[torch.Tensor]] = [[] for _ in cotangents]
     with torch.enable_grad():
@@ -138,9 +155,35 @@ def _looped(run, params, flat_inputs, batched, cotangents, batch, d):
             per_output: List[List[torch.Tensor]] = [[] for _ in params]
             for j in range(d):
                 cots = [c[b : b + 1, j] for c in cotangents]
-                grads = torch.autograd.grad(outs, leaves, cots, retain_graph=j < d - 1, allow_unused=True)
+                grads = torch.autograd.grad(outs, leaves, cots, retain_graph=create_graph or j < d - 1,
+                                            create_graph=create_graph, allow_unused=True)
                 for k, (g, p) in enumerate(zip(grads, leaves)):
                     per_output[k].append(torch.zeros_like(p) if g is None else g)
             for k in range(len(params)):
                 results[k].append(torch.stack(per_output[k]))
     return tuple(torch.cat(p) for p in primals), [torch.stack(r) for r in results]
+
+
+class ComposedLayerNorm(TorchFunctionMode):
+    """``layer_norm`` written as plain ops while a differentiable re-run goes: in PyTorch 2.x
+    the fused kernel's derivatives are wrong when regular autograd differentiates
+    through ``vmap(vjp(...))`` of it (values right, outer gradients off by percents; see
+    tests/test_pair_similarity.py), while the composed ops are right."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, torch.layer_norm):
+            return _layer_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *rest):
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    mean = input.mean(dims, keepdim=True)
+    centred = input - mean
+    out = centred * torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 from opacus.grad_sample.linear import compute_linear_grad_sample
 
-from .base import Grads, LayerRule
+from .base import Grads, LayerRule, trains
+from .factored import mix, per_sample_dots
 from .registry import register_rule
-from .factored import factored_gram, factored_self_gram, factored_sketch
 
 
 def _tokens(activation: torch.Tensor, backprops: torch.Tensor):
@@ -21,7 +21,11 @@ def _tokens(activation: torch.Tensor, backprops: torch.Tensor):
 
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
+    """Gram, self-Gram and sketch come from :meth:`factors` (the base class's factored
+    forms); the weighted sums and products have their own token-major form here."""
+
     name = "linear"
+    differentiable = True
 
     def grad_sample(self, module: nn.Linear, activation, backprops) -> Grads:
         out: Grads = {}
@@ -33,21 +37,25 @@ class LinearRule(LayerRule):
                 out[name] = torch.stack([r[param] for r in per_output], dim=1)
         return out
 
-    def gram(self, module: nn.Linear, activation, backprops) -> torch.Tensor:
+    def factors(self, module: nn.Linear, activation, backprops):
         a, g = _tokens(activation, backprops)
-        # [B, in, T] / [d, B, out, T]: the generic factored form used by convolutions too.
-        return factored_gram(
-            a.transpose(1, 2), g.transpose(2, 3), module.weight.requires_grad,
-            module.bias is not None and module.bias.requires_grad,
-        )
+        return a.transpose(1, 2), g.transpose(2, 3)  # [B, in, T], [d, B, out, T]
 
-    def self_gram(self, module: nn.Linear, activation, backprops) -> torch.Tensor:
+    def sums(self, module, activation, backprops, weights) -> Grads:
         a, g = _tokens(activation, backprops)
-        return factored_self_gram(
-            a.transpose(1, 2), g.transpose(2, 3), module.weight.requires_grad,
-            module.bias is not None and module.bias.requires_grad,
-        )
+        r = mix(g, weights)  # [K, B, T, out]
+        out: Grads = {}
+        if trains(module, "weight"):
+            out["weight"] = torch.einsum("kbto,bti->koi", r, a)
+        if trains(module, "bias"):
+            out["bias"] = r.sum((1, 2))
+        return out
 
-    def sketch(self, module: nn.Linear, activation, backprops, sketches) -> Grads:
+    def dots(self, module, activation, backprops, sums):
         a, g = _tokens(activation, backprops)
-        return factored_sketch(module, a.transpose(1, 2), g.transpose(2, 3), sketches)
+        y = 0
+        if "weight" in sums:  # the layer's forward with the weights S_k: [K, B, T, out]
+            y = torch.matmul(a.unsqueeze(0), sums["weight"].to(g.dtype).transpose(1, 2).unsqueeze(1))
+        if "bias" in sums:
+            y = y + sums["bias"].to(g.dtype)[:, None, None, :]
+        return per_sample_dots(g, y) if torch.is_tensor(y) else None

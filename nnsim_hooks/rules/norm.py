@@ -47,6 +47,7 @@ def uses_batch_statistics(module: nn.modules.batchnorm._NormBase) -> bool:
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(LayerRule):
     name = "batchnorm_eval"
+    differentiable = True
 
     def check(self, module, module_name):
         if uses_batch_statistics(module):
@@ -74,6 +75,7 @@ def batch_coupling_message(module_name: str, module: nn.Module) -> str:
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 class InstanceNormRule(LayerRule):
     name = "instancenorm"
+    differentiable = True
 
     def grad_sample(self, module, activation, backprops) -> Grads:
         x = activation.to(backprops.dtype)
@@ -89,6 +91,7 @@ class InstanceNormRule(LayerRule):
 @register_rule(nn.GroupNorm)
 class GroupNormRule(LayerRule):
     name = "groupnorm"
+    differentiable = True
 
     def grad_sample(self, module, activation, backprops) -> Grads:
         return _per_output(module, activation, backprops, compute_group_norm_grad_sample)
@@ -97,6 +100,7 @@ class GroupNormRule(LayerRule):
 @register_rule(nn.LayerNorm)
 class LayerNormRule(LayerRule):
     name = "layernorm"
+    differentiable = True
 
     def grad_sample(self, module, activation, backprops) -> Grads:
         if module.bias is not None and module.weight is not None:
@@ -122,6 +126,7 @@ if hasattr(nn, "RMSNorm"):
     @register_rule(nn.RMSNorm)
     class RMSNormRule(LayerRule):
         name = "rmsnorm"
+        differentiable = True
 
         def grad_sample(self, module, activation, backprops) -> Grads:
             return _per_output(module, activation, backprops, compute_rms_norm_grad_sample)

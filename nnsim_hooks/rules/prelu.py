@@ -11,6 +11,7 @@ from .registry import register_rule
 @register_rule(nn.PReLU)
 class PReLURule(LayerRule):
     name = "prelu"
+    differentiable = True
 
     def grad_sample(self, module, activation, backprops) -> Grads:
         if not module.weight.requires_grad:
