@@ -7,7 +7,7 @@
 - :meth:`Engine.gram`: the Gram matrix of all per-sample gradients (ghost inner products
   where the layer allows), one layer at a time;
 - :meth:`Engine.self_kernels`, :meth:`Engine.weighted_sums`, :meth:`Engine.dots`: what the
-  exact density needs (see :mod:`nnsim_hooks.exact.gradient_sums`);
+  exact density needs (see :mod:`nnsim_hooks.exact.dataset_kernel`);
 - :meth:`Engine.sketch`: sketched per-sample gradients, never materialised for layers
   with a factored rule.
 
@@ -230,7 +230,7 @@ class Engine:
     @torch.no_grad()
     def weighted_sums(self, p: Pass, weights: torch.Tensor) -> Grads:
         """``S_k = sum_j sum_m W[j, m, k] g_{j,m}`` for ``W [B, d, K]``: ``{name: [K, *shape]}``
-        keyed by the model's parameter names (see :mod:`nnsim_hooks.exact.gradient_sums`)."""
+        keyed by the model's parameter names (see :mod:`nnsim_hooks.exact.dataset_kernel`)."""
         parts = self._each_unit(
             p,
             fast=lambda target, call, activation, backprops: target.rule.sums(call.module, activation, backprops, weights),

@@ -2,7 +2,7 @@
 ``Handle.consistency`` (the paper, §2, §3).
 
 Both are ``g_i . S`` for a few accumulators ``S = sum_j g_j w_j`` of the whole dataset, so
-each takes two passes over the data (see :mod:`nnsim_hooks.exact.gradient_sums`):
+each takes two passes over the data:
 
 1. per batch, the self kernels ``K_jj`` (the Gram's diagonal blocks) and the weighted
    sums of the batch's per-sample gradients, added into the accumulators;
@@ -12,6 +12,15 @@ Density uses the normalized kernel, whitening each sample by ``W_j = K_jj^{-1/2}
 (``1 / |g_j|`` for one output): ``N_S(x_i) = Tr(W_i J_i S) / d`` with ``S = sum_j J_j^T W_j``.
 Consistency uses the raw kernel ``K_ij = J_i J_j^T``: ``sum_j K_ij p_j`` and ``sum_j K_ij``.
 Memory: K copies of the parameters (K = d for density; C + 1 or d + 1 for consistency).
+
+For K mixing weights ``W [B, d, K]`` the accumulators are ``S_k = sum_j sum_m W[j, m, k]
+g_{j,m}`` and the products ``P[i, m, k] = g_{i,m} . S_k``. Each rule gives both
+(:meth:`~nnsim_hooks.rules.base.LayerRule.sums`, :meth:`~nnsim_hooks.rules.base.LayerRule.dots`):
+for a layer whose gradient is ``sum_u delta_u a_u^T`` the sum is the weight gradient of a
+backward whose output gradients were mixed by W (one matmul or convolution weight-gradient,
+never a per-sample gradient) and the product is the layer's own forward run with the weight
+``S_k`` (a "ghost" product); other rules and generic-rule modules use their materialised
+per-sample gradients, one module at a time.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ From these a rule provides, each for all d outputs at once:
 - :meth:`LayerRule.sketch`: the randomly projected gradients ``[B, d, m]``;
 - :meth:`LayerRule.sums` and :meth:`LayerRule.dots`: weighted sums of the per-sample
   gradients and each sample's products with them (the exact density, see
-  :mod:`nnsim_hooks.exact.gradient_sums`);
+  :mod:`nnsim_hooks.exact.dataset_kernel`);
 - :meth:`LayerRule.parts`: for a rule of the whole call, the call split into simpler
   layers' calls whose operands concatenate across batches (attention's two matrix
   products as Linear layers), which the exact Gram keeps between batches.
@@ -167,7 +167,7 @@ class LayerRule:
 
     def sums(self, module: nn.Module, activation, backprops, weights: torch.Tensor) -> Grads:
         """``{local name: [K, *shape]}``: ``S_k = sum_i sum_m W[i, m, k] g_{i,m}`` for weights
-        ``W [B, d, K]`` (see :mod:`nnsim_hooks.exact.gradient_sums`)."""
+        ``W [B, d, K]`` (see :mod:`nnsim_hooks.exact.dataset_kernel`)."""
         f = self.factors(module, activation, backprops)
         if f is None:
             return sums_of_grads(self.grad_sample(module, activation, backprops), weights)
