@@ -33,17 +33,9 @@ logger = logging.getLogger(__name__)
 
 def require_audit_extra() -> None:
     """The audit's optional dependencies, with one message naming the extra."""
-    missing = []
-    for module in ("pandas", "matplotlib", "sklearn", "scipy", "PIL"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise ImportError(
-            f"the audit needs {', '.join(missing)}: pip install 'nnsim_hooks[audit]' (pandas, pyarrow, matplotlib, "
-            "scikit-learn, pillow)"
-        )
+    from ..optional import require_all
+
+    require_all(("pandas", "matplotlib", "sklearn", "scipy", "PIL"), "the audit", "audit")
 
 
 def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
