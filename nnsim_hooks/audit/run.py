@@ -45,7 +45,8 @@ def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
     from torch.utils.data.dataloader import default_collate
 
     from ..data.batch_source import to_device
-    from ..validation import call_model, model_device_dtype
+    from ..model_device import model_device_dtype
+    from ..validation import call_model
 
     device, _ = model_device_dtype(model)
     with torch.no_grad():

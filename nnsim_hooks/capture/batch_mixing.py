@@ -30,12 +30,14 @@ from torch.utils._pytree import tree_flatten
 from ..data import batching
 from ..errors import BatchCouplingError
 from .hooks import copies_to_hook
-from ..validation import call_model, model_device_dtype
+from ..model_device import model_device_dtype
+from ..validation import call_model
 
 logger = logging.getLogger(__name__)
 
 
-def first_tensor(value) -> Optional[torch.Tensor]:
+def first_leaf_tensor(value) -> Optional[torch.Tensor]:
+    """The first tensor anywhere in a module's (nested) arguments or outputs."""
     for t in tree_flatten(value)[0]:
         if torch.is_tensor(t):
             return t
@@ -94,7 +96,7 @@ class Trace:
         self.outputs = outputs  # summarise outputs too (only to name the module that mixes samples)
 
     def enter(self, module: nn.Module, args) -> None:
-        t = first_tensor(args)
+        t = first_leaf_tensor(args)
         entry = [module, None if t is None else tuple(t.shape), summary(t), None, None]
         self.calls.append(entry)
         self._open.append(entry)
@@ -102,7 +104,7 @@ class Trace:
     def leave(self, module: nn.Module, output) -> None:
         if self.outputs and self._open and self._open[-1][0] is module:
             entry = self._open.pop()
-            t = first_tensor(output)
+            t = first_leaf_tensor(output)
             entry[3], entry[4] = (None if t is None else tuple(t.shape)), summary(t)
 
 

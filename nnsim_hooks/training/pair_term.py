@@ -66,6 +66,7 @@ from ..rules.conv import ConvRule
 from ..rules.linear import LinearRule, _tokens
 from ..rules.norm import batch_coupling_message, uses_batch_statistics
 from ..capture.targets import Target
+from ..model_device import model_device_dtype
 from ..validation import batch_size_of, call_model, check_inputs, check_targets
 
 logger = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ class PairSimilarity:
         except (RuntimeError, ValueError) as exc:
             raise InputError(f"a and b must be batches of the same kind of input: {exc}") from exc
         batch = check_inputs(model, inputs)
-        device = next(model.parameters()).device
+        device, _ = model_device_dtype(model)
         targets = check_targets(targets, batch, device)
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and uses_batch_statistics(module):
