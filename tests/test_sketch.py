@@ -48,6 +48,7 @@ def test_matrices_follow_the_documented_seed_recipe():
     torch.testing.assert_close(seeded_gaussian(7, "layer.weight", "row", (5, 9), 0.5), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_same_seed_same_features_other_seed_independent():
     model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
     x = torch.randn(6, 3, 32, 32)
