@@ -62,6 +62,7 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["contrast", "full"])
 def test_cnn_density_against_brute_force_and_similarity(output):
     model = cnn()
@@ -79,6 +80,7 @@ def test_cnn_density_against_brute_force_and_similarity(output):
     np.testing.assert_allclose(without, ref.sum(1).numpy() - 1.0, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["contrast", "full"])
 def test_vit_density_matches_similarity_row_sums(output):
     model = vit()
