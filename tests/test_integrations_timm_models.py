@@ -65,7 +65,6 @@ def _check(name):
     return _max_relative_error(hooked, reference)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_family_matches_the_per_sample_loop(name):
     assert _check(name) < 1e-8
