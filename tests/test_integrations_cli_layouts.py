@@ -58,7 +58,6 @@ def corrupt(folder, names):
         (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["folder", "csv", "datalist"])
 def test_every_documented_layout_goes_through_data(tmp_path, capsys, tiny_model, images, layout):
     root, rel, labels = images
