@@ -107,6 +107,7 @@ def test_max_memory_too_small_or_invalid():
                 h.similarity(x, max_memory=bad, progress=False)
 
 
+@pytest.mark.slow
 def test_falls_back_to_pairs_when_batches_are_made_of_other_parts(monkeypatch, caplog):
     model = cnn()
     x = torch.randn(10, 3, 8, 8, dtype=torch.float64)
