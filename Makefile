@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   # audit the embedded default (scikit-learn digits with planted label noise)
-#   make test   # the test suite
+#   make test   # the test suite, without the tests marked slow (make test-all: every test, as CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev,docs
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/nnsim audit --out nnsim-demo --overwrite
 
+# The fast suite (minutes on 2 cores): the tests marked @pytest.mark.slow (more than about
+# 2 s each: real models, training runs, subprocesses, torchrun) are left to test-all.
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest -q
 
 # Benchmarks write their tables to benchmarks/results/ (minutes each; run on a quiet machine).

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from nnsim_hooks.errors import DataError, ModelError
 
-from ._optional import require
+from nnsim_hooks.optional import require
 from .checkpoints import load_checkpoint
 from .config import DataConfig, LoadedModel
 from .names import unknown_name_message

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._optional import require
+from nnsim_hooks.optional import require
 
 
 def _write_json(path: str, content: Any) -> None:

@@ -57,7 +57,7 @@ from nnsim_hooks.rules.conv import ConvRule
 from nnsim_hooks.rules.linear import LinearRule
 from nnsim_hooks.rules.norm import LayerNormRule, batch_coupling_message, uses_batch_statistics
 
-from ._optional import require
+from nnsim_hooks.optional import require
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Callable, Tuple
 import numpy as np
 import torch
 
-from ._optional import require
+from nnsim_hooks.optional import require
 from .config import DataConfig
 
 

@@ -13,13 +13,16 @@ from .attach import Handle, attach, detach
 from .errors import (
     AttachError,
     BatchCouplingError,
+    CliError,
     DataError,
+    DistributedError,
     ExtractionError,
     IndexMismatchError,
     InputError,
     ModelError,
     NnsimError,
     NonFiniteGradientError,
+    OptionalDependencyError,
     OutputSpecError,
     StoreError,
 )
@@ -51,4 +54,7 @@ __all__ = [
     "StoreError",
     "ExtractionError",
     "DataError",
+    "DistributedError",
+    "OptionalDependencyError",
+    "CliError",
 ]

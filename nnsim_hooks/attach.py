@@ -16,7 +16,7 @@ from .exact.kernels import kernel_from_gram, normalize_features
 from .engine.outputs import OutputFn, make_output_spec
 from .engine.sketch import SketchRecipe, Sketcher
 from .capture.targets import CoverageReport, LayerSelector, find_targets
-from .validation import batch_size_of, describe
+from .validation import batch_size_of, check_attach_arguments, describe
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +74,10 @@ def attach(
             f"this {type(model).__name__} is already attached; detach the first handle (handle.detach(), leave "
             "its with-block, or nnsim_hooks.detach(model) if you no longer have it) before attaching again"
         )
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1 (samples per pass through the model), got {batch_size}")
-    handle = Handle(model, output, layers, SketchRecipe(sketch_dim, seed, stage1_dim, exact_limit), batch_size)
+    checked = check_attach_arguments(model, output=output, layers=layers, sketch_dim=sketch_dim, seed=seed,
+                                     stage1_dim=stage1_dim, exact_limit=exact_limit, batch_size=batch_size)
+    batch_size = checked.pop("batch_size")
+    handle = Handle(model, output, layers, SketchRecipe(**checked), batch_size)
     _ATTACHED[model] = handle
     return handle
 

@@ -54,3 +54,12 @@ class DataError(NnsimError, ValueError):
 
 class DistributedError(NnsimError, RuntimeError):
     """Ranks of a torch.distributed job that did not all reach a step, or failed one."""
+
+
+class CliError(NnsimError):
+    """A problem with the ``nnsim`` command line's arguments or environment (exit code 1)."""
+
+
+class OptionalDependencyError(NnsimError, ImportError):
+    """An optional library is missing; the message names the extra that installs it
+    (``pip install 'nnsim_hooks[timm]'``). Raised by :func:`nnsim_hooks.optional.require`."""

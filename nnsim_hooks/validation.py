@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 from .errors import InputError, NnsimError
-from .engine.outputs import batched_outputs
-
-
-def model_device_dtype(model: nn.Module):
-    for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+from .engine.outputs import batched_outputs, make_output_spec
+from .model_device import model_device_dtype
 
 
 def expected_input(model: nn.Module) -> str:
@@ -32,13 +28,16 @@ def expected_input(model: nn.Module) -> str:
 
 
 def batch_size_of(inputs: Any) -> int:
-    leaf = first_tensor(inputs)
+    leaf = first_input_tensor(inputs)
     if leaf is None or leaf.dim() == 0:
         raise InputError(f"inputs must be a batched tensor [B, ...] (or a tuple/dict of them), got {describe(inputs)}")
     return leaf.shape[0]
 
 
-def first_tensor(inputs: Any) -> Optional[torch.Tensor]:
+def first_input_tensor(inputs: Any) -> Optional[torch.Tensor]:
+    """The tensor the batch size is read from: ``inputs`` itself, or the first tensor among
+    its top-level values (the positional or keyword arguments of the model's forward).
+    Not nested structures: those are not checked as inputs either (see check_inputs)."""
     if torch.is_tensor(inputs):
         return inputs
     values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
@@ -122,3 +121,59 @@ def check_targets(targets, batch: int, device) -> Optional[torch.Tensor]:
     if targets.dim() == 0 or targets.shape[0] != batch:
         raise InputError(f"targets must have one entry per sample ({batch}), got shape {list(targets.shape)}")
     return targets.to(device)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_at_least(name: str, value: Any, low: int, meaning: str) -> int:
+    if not _is_int(value) or value < low:
+        raise InputError(f"attach({name}={value!r}): {name} is {meaning}; it must be an int >= {low}")
+    return int(value)
+
+
+def check_attach_arguments(model: nn.Module, *, output, layers, sketch_dim, seed, stage1_dim, exact_limit,
+                           batch_size) -> dict:
+    """Validate :func:`nnsim_hooks.attach`'s arguments before anything is hooked, so that a bad
+    value fails at ``attach`` and not at the first call; return the sketch recipe's numbers as
+    plain ints (a numpy integer would not go into an index's JSON manifest)."""
+    make_output_spec(output)  # an unknown name raises OutputSpecError, listing the names
+    _check_layers(model, layers)
+    dim = _int_at_least("sketch_dim", sketch_dim, 1, "D, the dimension of the sketched features (default 1024)")
+    if not _is_int(seed):
+        raise InputError(f"attach(seed={seed!r}): the sketch seed must be an int (the same int gives the same "
+                         "features anywhere), e.g. seed=0")
+    if stage1_dim is not None:
+        stage1_dim = _int_at_least(
+            "stage1_dim", stage1_dim, dim,
+            f"the first-stage sketch size, at least sketch_dim = {dim} (None: 16 x sketch_dim, at least 16384)",
+        )
+    return dict(
+        dim=dim,
+        seed=int(seed),
+        stage1_dim=stage1_dim,
+        exact_limit=_int_at_least("exact_limit", exact_limit, 0,
+                                  "the size up to which a parameter is kept whole, unprojected"),
+        batch_size=_int_at_least("batch_size", batch_size, 1, "how many samples go through the model at once"),
+    )
+
+
+def _check_layers(model: nn.Module, layers: Any) -> None:
+    accepted = ("None (every trainable parameter), a module name or glob pattern ('layer4', 'blocks.*'), a list of "
+                "them, or fn(name, module) -> bool")
+    if isinstance(layers, nn.Module):
+        # A module is callable, but not as fn(name, module): ask for its name instead.
+        names = [name for name, module in model.named_modules() if module is layers]
+        hint = f"layers={names[0]!r}" if names else "its name in model.named_modules()"
+        raise InputError(f"attach(layers=<{type(layers).__name__}>): pass the module's name, {hint}; layers= takes "
+                         f"{accepted}")
+    if layers is None or isinstance(layers, str) or callable(layers):
+        return
+    if not isinstance(layers, (list, tuple, set, frozenset)):
+        raise InputError(f"attach(layers={layers!r}): a {type(layers).__name__} is not a layer selection; layers= "
+                         f"takes {accepted}")
+    for item in layers:
+        if not isinstance(item, str):
+            raise InputError(f"attach(layers={layers!r}): {item!r} ({type(item).__name__}) is not a module name; "
+                             f"layers= takes {accepted}")

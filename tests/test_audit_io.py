@@ -14,6 +14,8 @@ from nnsim_hooks.audit import AuditResult, demo
 from nnsim_hooks.errors import StoreError
 from nnsim_hooks.index import load_index
 
+pytestmark = pytest.mark.slow  # every test audits the trained digits CNN (seconds each)
+
 
 class Counting(Dataset):
     """Digits that count reads and can stop the run (Ctrl-C) at a given sample."""

@@ -106,6 +106,7 @@ def digits_audit():
                 dups=np.arange(n, n + 5), noise=np.arange(n + 5, n + 10))
 
 
+@pytest.mark.slow
 def test_digits_flipped_labels_are_found(digits_audit):
     t = digits_audit["result"].table
     flipped = digits_audit["data"].flipped
@@ -117,12 +118,14 @@ def test_digits_flipped_labels_are_found(digits_audit):
     assert flipped[flagged].mean() > 0.6  # precision
 
 
+@pytest.mark.slow
 def test_digits_duplicates_are_grouped(digits_audit):
     groups = digits_audit["result"].table["duplicate_group"].to_numpy()
     for s, c in zip(digits_audit["dup_src"], digits_audit["dups"]):
         assert groups[s] >= 0 and groups[s] == groups[c], (s, c)
 
 
+@pytest.mark.slow
 def test_digits_noise_images_are_outliers(digits_audit):
     t = digits_audit["result"].table
     out = t["is_outlier"].to_numpy()
@@ -130,6 +133,7 @@ def test_digits_noise_images_are_outliers(digits_audit):
     assert out[: digits_audit["n"]].mean() < 0.06
 
 
+@pytest.mark.slow
 def test_audit_leaves_the_model_as_it_was(digits_audit):
     model = digits_audit["model"]
     assert model.training  # mode restored
@@ -140,6 +144,7 @@ def test_audit_leaves_the_model_as_it_was(digits_audit):
     model.eval()
 
 
+@pytest.mark.slow
 def test_labels_do_not_shape_the_similarity(digits_audit):
     """The features use the predicted class: permuting the labels changes the votes,
     never the neighbours."""
@@ -155,6 +160,7 @@ def test_labels_do_not_shape_the_similarity(digits_audit):
     np.testing.assert_allclose(a.table["density"], b.table["density"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_table_has_the_promised_columns(digits_audit):
     t = digits_audit["result"].table
     for col in ["label_issue_score", "is_label_issue", "density", "effective_neighbors", "is_outlier",
@@ -188,6 +194,7 @@ def test_inputs_without_labels():
     assert result.summary["labelled"] == 0
 
 
+@pytest.mark.slow
 def test_default_outputs_full_for_neighbours_and_contrast_for_density():
     """Up to 16 classes the neighbours use all outputs and density/N_eff the predicted
     class's contrast (checked against an index built by hand); above, contrast alone."""
@@ -209,6 +216,7 @@ def test_default_outputs_full_for_neighbours_and_contrast_for_density():
     assert many.summary["output"] == "contrast_predicted" and many.denoise_index is None
 
 
+@pytest.mark.slow
 def test_headline_network_agrees_more_with_true_labels_than_with_its_noisy_ones(digits_audit):
     """The paper's auto-denoising on the (cached) digits CNN, and the audit's label-free
     estimate pointing the same way without the true labels."""

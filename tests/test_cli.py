@@ -21,6 +21,7 @@ def nnsim(*args):
     return cli.main(["audit", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_default_run_end_to_end_then_existing_folder(tmp_path, capsys):
     out = tmp_path / "demo"
     assert nnsim("--out", out, *QUICK) == 0
@@ -46,6 +47,7 @@ def test_default_run_end_to_end_then_existing_folder(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["extra"]["planted_flips"] == 15
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_the_same_command_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "resume"
     original = demo.NoisyDigits.dataset
@@ -163,6 +165,7 @@ def test_image_folder_through_the_integrations_seam(tmp_path, capsys, monkeypatc
     assert nnsim("--out", out, "--data", root, "--model", "my.module:net", "--num-classes", 2, "--no-progress") == 1
 
 
+@pytest.mark.slow
 def test_console_script_entry_point():
     """pyproject declares nnsim = nnsim_hooks.cli:main; the module also runs with -m."""
     import tomllib

@@ -282,6 +282,110 @@ def test_bad_batch_size(batch_size):
         nnsim_hooks.attach(cnn(), batch_size=batch_size)
 
 
+# -- attach's arguments fail at attach, naming the argument, the value and what is accepted ----------
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    (dict(sketch_dim=0), r"attach\(sketch_dim=0\).*int >= 1"),
+    (dict(sketch_dim=-5), r"attach\(sketch_dim=-5\).*int >= 1"),
+    (dict(sketch_dim=64.0), r"attach\(sketch_dim=64\.0\).*int >= 1"),
+    (dict(sketch_dim=True), r"attach\(sketch_dim=True\).*int >= 1"),
+    (dict(seed=1.5), r"attach\(seed=1\.5\).*must be an int"),
+    (dict(seed="0"), r"attach\(seed='0'\).*must be an int"),
+    (dict(seed=None), r"attach\(seed=None\).*must be an int"),
+    (dict(sketch_dim=256, stage1_dim=128), r"attach\(stage1_dim=128\).*at least sketch_dim = 256.*int >= 256"),
+    (dict(stage1_dim=0), r"attach\(stage1_dim=0\).*int >= 1024"),
+    (dict(exact_limit=-1), r"attach\(exact_limit=-1\).*int >= 0"),
+    (dict(exact_limit=2.5), r"attach\(exact_limit=2\.5\).*int >= 0"),
+    (dict(batch_size=0), r"attach\(batch_size=0\).*int >= 1"),
+    (dict(batch_size=8.0), r"attach\(batch_size=8\.0\).*int >= 1"),
+    (dict(layers=3), r"attach\(layers=3\): a int is not a layer selection.*glob pattern.*fn\(name, module\)"),
+    (dict(layers={"0": True}), r"attach\(layers=\{'0': True\}\): a dict is not a layer selection"),
+    (dict(layers=["0", 5]), r"attach\(layers=\['0', 5\]\): 5 \(int\) is not a module name"),
+])
+def test_bad_attach_arguments_fail_at_attach(kwargs, expected):
+    model = cnn()
+    with pytest.raises(InputError, match=expected):
+        nnsim_hooks.attach(model, **kwargs)
+    # nothing was hooked and the model can be attached again
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    nnsim_hooks.attach(model).detach()
+
+
+def test_a_module_given_as_layers_is_asked_for_by_name():
+    model = cnn()
+    with pytest.raises(InputError, match=r"attach\(layers=<Linear>\): pass the module's name, layers='5'"):
+        nnsim_hooks.attach(model, layers=model[5])
+
+
+@pytest.mark.parametrize("output, expected", [("bogus", r"output='bogus'.*contrast.*callable"),
+                                              (3, r"output=3.*callable")])
+def test_bad_output_fails_at_attach_before_the_layers_are_looked_at(output, expected):
+    # layers="nope" selects nothing (a ModelError of its own): the output is checked first
+    with pytest.raises(OutputSpecError, match=expected):
+        nnsim_hooks.attach(cnn(), output=output, layers="nope")
+
+
+def test_good_attach_arguments_are_kept_as_plain_ints():
+    import numpy as np
+
+    with nnsim_hooks.attach(cnn(), sketch_dim=np.int64(64), seed=np.int32(3), stage1_dim=64, exact_limit=0,
+                            batch_size=np.int64(2), layers=("0", "5")) as h:
+        assert h.recipe.to_dict()["dim"] == 64 and type(h.recipe.dim) is int and type(h.recipe.seed) is int
+        assert (h.recipe.stage1_dim, h.recipe.exact_limit, h.batch_size) == (64, 0, 2)
+        assert type(h.batch_size) is int
+        assert h.features(X(3)).shape == (3, 64)
+
+
 def test_every_error_is_in_the_hierarchy():
     for cls in (AttachError, BatchCouplingError, InputError, ModelError, NonFiniteGradientError, OutputSpecError):
         assert issubclass(cls, NnsimError)
+    from nnsim_hooks import errors
+
+    exported = {name for name in nnsim_hooks.__all__ if name.endswith("Error")}
+    defined = {name for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, NnsimError)}
+    assert exported == defined  # DistributedError, CliError and OptionalDependencyError included
+    assert all(getattr(nnsim_hooks, name) is getattr(errors, name) for name in defined)
+    from nnsim_hooks.cli.commands import CliError
+
+    assert CliError is errors.CliError
+
+
+# -- optional libraries: one error class, naming the extra to install ----------------------------
+
+
+def _without(monkeypatch, *missing):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.split(".")[0] in missing:
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_a_missing_optional_library_names_its_extra(monkeypatch):
+    from nnsim_hooks.errors import OptionalDependencyError
+    from nnsim_hooks.optional import require
+
+    _without(monkeypatch, "timm", "pandas")
+    with pytest.raises(OptionalDependencyError, match=r"timm models needs .*'timm'.*pip install 'nnsim_hooks\[timm\]'"):
+        require("timm", "timm models")
+    with nnsim_hooks.attach(cnn()) as h:
+        # an ImportError too, for callers that catch that
+        with pytest.raises(ImportError, match=r"to_pandas\(\) needs .*'pandas'.*pip install 'nnsim_hooks\[audit\]'"):
+            h.coverage.to_pandas()
+
+
+def test_missing_audit_libraries_are_named_together(monkeypatch):
+    from nnsim_hooks.audit.run import require_audit_extra
+    from nnsim_hooks.errors import OptionalDependencyError
+
+    require_audit_extra()  # all installed here
+    _without(monkeypatch, "sklearn", "PIL")
+    with pytest.raises(OptionalDependencyError,
+                       match=r"the audit needs scikit-learn, pillow, .*pip install 'nnsim_hooks\[audit\]'"):
+        require_audit_extra()

@@ -47,7 +47,8 @@ def _every_use(model, x, batch_size):
 
 
 @pytest.mark.parametrize("make_model, batch_size", [
-    pytest.param(lambda: torchvision.models.resnet18(weights=None, num_classes=3).eval(), 64, id="resnet18"),
+    pytest.param(lambda: torchvision.models.resnet18(weights=None, num_classes=3).eval(), 64, id="resnet18",
+                 marks=pytest.mark.slow),
     pytest.param(lambda: InPlaceNet().train(), 2, id="inplace-train-mode-multi-pass"),
 ])
 def test_model_unchanged_by_attach_use_detach(make_model, batch_size):

@@ -19,6 +19,8 @@ from core_oracles import REFERENCE_OUTPUTS, assert_grads_close, chain_rule, outp
 
 CLASSES = 3
 
+pytestmark = pytest.mark.slow  # each model's Jacobian, then a pass per output function (seconds each)
+
 
 def _vit():
     model = torchvision.models.VisionTransformer(

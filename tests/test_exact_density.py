@@ -62,6 +62,7 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["contrast", "full"])
 def test_cnn_density_against_brute_force_and_similarity(output):
     model = cnn()
@@ -79,6 +80,7 @@ def test_cnn_density_against_brute_force_and_similarity(output):
     np.testing.assert_allclose(without, ref.sum(1).numpy() - 1.0, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["contrast", "full"])
 def test_vit_density_matches_similarity_row_sums(output):
     model = vit()
@@ -102,6 +104,7 @@ def test_density_with_embedding_tied_weights_and_a_module_called_twice():
     np.testing.assert_allclose(got, brute_cosine(flat, flat).sum(1).numpy(), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_density_reads_datasets_and_loaders_in_order():
     model = cnn()
     x = torch.randn(10, 3, 8, 8, dtype=torch.float64)
@@ -148,6 +151,7 @@ def _brute_consistency(k, p, include_self=True):
     return torch.linalg.vector_norm(p - avg, dim=1).numpy(), avg.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("include_self", [True, False])
 def test_consistency_against_the_raw_kernel(include_self):
     model = cnn()
@@ -167,6 +171,7 @@ def test_consistency_against_the_raw_kernel(include_self):
     np.testing.assert_allclose(got_values, ref_values, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_consistency_with_d_outputs_uses_the_matrix_kernel():
     """PAPER §3 for d outputs: ``(sum_j K_ij)^{-1} sum_j K_ij y_j`` with d x d blocks."""
     model = cnn(classes=3)
@@ -186,6 +191,7 @@ def test_consistency_with_d_outputs_uses_the_matrix_kernel():
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused():
     model = cnn()
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
@@ -205,6 +211,7 @@ def test_bad_input_is_refused():
             h.density(x, progress=False)  # no warning when every sample has a gradient
 
 
+@pytest.mark.slow
 def test_index_density_is_exact_with_the_handle_and_says_so():
     from nnsim_hooks.errors import IndexMismatchError
 
@@ -229,6 +236,7 @@ def test_index_density_is_exact_with_the_handle_and_says_so():
             idx.density(handle=h2, data=x, progress=False)
 
 
+@pytest.mark.slow
 def test_audit_exact_density_column_and_summary():
     pytest.importorskip("pandas")
     from nnsim_hooks.audit.output_choice import contrast_predicted

@@ -29,6 +29,7 @@ def _count_passes(handle, monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["contrast", "full"])
 def test_one_pass_per_batch_against_brute_force(output, monkeypatch):
     model = cnn()
@@ -57,6 +58,7 @@ def test_embedding_tied_weights_and_repeated_calls():
     torch.testing.assert_close(got, brute_cosine(flat, flat), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_spilled_to_disk_past_max_memory_gives_the_same_numbers(monkeypatch, caplog):
     model = cnn()
     x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
@@ -78,6 +80,7 @@ def test_spilled_to_disk_past_max_memory_gives_the_same_numbers(monkeypatch, cap
     torch.testing.assert_close(in_ram, pairs / (norms[:, None] * norms[None, :]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_kept_terms_choose_the_smaller_of_factors_and_gradients():
     """BatchNorm's per-sample gradient (16 numbers) and the first convolution's (224) are
     kept instead of their inputs and output gradients (704 numbers for the convolution);
@@ -104,6 +107,7 @@ def test_max_memory_too_small_or_invalid():
                 h.similarity(x, max_memory=bad, progress=False)
 
 
+@pytest.mark.slow
 def test_falls_back_to_pairs_when_batches_are_made_of_other_parts(monkeypatch, caplog):
     model = cnn()
     x = torch.randn(10, 3, 8, 8, dtype=torch.float64)

@@ -8,6 +8,8 @@ import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
+pytestmark = pytest.mark.slow  # each example runs end to end (a training, an audit)
+
 
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))

@@ -98,6 +98,7 @@ def child(inputs, folder, *args):
 # 50 the commit "extraction complete"; 51 the commit "complete".
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at, committed", [
     (1, None),  # in the very first manifest write: a .manifest.json.*.tmp is left, no manifest
     (4, 0),  # in the first batch's appends, before its first commit
@@ -185,6 +186,7 @@ def test_ctrl_c_while_overwrite_removes_the_old_index(xy, reference, tmp_path, m
 # -- two writers ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_writer_and_reader_are_told_who_writes(inputs, xy, reference, tmp_path):
     folder = tmp_path / "ix"
     proc = child(inputs, folder, "--delay", "0.02")

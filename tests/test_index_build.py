@@ -244,6 +244,7 @@ def test_resume_cuts_uncommitted_rows_and_handles_other_batch_sizes(handle, xy, 
     assert_matches_reference(idx, reference, xy)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_without_loss_or_duplicates(xy, reference, tmp_path):
     """A real SIGKILL halfway through extraction, then a resume in this process."""
     x, y = xy

@@ -80,6 +80,7 @@ def launched(tmp_path_factory):
     return root, left, seen
 
 
+@pytest.mark.slow
 def test_torchrun_build_equals_one_process_and_resumes_a_killed_rank(launched, reference):
     root, left, seen = launched
     # the kill left rank 1's share partial (some batches committed), nothing merged
@@ -96,6 +97,7 @@ def test_torchrun_build_equals_one_process_and_resumes_a_killed_rank(launched, r
     assert_same_index(nnsim_hooks.load_index(root / "killed"), reference)
 
 
+@pytest.mark.slow
 def test_torchrun_a_rank_that_never_comes_is_named_not_waited_for(launched):
     _, _, seen = launched
     name, message = seen[0]["absent"]
@@ -103,6 +105,7 @@ def test_torchrun_a_rank_that_never_comes_is_named_not_waited_for(launched):
     assert "did not all reach 'checking the data' within 3 s" in message and "Ranks 1 failed" in message
 
 
+@pytest.mark.slow
 def test_torchrun_build_of_one_sample_leaves_a_rank_empty(launched, reference):
     _, _, seen = launched
     for rank in (0, 1):
@@ -111,6 +114,7 @@ def test_torchrun_build_of_one_sample_leaves_a_rank_empty(launched, reference):
         assert seen[rank]["merged_again"]  # a finished folder is returned as it is
 
 
+@pytest.mark.slow
 def test_torchrun_build_of_a_ddp_wrapped_model(launched, reference):
     root, _, _ = launched
     for rank in (0, 1):
@@ -125,6 +129,7 @@ def test_torchrun_build_of_a_ddp_wrapped_model(launched, reference):
     assert idx.manifest["shards"]["ranges"] == [[0, 76], [76, 151]]
 
 
+@pytest.mark.slow
 def test_torchrun_sharded_queries_equal_one_process(launched):
     root, _, _ = launched
     idx = nnsim_hooks.load_index(root / "ddp")
@@ -147,6 +152,7 @@ def test_torchrun_sharded_queries_equal_one_process(launched):
         np.testing.assert_allclose(got["search_scores"], s, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, cls, words", [
     ("length", "DataError", ["samples: rank 0 has 151, rank 1 has 150"]),
     ("seed", "IndexMismatchError", ["fingerprint.sketch.seed: rank 0 has 0, rank 1 has 1"]),
@@ -164,6 +170,7 @@ def test_torchrun_refusals_reach_every_rank(launched, case, cls, words):
             assert word in message
 
 
+@pytest.mark.slow
 def test_torchrun_cli_audit_equals_one_process(launched, tmp_path):
     import pandas as pd
 

@@ -35,6 +35,7 @@ def test_a_file_path_is_refused(tmp_path):
         FolderLock(tmp_path / "f").acquire()
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
     code = textwrap.dedent(f"""
         import os, sys

@@ -21,6 +21,7 @@ def nnsim(*args):
     return cli.main(["audit", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_cli_timm_classifier_over_an_image_folder(tmp_path, capsys):
     pytest.importorskip("timm")
     data = tmp_path / "images"
@@ -52,6 +53,7 @@ def test_cli_timm_checkpoint_mismatch_names_keys(tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_monai_3d_network_over_nifti_volumes(tmp_path, capsys):
     pytest.importorskip("monai")
     pytest.importorskip("nibabel")
@@ -78,6 +80,7 @@ def test_cli_monai_2d_model_on_3d_volumes_says_so(tmp_path, capsys):
     assert "is a 2-D model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_api_monai_datalist(tmp_path):
     pytest.importorskip("monai")
     import nnsim_hooks.audit as audit_module

@@ -78,6 +78,7 @@ def test_every_documented_layout_goes_through_data(tmp_path, capsys, tiny_model,
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_mixed_labels_are_refused_unless_classes_are_given(tmp_path, capsys, tiny_model, images):
     _, rel, labels = images
     data = tmp_path / "data" / "list.csv"
@@ -93,6 +94,7 @@ def test_mixed_labels_are_refused_unless_classes_are_given(tmp_path, capsys, tin
     assert "circle" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_unreadable_files_are_skipped_and_counted_wherever_they_sort(tmp_path, capsys, tiny_model, images, where):
     root, _, _ = images
@@ -108,6 +110,7 @@ def test_unreadable_files_are_skipped_and_counted_wherever_they_sort(tmp_path, c
     assert not table["readable"][broken].any() and table["readable"].sum() == 10
 
 
+@pytest.mark.slow
 def test_unreadable_rows_first_in_a_csv(tmp_path, capsys, tiny_model, images):
     _, rel, labels = images
     corrupt(tmp_path / "data", [f"broken_{i}.png" for i in range(5)])

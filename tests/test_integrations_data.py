@@ -109,6 +109,7 @@ def test_csv_missing_files_are_listed(tmp_path):
 # -- MONAI datalist of NIfTI volumes ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_datalist_of_nifti_volumes(datalist):
     data = load_dataset(datalist, VOLUME)
     assert data.layout == "datalist" and data.labels == [0, 1, 0, 1]

@@ -138,6 +138,7 @@ def monai():
     return pytest.importorskip("monai")
 
 
+@pytest.mark.slow
 def test_monai_densenet_3d_and_2d(monai):
     loaded = load_model("monai:DenseNet121", model_kwargs=json.dumps(TINY_DENSENET))
     assert loaded.data_config.spatial_dims == 3 and loaded.data_config.channels == 1

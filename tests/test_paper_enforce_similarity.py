@@ -3,9 +3,12 @@
 import importlib.util
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_small_run_writes_table_and_figure(tmp_path):
     spec = importlib.util.spec_from_file_location("enforce_similarity", os.path.join(ROOT, "paper", "enforce_similarity.py"))
     script = importlib.util.module_from_spec(spec)

@@ -7,6 +7,8 @@ import torch
 
 from paper import circle_toy, matrix_denoising, registration
 
+pytestmark = pytest.mark.slow  # each reproduction runs in its --small version
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

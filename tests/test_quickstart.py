@@ -5,11 +5,13 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
+@pytest.mark.slow
 def test_quickstart_runs(capsys):
     scope = runpy.run_path(str(EXAMPLE), run_name="__main__")
     printed = capsys.readouterr().out

@@ -13,6 +13,8 @@ import torch
 import nnsim_hooks
 from nnsim_hooks.audit import demo
 
+pytestmark = pytest.mark.slow  # one audit in a subprocess, then Chromium renders its report
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars", "--disable-dev-shm-usage"]

@@ -48,6 +48,7 @@ def test_matrices_follow_the_documented_seed_recipe():
     torch.testing.assert_close(seeded_gaussian(7, "layer.weight", "row", (5, 9), 0.5), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_same_seed_same_features_other_seed_independent():
     model = torchvision.models.resnet18(weights=None, num_classes=5).eval()
     x = torch.randn(6, 3, 32, 32)
@@ -74,6 +75,7 @@ def test_factor_dims_respect_the_budget(shape, budget, k):
     assert k_row <= rows and k_col <= cols
 
 
+@pytest.mark.slow
 def test_sketch_is_unbiased_for_every_factored_rule():
     """The mean over seeds of sketched inner products is the exact Gram matrix."""
 
@@ -110,6 +112,7 @@ def test_sketch_is_unbiased_for_every_factored_rule():
     assert ((mean - exact).abs() / scale).max() < 0.12
 
 
+@pytest.mark.slow
 def test_fast_rules_never_materialise_for_features(monkeypatch):
     from nnsim_hooks.rules import conv, linear
 
@@ -159,6 +162,7 @@ def test_resnet18_sketch_error_within_1_2x_of_ideal_at_1024():
     assert ratio <= 1.2, ratio
 
 
+@pytest.mark.slow
 def test_long_position_table_is_folded_not_projected_along_one_huge_side():
     # [1, tokens, C] with tokens * C > FOLD_COLS: projecting the single row's 320k entries
     # would need a [budget, 320000] matrix; folded to [tokens, C] it gets Kronecker blocks.

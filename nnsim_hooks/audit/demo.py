@@ -61,11 +61,9 @@ def noisy_digits(noise: float = DEFAULT_NOISE, seed: int = 0, limit: Optional[in
     """
     if not 0 <= noise < 1:
         raise InputError(f"noise must be a fraction in [0, 1), got {noise}")
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - the audit extra ships scikit-learn
-        raise ImportError("the embedded demo needs scikit-learn: pip install 'nnsim_hooks[audit]'") from exc
-    digits = load_digits()
+    from ..optional import require
+
+    digits = require("sklearn.datasets", "the embedded demo").load_digits()
     rng = np.random.default_rng(seed)
     images = digits.images.astype(np.float32) / 16.0
     labels = digits.target.astype(np.int64)

@@ -16,10 +16,9 @@ BAR_COLOUR = "#5b7db1"
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - part of the audit extra
-        raise ImportError("the audit report needs matplotlib: pip install 'nnsim_hooks[audit]'") from exc
+    from ..optional import require
+
+    matplotlib = require("matplotlib", "the audit report")
     matplotlib.use("Agg", force=False)  # no display needed; keeps a user's own backend if already chosen
     import matplotlib.pyplot as plt
 

@@ -33,17 +33,9 @@ logger = logging.getLogger(__name__)
 
 def require_audit_extra() -> None:
     """The audit's optional dependencies, with one message naming the extra."""
-    missing = []
-    for module in ("pandas", "matplotlib", "sklearn", "scipy", "PIL"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise ImportError(
-            f"the audit needs {', '.join(missing)}: pip install 'nnsim_hooks[audit]' (pandas, pyarrow, matplotlib, "
-            "scikit-learn, pillow)"
-        )
+    from ..optional import require_all
+
+    require_all(("pandas", "matplotlib", "sklearn", "scipy", "PIL"), "the audit", "audit")
 
 
 def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
@@ -53,7 +45,8 @@ def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
     from torch.utils.data.dataloader import default_collate
 
     from ..data.batch_source import to_device
-    from ..validation import call_model, model_device_dtype
+    from ..model_device import model_device_dtype
+    from ..validation import call_model
 
     device, _ = model_device_dtype(model)
     with torch.no_grad():

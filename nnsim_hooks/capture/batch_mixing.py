@@ -32,12 +32,14 @@ from torch.utils._pytree import tree_flatten
 from ..data import batching
 from ..errors import BatchCouplingError
 from .hooks import copies_to_hook
-from ..validation import call_model, model_device_dtype
+from ..model_device import model_device_dtype
+from ..validation import call_model
 
 logger = logging.getLogger(__name__)
 
 
-def first_tensor(value) -> Optional[torch.Tensor]:
+def first_leaf_tensor(value) -> Optional[torch.Tensor]:
+    """The first tensor anywhere in a module's (nested) arguments or outputs."""
     for t in tree_flatten(value)[0]:
         if torch.is_tensor(t):
             return t
@@ -99,7 +101,7 @@ class Trace:
         self.leaves = leaves  # summarise every output tensor, to compare the outputs' layouts
 
     def enter(self, module: nn.Module, args) -> None:
-        t = first_tensor(args)
+        t = first_leaf_tensor(args)
         entry = [module, None if t is None else tuple(t.shape), summary(t), None, None, []]
         self.calls.append(entry)
         self._open.append(entry)
@@ -109,7 +111,7 @@ class Trace:
             return
         entry = self._open.pop()
         if self.outputs:
-            t = first_tensor(output)
+            t = first_leaf_tensor(output)
             entry[3], entry[4] = (None if t is None else tuple(t.shape)), summary(t)
         if self.leaves:
             # Every output, not only the first: a recurrent layer's h_n [layers * directions,

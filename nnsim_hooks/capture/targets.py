@@ -68,8 +68,9 @@ class CoverageReport:
         return self._names("excluded")
 
     def to_pandas(self):
-        import pandas as pd
+        from ..optional import require
 
+        pd = require("pandas", "CoverageReport.to_pandas()")
         return pd.DataFrame([r.__dict__ for r in self.rows])
 
     def summary(self) -> str:

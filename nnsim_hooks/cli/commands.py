@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import index_commands as index_cli
-from ..errors import InputError, NnsimError
+from ..errors import CliError, InputError, NnsimError
 
 logger = logging.getLogger(__name__)
-
-
-class CliError(NnsimError):
-    """A problem with the command line's arguments or environment (exit code 1)."""
 
 
 def _thresholds(items: Optional[List[str]], args=None) -> Optional[Dict[str, Any]]:

@@ -24,7 +24,8 @@ from ..capture.targets import CoverageReport, Target, promote
 from ..errors import BatchCouplingError, ModelError, NonFiniteGradientError
 from ..rules.base import Grads
 from ..rules.norm import batch_coupling_message, uses_batch_statistics
-from ..validation import call_model, check_inputs, check_targets, model_device_dtype
+from ..model_device import model_device_dtype
+from ..validation import call_model, check_inputs, check_targets
 from .outputs import OutputSpec, check_no_mixing
 from .plan import Plan
 from .policy import EnginePolicy

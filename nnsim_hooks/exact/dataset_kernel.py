@@ -33,6 +33,7 @@ import torch
 
 from ..errors import DataError, InputError
 from ..engine.outputs import CLASSIFIER_OUTPUTS
+from ..model_device import model_device_dtype
 from .kernels import inverse_sqrt
 
 #: Largest accumulator set allowed before asking for values= (K x the parameter count).
@@ -55,7 +56,7 @@ class _Data:
         if self.source.total == 0:
             raise InputError(f"the dataset is empty ({self.source.describe()} of length 0): there is nothing to sum")
         self.handle = handle
-        self.device = next(iter(handle.model.parameters()), torch.empty(0)).device
+        self.device, _ = model_device_dtype(handle.model)
         self.use_targets = handle.wants_targets if use_targets is None else use_targets
         self.count: Optional[int] = None
 

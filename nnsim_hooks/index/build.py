@@ -12,6 +12,7 @@ import torch
 from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
 from ..engine.outputs import CLASSIFIER_OUTPUTS
 from ..data.batch_source import Batch, BatchSource, to_device
+from ..model_device import model_device_dtype
 from .folder.data_fingerprint import data_differences, data_record
 from .gradient_index import GradientIndex
 from .folder.lock import FolderLock
@@ -207,7 +208,7 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
              use_targets: bool) -> None:
     from tqdm.auto import tqdm
 
-    device = next(iter(handle.model.parameters()), torch.empty(0)).device
+    device, _ = model_device_dtype(handle.model)
     where = f"The index folder '{store.path}'" if store.on_disk else "The in-memory index"
     first = True
     next_number = None  # number of the batch being loaded, once one has been seen

@@ -75,10 +75,9 @@ class IndexColumns:
     def table(self, *, probabilities: bool = False):
         """A pandas DataFrame of the per-sample columns, indexed by id (``probabilities=True``
         adds one column ``p_<class>`` per class)."""
-        try:
-            import pandas as pd
-        except ImportError as exc:
-            raise ImportError("GradientIndex.table() needs pandas: pip install 'nnsim_hooks[audit]'") from exc
+        from ..optional import require
+
+        pd = require("pandas", "GradientIndex.table()")
         data = {"valid": np.asarray(self.valid), "norm": np.asarray(self.norms)}
         for name, col in (("label", self.labels), ("prediction", self.predictions)):
             if col is not None:
