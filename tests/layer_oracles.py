@@ -13,6 +13,17 @@ import torch
 import torch.nn as nn
 
 
+class Head(nn.Module):
+    """``layer`` then a fixed nonlinearity, so that the output gradient varies by position."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args):
+        return torch.tanh(self.layer(*args))
+
+
 def take(inputs: Any, i: int) -> Any:
     """Sample ``i`` of a batch (a tensor, or a tuple of batch-first tensors), kept ``[1, ...]``."""
     if torch.is_tensor(inputs):

@@ -17,7 +17,7 @@ from opacus.layers import DPGRU, DPLSTM, DPRNN
 import nnsim_hooks
 from nnsim_hooks.errors import InputError
 from core_oracles import assert_grads_close, brute_cosine, flatten_grads
-from layer_oracles import call, loop_per_sample_grads, weighted_outputs
+from layer_oracles import Head, call, loop_per_sample_grads, weighted_outputs
 
 
 def fallback_twin(model: nn.Module, layer_name: str) -> nn.Module:
@@ -67,17 +67,6 @@ def as_double(inputs):
     if torch.is_tensor(inputs):
         return inputs.double() if inputs.is_floating_point() else inputs
     return tuple(as_double(t) for t in inputs)
-
-
-class Head(nn.Module):
-    """``layer`` then a fixed nonlinearity, so that the output gradient varies by position."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args):
-        return torch.tanh(self.layer(*args))
 
 
 # -- 1. an empty batch ---------------------------------------------------------------------

@@ -25,18 +25,7 @@ from opacus.layers import DPGRU, DPLSTM, DPRNN
 import nnsim_hooks
 from nnsim_hooks.errors import InputError
 from core_oracles import assert_grads_close
-from layer_oracles import call, loop_per_sample_grads, weighted_outputs
-
-
-class Head(nn.Module):
-    """``tanh`` of the layer's output: the output gradient then differs by position."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args):
-        return torch.tanh(self.layer(*args))
+from layer_oracles import Head, call, loop_per_sample_grads, weighted_outputs
 
 
 class Recurrent(nn.Module):
