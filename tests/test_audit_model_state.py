@@ -224,6 +224,20 @@ def test_a_memorising_model_with_the_default_output_finds_the_flips_and_warns_ab
 
 
 @pytest.mark.slow
+def test_the_sum_output_also_survives_memorisation(memorised):
+    """The label-agnostic sum of the outputs (one backward pass, like contrast) still finds
+    the memorised flips (benchmarks/results/label_issues_memorised.md)."""
+    model, data = memorised
+    result = nnsim_hooks.audit(model, digits_dataset(data), output="sum", progress=False, k=10)
+    from sklearn.metrics import roc_auc_score
+
+    score = np.nan_to_num(result.table["label_issue_score"].to_numpy())
+    assert roc_auc_score(data.flipped, score) > 0.95
+    assert result.table["is_label_issue"].to_numpy()[data.flipped].mean() > 0.8
+    assert [w["code"] for w in result.summary["warnings"]] == ["memorised"]
+
+
+@pytest.mark.slow
 def test_a_well_trained_model_on_clean_ish_digits_does_not_warn():
     model, data = trained_digits(noise=0.05)
     result = nnsim_hooks.audit(model, digits_dataset(data), output="contrast", progress=False, k=10)

@@ -136,8 +136,8 @@ def model_state_warnings(
                 "are clean, and neither are the agreements or the denoising numbers. (If these samples were held "
                 "out from the model's training, the labels probably are clean.)",
                 _OTHER_MODEL[0].upper() + _OTHER_MODEL[1:] + "; if this audit used --output contrast (the default "
-                "above 16 classes), try --output full, which kept finding memorised errors on digits "
-                "(benchmarks/results/label_issues_memorised.md).",
+                "above 16 classes), try --output full or --output sum: outputs that do not single out the predicted "
+                "class kept finding memorised errors on digits (benchmarks/results/label_issues_memorised.md).",
                 values))
         else:
             out.append(AuditWarning(
