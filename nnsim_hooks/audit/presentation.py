@@ -111,7 +111,7 @@ def warning_banner(warnings: List[Dict[str, Any]]) -> str:
         for w in warnings)
     count = len(warnings)
     return (f'<section class="warning-banner" role="alert"><h2>⚠ Read this first: {count} warning'
-            f'{"s" if count > 1 else ""} about the model</h2>{items}</section>')
+            f'{"s" if count > 1 else ""} on what these numbers can tell</h2>{items}</section>')
 
 
 def warning_lines(warnings: List[Dict[str, Any]]) -> List[str]:
