@@ -111,6 +111,7 @@ def perfect_fit_result(**kwargs):
     return analyse(GradientIndex.from_features(feats, labels=labels, predictions=labels), k=5, **kwargs)
 
 
+@pytest.mark.slow  # saves the folder and renders the report twice
 def test_a_warning_reaches_every_output(tmp_path):
     result = perfect_fit_result()
     s = result.summary
