@@ -135,10 +135,10 @@ def table(rows) -> str:
              "flagged | same-label rows | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['noise']:.2f} | {r['state']} ({r['epochs']} ep) | {fmt(r['agreement'], 2)} / {fmt(r['true_agreement'], 2)} "
-            f"| {fmt(r['least_predicted'], 2)} | {r['method']} | {fmt(r['auroc'])} | {fmt(r['recall'], 2)} | "
-            f"{fmt(r['precision'], 2)} | {r['flagged'] if r['flagged'] >= 0 else '–'} | {fmt(r['same_label_rows'], 2)} | "
-            f"{r['seconds']:.1f} |")
+            f"| {r['noise']:.2f} | {r['state']} ({r['epochs']} ep) | {fmt(r['agreement'], 2)} / "
+            f"{fmt(r['true_agreement'], 2)} | {fmt(r['least_predicted'], 2)} | {r['method']} | {fmt(r['auroc'])} | "
+            f"{fmt(r['recall'], 2)} | {fmt(r['precision'], 2)} | {r['flagged'] if r['flagged'] >= 0 else '–'} | "
+            f"{fmt(r['same_label_rows'], 2)} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     text = table(rows)
     print(text)
     if args.out:
-        command = "OMP_NUM_THREADS=1 python benchmarks/bench_label_issues_memorised.py " + " ".join(argv or sys.argv[1:])
+        script = "OMP_NUM_THREADS=1 python benchmarks/bench_label_issues_memorised.py"
+        command = script + " " + " ".join(argv or sys.argv[1:])
         out = Path(args.out)
         # Hand-written reading of the results, below this marker, survives a rerun.
         notes = "\n" + NOTES + out.read_text().split(NOTES, 1)[1] if out.exists() and NOTES in out.read_text() else ""
@@ -171,8 +172,8 @@ def main(argv=None) -> int:
             f"Command: `{command}`\n\n"
             f"scikit-learn digits, {args.limit} images (8x8), the given share of labels flipped to another class, "
             "the demo's small CNN (width 8) trained on the noisy labels with Adam (lr 3e-3): random init, 1 epoch "
-            "(early), 25 epochs (normal), until every noisy label is predicted (memorised), or 300 epochs without weight "
-            "decay (overfit: long past memorisation). k = 10 neighbours. "
+            "(early), 25 epochs (normal), until every noisy label is predicted (memorised), or 300 epochs without "
+            "weight decay (overfit: long past memorisation). k = 10 neighbours. "
             "AUROC ranks all samples by the score; recall/precision are those of the flags at the default threshold "
             "(vote >= 0.5 and another majority; for the mix: >= 0.5). Same-label rows: share of samples whose "
             "neighbours all carry the sample's own label. Least predicted: the smallest ratio, over classes, of "

@@ -21,7 +21,8 @@ from nnsim_hooks.cli import commands
 from nnsim_hooks.errors import InputError
 from nnsim_hooks.index import GradientIndex
 
-DEFAULTS = dict(chance_margin=0.1, min_predicted_share=0.1, memorised_agreement=0.99, memorised_flag_rate=0.01)
+DEFAULTS = dict(chance_margin=0.1, min_predicted_share=0.1, memorised_agreement=0.99, memorised_flag_rate=0.01,
+                max_unscored_share=0.1)
 
 
 def codes(labels, predictions, scores=None, flagged=None, num_classes=None, **thresholds):
@@ -92,6 +93,22 @@ def test_no_labels_and_too_few_samples():
     assert codes(np.full(30, -1), np.zeros(30, int), num_classes=3) == ["no_labels"]
     assert codes(np.array([0, 1, 0]), np.array([1, 1, 1])) == []  # fewer than 10 labelled: too few to judge
     assert codes(np.full(1, -1), np.zeros(1, int), num_classes=3) == []  # one sample: nothing to compare
+
+
+def test_unscored_labels():
+    labels = np.tile(np.arange(4), 25)  # 100 labelled samples
+    pred = np.roll(labels, 1)  # 0% agreement... keep the other warnings out of the way:
+    pred[:60] = labels[:60]  # 60% agreement: neither chance nor memorised
+    scores = np.zeros(100)
+    scores[:11] = np.nan  # 11% unscored: above 10%
+    found = model_state_warnings(labels, pred, scores, np.zeros(100, bool), 4, **DEFAULTS)
+    assert [w.code for w in found] == ["unscored_labels"] and found[0].values["unscored_share"] == 0.11
+    scores[10] = 0.0  # 10%: not above
+    assert codes(labels, pred, scores=scores) == []
+    assert codes(labels, pred, scores=scores, max_unscored_share=0.05) == ["unscored_labels"]
+    # unlabelled samples without a score do not count
+    more_labels, more_pred = np.r_[labels, np.full(50, -1)], np.r_[pred, np.zeros(50, int)]
+    assert codes(more_labels, more_pred, scores=np.r_[scores, np.full(50, np.nan)]) == []
 
 
 def test_thresholds_are_declared_and_validated():

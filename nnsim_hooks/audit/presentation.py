@@ -105,9 +105,10 @@ def warning_banner(warnings: List[Dict[str, Any]]) -> str:
     if not warnings:
         return ""
     items = "".join(
-        f'<div class="warning" id="warning-{escape(w.get("code", ""))}"><div class="what">{escape(w.get("message", ""))} '
-        f'<code>{escape(w.get("code", ""))}</code></div><p><b>What the numbers can and cannot tell:</b> '
-        f'{escape(w.get("meaning", ""))}</p><p><b>What to do:</b> {escape(w.get("advice", ""))}</p></div>'
+        f'<div class="warning" id="warning-{escape(w.get("code", ""))}"><div class="what">'
+        f'{escape(w.get("message", ""))} <code>{escape(w.get("code", ""))}</code></div>'
+        f'<p><b>What the numbers can and cannot tell:</b> {escape(w.get("meaning", ""))}</p>'
+        f'<p><b>What to do:</b> {escape(w.get("advice", ""))}</p></div>'
         for w in warnings)
     count = len(warnings)
     return (f'<section class="warning-banner" role="alert"><h2>⚠ Read this first: {count} warning'

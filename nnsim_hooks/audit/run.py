@@ -120,8 +120,8 @@ def audit(
       overall, and the label-free consistency check (the paper section 3);
     - **model state**: ``summary["warnings"]`` (empty when all is well) says when the model
       cannot show label errors or denoising (near-chance agreement, a class never
-      predicted, memorised labels, no labels), with what to do; the report opens with them
-      (:mod:`nnsim_hooks.audit.checks.model_state`).
+      predicted, memorised labels, no labels, many unscored labels), with what to do; the
+      report opens with them (:mod:`nnsim_hooks.audit.checks.model_state`).
 
     Args:
         model: a trained classifier (``[B, C]`` logits); it is put in eval mode for the

@@ -10,7 +10,10 @@ and the label vote, that say when the audit's numbers cannot be trusted.
   audit cannot tell them apart, so "0 label errors" is no evidence;
 - **memorised**: the model predicts (nearly) every given label although the neighbours
   contradict some: the flags hold, the predictions and the denoising estimate do not;
-- **no_labels**: no sample has a label, so no label error can be found.
+- **no_labels**: no sample has a label, so no label error can be found;
+- **unscored_labels**: many labelled samples got no label-issue score (no gradient
+  direction, or no neighbour with a label and a positive similarity), so their labels were
+  not checked.
 
 Each becomes an :class:`~.check.AuditWarning` in ``summary.json``'s ``warnings``, a
 banner at the top of the report and lines before the counts of ``nnsim audit``; the
@@ -66,6 +69,7 @@ def model_state_warnings(
     min_predicted_share: float,
     memorised_agreement: float,
     memorised_flag_rate: float,
+    max_unscored_share: float = 0.1,
 ) -> List[AuditWarning]:
     """The warnings of one audit, from its rows (readable samples): given ``labels`` and
     ``predictions`` (-1: none), the label-issue ``scores`` (NaN: not scored) and ``flagged``."""
@@ -80,7 +84,20 @@ def model_state_warnings(
             "Give the labels: the dataset's second item, audit(labels=...), or a labelled layout of --data.",
             {"samples": int(len(labels))}))
         return out
-    both = (labels >= 0) & (predictions >= 0)
+    labelled = labels >= 0
+    unscored = float((labelled & ~np.isfinite(scores)).sum() / max(labelled.sum(), 1))
+    if labelled.sum() >= MIN_LABELLED and unscored > max_unscored_share:
+        out.append(AuditWarning(
+            "unscored_labels",
+            f"{unscored:.1%} of the labelled samples got no label-issue score (warned above {max_unscored_share:.0%}).",
+            "Their labels were not checked: the count of suspected label errors covers only the others. A sample "
+            "has no score when its gradient is zero (the table's valid column is False: an input the network maps "
+            "to a constant, such as a blank image or one whose units are all inactive) or when none of its "
+            "neighbours has a label and a positive similarity.",
+            "Look at the rows with an empty label_issue_score in table.csv: check the inputs with valid = False "
+            "(blank, constant or broken images); for unlabelled neighbours, label more samples or raise --k.",
+            {"unscored_share": unscored, "max_unscored_share": max_unscored_share}))
+    both = labelled & (predictions >= 0)
     if both.sum() < MIN_LABELLED:
         return out
     agree = float((labels[both] == predictions[both]).mean())
@@ -174,6 +191,12 @@ class ModelState(Check):
             low=0.0, high=1.0,
         ),
         ThresholdSpec(
+            "max_unscored_share", 0.1,
+            "warn ``unscored_labels`` when more than this share of the labelled samples has no label-issue score.",
+            "warn unscored_labels above this share of labelled samples without a score",
+            low=0.0, high=1.0,
+        ),
+        ThresholdSpec(
             "memorised_agreement", 0.99,
             "warn about memorisation when the predictions agree with the given labels on at least this share.",
             "warn memorised when the predictions agree with at least this share of the given labels",
@@ -193,7 +216,8 @@ class ModelState(Check):
         found = model_state_warnings(
             inputs.labels, inputs.predictions, inputs.columns["label_issue_score"], inputs.columns["is_label_issue"],
             max(inputs.num_classes, 1), chance_margin=t.chance_margin, min_predicted_share=t.min_predicted_share,
-            memorised_agreement=t.memorised_agreement, memorised_flag_rate=t.memorised_flag_rate)
+            memorised_agreement=t.memorised_agreement, memorised_flag_rate=t.memorised_flag_rate,
+            max_unscored_share=t.max_unscored_share)
         inputs.info[WARNINGS] = [w.to_dict() for w in found]
         return {}
 
