@@ -84,3 +84,43 @@ class ClassNames:
         if self.names is not None and c < len(self.names):
             return escape(self.names[c])
         return str(c)
+
+
+# -- warnings (summary.json's "warnings": see nnsim_hooks.audit.checks.model_state) ------------
+
+#: The report's banner: above everything, in a colour no other part of the page uses.
+WARNING_CSS = """
+.warning-banner { background:#fff4e5; border:3px solid #d35400; border-radius:10px; padding:14px 20px 10px;
+                  margin:18px 0; }
+.warning-banner h2 { color:#a04000; font-size:19px; margin:0 0 8px; }
+.warning-banner .warning { border-top:1px solid #f0c9a0; padding:8px 0 6px; }
+.warning-banner .warning:first-of-type { border-top:none; }
+.warning-banner .what { font-weight:650; }
+.warning-banner code { background:#fde3c8; }
+"""
+
+
+def warning_banner(warnings: List[Dict[str, Any]]) -> str:
+    """The report's banner of the audit's warnings ("" when there are none)."""
+    if not warnings:
+        return ""
+    items = "".join(
+        f'<div class="warning" id="warning-{escape(w.get("code", ""))}"><div class="what">'
+        f'{escape(w.get("message", ""))} <code>{escape(w.get("code", ""))}</code></div>'
+        f'<p><b>What the numbers can and cannot tell:</b> {escape(w.get("meaning", ""))}</p>'
+        f'<p><b>What to do:</b> {escape(w.get("advice", ""))}</p></div>'
+        for w in warnings)
+    count = len(warnings)
+    return (f'<section class="warning-banner" role="alert"><h2>⚠ Read this first: {count} warning'
+            f'{"s" if count > 1 else ""} on what these numbers can tell</h2>{items}</section>')
+
+
+def warning_lines(warnings: List[Dict[str, Any]]) -> List[str]:
+    """The warnings as lines of the summary ``nnsim audit`` prints (none when there are none)."""
+    lines: List[str] = []
+    for w in warnings:
+        lines += [f"WARNING [{w.get('code')}]: {w.get('message')}", f"  can and cannot tell: {w.get('meaning')}",
+                  f"  what to do: {w.get('advice')}"]
+    if lines:
+        lines.append("The numbers below are not to be trusted as they stand (see the warnings above).")
+    return lines

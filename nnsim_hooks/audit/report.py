@@ -11,7 +11,8 @@ from typing import Any, Dict
 import pandas as pd
 
 from . import checks
-from .presentation import ClassNames, Pictures, escape as _e, num as _num, pct as _pct
+from .checks.check import warnings_of
+from .presentation import WARNING_CSS, ClassNames, Pictures, escape as _e, num as _num, pct as _pct, warning_banner
 
 CSS = """
 :root { --ink:#1d2430; --muted:#5f6b7a; --line:#e3e7ee; --bg:#f6f8fb; --card:#fff; --bad:#c0392b; --good:#1e8449;
@@ -166,8 +167,9 @@ def render(result) -> str:
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>nnsim audit · {s['samples']:,} samples</title><style>{CSS}</style></head><body>",
+        f"<title>nnsim audit · {s['samples']:,} samples</title><style>{CSS}{WARNING_CSS}</style></head><body>",
         f"<header><h1>Dataset audit through the network's eyes</h1><div class='sub'>{sub}</div></header><main>",
+        warning_banner(warnings_of(s)),
         f"<section><h2>Summary</h2><p class='lead'>Similarity = cosine between the network's label-free "
         f"gradients (Charpiat et al., NeurIPS 2019): two samples are similar when training on one moves the "
         f"network's output on the other.</p>{_cards(s)}</section>",

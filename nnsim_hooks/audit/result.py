@@ -22,6 +22,9 @@ none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outli
 
 ``summary.json`` and ``per_class.csv`` likewise hold the core counts and each check's
 own keys (:meth:`nnsim_hooks.audit.checks.check.Check.summary` and ``per_class``).
+``summary.json``'s ``warnings`` is a list (empty when all is well) of
+:class:`~nnsim_hooks.audit.checks.check.AuditWarning` dicts: states of the model or data
+that make some numbers meaningless (:mod:`nnsim_hooks.audit.checks.model_state`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import StoreError
 from . import checks
 from .checks.arrays import agreement, class_column
+from .checks.check import WARNINGS, warnings_of
 from .output_folder import clean_json, mark_done, prepare_out_dir, read_marker, write_json
 from .thresholds import Thresholds, threshold_specs
 
@@ -101,6 +105,7 @@ class AuditResult:
             "k": self.k,
             "thresholds": self.thresholds.to_dict(),
             "agreement": {"prediction_vs_label": agreement(preds, labels)},
+            WARNINGS: [],
         }
         for check in checks.CHECKS:
             _merge(summary, check.summary(t, self.info, num_classes), check.name)
@@ -261,7 +266,9 @@ class AuditResult:
     def __repr__(self) -> str:
         s = self.summary
         counts = [words for words in (check.headline(s) for check in checks.CHECKS) if words]
-        return f"<AuditResult {s.get('samples')} samples: {', '.join(counts)}>"
+        codes = [w.get("code", "?") for w in warnings_of(s)]
+        warned = f" ({len(codes)} warning{'s' if len(codes) > 1 else ''}: {', '.join(codes)})" if codes else ""
+        return f"<AuditResult {s.get('samples')} samples{warned}: {', '.join(counts)}>"
 
 
 def _merge(into: Dict[str, Any], part: Dict[str, Any], check: str) -> None:
@@ -269,6 +276,8 @@ def _merge(into: Dict[str, Any], part: Dict[str, Any], check: str) -> None:
     for key, value in part.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             _merge(into[key], value, check)
+        elif key == WARNINGS and isinstance(value, list):  # every check may add warnings
+            into[key] = list(into.get(key) or []) + value
         elif key in into:
             raise ValueError(f"audit check {check!r} sets the summary key {key!r}, which is already set; rename it")
         else:

@@ -110,7 +110,11 @@ def audit(
     - **near-duplicates**: groups linked by similarity >= a threshold, one representative each;
     - **outliers**: samples whose mean similarity to their neighbours is unusually low;
     - **denoising**: the paper's ``N_eff`` and ``1 / N_eff`` per sample, per class and
-      overall, and the label-free consistency check (the paper section 3).
+      overall, and the label-free consistency check (the paper section 3);
+    - **model state**: ``summary["warnings"]`` (empty when all is well) says when the model
+      cannot show label errors or denoising (near-chance agreement, a class never
+      predicted, memorised labels, no labels, many unscored labels), with what to do; the
+      report opens with them (:mod:`nnsim_hooks.audit.checks.model_state`).
 
     Args:
         model: a trained classifier (``[B, C]`` logits); it is put in eval mode for the

@@ -224,9 +224,11 @@ def _audit_data(args, thresholds) -> Any:
 
 
 def format_summary(result, out: Path) -> str:
-    """The few lines printed at the end of ``nnsim audit``: the run, each check's lines, the skipped samples."""
+    """The few lines printed at the end of ``nnsim audit``: the run, the warnings (before the counts they
+    qualify), each check's lines, the skipped samples."""
     from ..audit.checks import CHECKS
-    from ..audit.presentation import plain_num as num, plain_pct as pct
+    from ..audit.checks.check import warnings_of
+    from ..audit.presentation import plain_num as num, plain_pct as pct, warning_lines
 
     s = result.summary
     den = s.get("denoising", {})
@@ -235,6 +237,7 @@ def format_summary(result, out: Path) -> str:
         f"nnsim audit: {s['samples']:,} samples, {s.get('num_classes') or '?'} classes "
         f"(model {s.get('model')}, output {s.get('output')}, {s.get('seconds', 0):.0f} s)",
     ]
+    lines += warning_lines(warnings_of(s))  # before the counts: they say how far to trust them
     lines += [line for check in CHECKS for line in check.summary_lines(s)]
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")

@@ -133,6 +133,33 @@ class CheckInputs:
 #: A summary card of the report: (value, label, tone) with tone "", "good", "warn" or "bad".
 Card = Tuple[str, str, str]
 
+#: The key of ``summary.json`` that holds the warnings of every check (a list, empty when
+#: none fired; checks' lists are concatenated in registry order).
+WARNINGS = "warnings"
+
+
+@dataclass(frozen=True)
+class AuditWarning:
+    """A state of the model or the data that makes some of the audit's numbers meaningless.
+
+    Saved as a dict in ``summary.json``'s ``warnings`` list; the report shows it in a
+    banner at the top and ``nnsim audit`` prints it before the counts."""
+
+    code: str  # machine-readable, snake_case, e.g. "near_chance"
+    message: str  # what was seen, with the numbers
+    meaning: str  # what the audit's numbers can and cannot tell in this state
+    advice: str  # what to do
+    values: Dict[str, Any] = field(default_factory=dict)  # the measured numbers and the thresholds
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"code": self.code, "message": self.message, "meaning": self.meaning, "advice": self.advice,
+                "values": dict(self.values)}
+
+
+def warnings_of(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The warnings of a summary (``[]`` for none, or for a summary saved before warnings existed)."""
+    return list(summary.get(WARNINGS) or [])
+
 
 class Check:
     """One audit check; subclass it in its own module and add an instance to

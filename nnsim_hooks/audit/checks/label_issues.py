@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .arrays import agreement, class_column, usable_neighbors
-from .check import CLASS, FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
+from .check import CLASS, FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec, warnings_of
 
 #: How much the report's gallery shows (the table has everything).
 MAX_LABEL_ISSUES = 36
@@ -131,8 +131,10 @@ class LabelIssues(Check):
         from ..presentation import pct
 
         count = summary["label_issues"]
-        return [(f"{count:,}", f"suspected label errors ({pct(summary.get('label_issue_rate'))} of labels)",
-                 "bad" if count else "good")]
+        label = f"suspected label errors ({pct(summary.get('label_issue_rate'))} of labels)"
+        if warnings_of(summary):  # green only when the audit could have found them
+            return [(f"{count:,}", label + "; see the warnings at the top", "warn")]
+        return [(f"{count:,}", label, "bad" if count else "good")]
 
     def class_cells(self, row, summary) -> List[str]:
         from ..presentation import num, pct
@@ -149,7 +151,10 @@ class LabelIssues(Check):
 
         issues = result.label_issues()
         total = len(issues)
-        if total == 0:
+        if total == 0 and warnings_of(result.summary):
+            body = ('<p class="muted">No label is flagged, but that is no evidence that the labels are clean: the '
+                    'warnings at the top of the page say why.</p>')
+        elif total == 0:
             body = '<p class="muted">No label is contradicted by the samples the network sees as similar.</p>'
         else:
             cards = []
