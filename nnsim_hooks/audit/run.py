@@ -288,6 +288,7 @@ def audit(
             "output": output_name,
             "sketch_dim": int(sketch_dim),
             "denoising_output": "contrast_predicted" if denoise_index is not None else output_name,
+            "denoising_sketch_dim": DEFAULT_SKETCH_DIM if denoise_index is not None else int(sketch_dim),
             "seconds": round(time.time() - started, 2),
         }
     )

@@ -44,6 +44,15 @@ def averaging_error_probability(n_eff: np.ndarray, noise_rate: float, num_classe
     return np.minimum(1.0, (c - 1) * norm.sf(z)) if margin > 0 else np.ones_like(n)
 
 
+def below_one_share(effective_neighbors) -> float:
+    """Share of the samples with an N_eff (finite) whose N_eff is below 1: there the
+    network averages less than one sample's worth of labels (its similarities to the
+    others cancel out) and 1/N_eff exceeds 1, without bound. NaN when none has an N_eff."""
+    v = np.asarray(effective_neighbors, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float((v < 1.0).mean()) if v.size else float("nan")
+
+
 class Denoising(Check):
     name = "denoising"
     columns = (
@@ -91,8 +100,12 @@ class Denoising(Check):
                 "estimated_noise_rate": noise_rate,
                 "predicted_agreement_with_clean_labels": predicted,
                 "median_effective_neighbors": nanstat(np.median, table["effective_neighbors"]),
-                "mean_denoising_factor": nanstat(np.mean, factors),
+                # robust statistics only: 1/N_eff is unbounded where a sample's similarities
+                # cancel (N_eff near 0), so a mean is ruled by a few such samples
                 "median_denoising_factor": nanstat(np.median, factors),
+                "denoising_factor_quartiles": [nanstat(lambda v: np.quantile(v, 0.25), factors),
+                                               nanstat(lambda v: np.quantile(v, 0.75), factors)],
+                "share_below_one_effective_neighbor": below_one_share(table["effective_neighbors"]),
                 "mean_consistency": nanstat(np.mean, table["consistency"]),
                 "median_consistency": nanstat(np.median, table["consistency"]),
             }
@@ -102,7 +115,7 @@ class Denoising(Check):
         return {
             "median_effective_neighbors": nanstat(np.median, rows["effective_neighbors"]),
             "median_denoising_factor": nanstat(np.median, rows["denoising_factor"]),
-            "mean_denoising_factor": nanstat(np.mean, rows["denoising_factor"]),
+            "share_below_one_effective_neighbor": below_one_share(rows["effective_neighbors"]),
             "median_consistency": nanstat(np.median, rows["consistency"]),
         }
 
@@ -133,10 +146,10 @@ class Denoising(Check):
 
         t = result.table
         return [
-            plots.histogram(t["effective_neighbors"], "Effective neighbours N_eff", "N_eff (log scale)", log_x=True,
+            plots.histogram(t["effective_neighbors"], "Effective neighbours N_eff", "N_eff", log_x=True,
                             note="label-noise variance ÷ N_eff"),
             plots.histogram(t["consistency"], "Consistency check (label-free)",
-                            "‖p_i − kernel average of the p_j‖ (log scale)", log_x=True,
+                            "‖p_i − kernel average of the p_j‖", log_x=True,
                             note="0: prediction = average of the others'"),
         ]
 
