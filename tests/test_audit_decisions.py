@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import nnsim_hooks
-from nnsim_hooks.audit.decisions import DecidedDataset, apply_decisions, read_decisions
+from nnsim_hooks.audit.decisions import DecidedDataset, _by_suffix, apply_decisions, read_decisions
 from nnsim_hooks.errors import InputError
 
 
@@ -105,6 +105,14 @@ def test_image_folder_samples_are_named_by_path(tmp_path):
     assert new.classes == ["circle", "square"] and new.loader is ds.loader
     assert [y for _, y in new.samples[1:]] == [y for _, y in ds.samples[2:]]
     assert record["removed_samples"] == [paths[0]]
+    # a path relative to the data folder names the one file ending with it
+    relative = "/".join(paths[5].split("/")[-2:])
+    new, _, record = apply_decisions(ds, _csv(tmp_path, f"{relative},remove,"))
+    assert record["removed_samples"] == [relative] and [p for p, _ in new.samples] == paths[:5] + paths[6:]
+    assert _by_suffix("png", paths) is None  # whole components only
+    with pytest.raises(InputError, match="matches 2 files"):
+        _by_suffix("x.png", ["/d/a/x.png", "/d/b/x.png"])
+    assert _by_suffix("b/x.png", ["/d/a/x.png", "/d/b/x.png"]) == 1
     # the same sample named by its path and by its index is one sample decided twice
     with pytest.raises(InputError, match="name the same sample"):
         apply_decisions(ds, _csv(tmp_path, f"{paths[2]},remove,", "2,keep,"))

@@ -100,9 +100,23 @@ def _positions(keys: Sequence[str], dataset: Any, n: int) -> Tuple[Dict[str, int
             found[key] = by_path[os.path.normpath(os.path.abspath(key))]
         elif key.lstrip("+").isdigit() and int(key) < n:
             found[key] = int(key)
+        elif files is not None and _by_suffix(key, files[0]) is not None:
+            found[key] = _by_suffix(key, files[0])
         else:
             unknown.append(key)
     return found, unknown
+
+
+def _by_suffix(key: str, paths: Sequence[str]) -> Optional[int]:
+    """The one path that ends with ``key`` as whole path components (a path relative to the
+    data folder, say ``circle/img_017.png``); None when none does. Several: an error, as
+    the key is ambiguous."""
+    tail = os.sep + os.path.normpath(key).lstrip(os.sep)
+    hits = [i for i, p in enumerate(paths) if os.path.normpath(p).endswith(tail)]
+    if len(hits) > 1:
+        shown = ", ".join(paths[i] for i in hits[:5])
+        raise InputError(f"decisions: {key!r} matches {len(hits)} files ({shown}); give a longer part of the path")
+    return hits[0] if hits else None
 
 
 def _class_index(text: str, class_names: Optional[Sequence[str]], where: str) -> int:
