@@ -54,6 +54,22 @@ def test_a_note_is_under_the_title_not_over_the_bars():
     assert title == "Title\na note" and texts == []
 
 
+def test_the_density_title_and_note_fit_in_the_figure():
+    import matplotlib.pyplot as plt
+
+    from nnsim_hooks.audit.checks.rare_samples import DENSITY_NOTE
+
+    fig = plots.histogram_figure(np.linspace(-40, 100, 300), "Density: soft count of similar samples, Σⱼ k(xᵢ, xⱼ)",
+                                 "soft count", [(0.0, "0", "#777777")], note=DENSITY_NOTE)
+    try:
+        fig.canvas.draw()
+        box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+        frame = fig.bbox
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
+    finally:
+        plt.close(fig)
+
+
 def test_share_below_one_effective_neighbour():
     assert below_one_share([0.5, 2.0, np.nan, 0.99, 10.0]) == pytest.approx(2 / 4)
     assert np.isnan(below_one_share([np.nan]))

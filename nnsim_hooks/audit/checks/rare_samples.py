@@ -12,6 +12,8 @@ from .check import FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
 
 #: The robust standard deviation of a normal sample is 1.4826 x its median absolute deviation.
 MAD_TO_STD = 1.4826
+#: Under the density's histogram: why values below 0 are no error (the similarity is a signed cosine).
+DENSITY_NOTE = "below 0: opposed to more samples than aligned with"
 #: How many of the rarest samples the report shows.
 MAX_RARE = 24
 
@@ -150,7 +152,7 @@ class RareSamples(Check):
             plots.histogram(t["density"], "Density: soft count of similar samples, Σⱼ k(xᵢ, xⱼ)",
                             "soft count (similarities are signed cosines: opposed samples subtract)",
                             [(0.0, "0: as much opposed as aligned", "#777777")],
-                            note="below 0: the sample's gradient opposes more of the others than it aligns with"),
+                            note=DENSITY_NOTE),
         ]
 
 
