@@ -168,3 +168,15 @@ def test_cli_decisions_applied(tmp_path, capsys):
     assert "1 removed, 1 relabelled" in capsys.readouterr().out
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["samples"] == 9 and summary["decisions"]["removed_samples"] == [str(first)]
+
+
+def test_an_edited_decisions_file_is_another_run(tmp_path):
+    from nnsim_hooks.audit.decisions import fingerprint
+
+    path = _csv(tmp_path, "1,remove,")
+    before = fingerprint(path)
+    assert before.startswith(str(path.resolve()) + "#sha256:") and fingerprint(path) == before
+    _csv(tmp_path, "2,remove,")
+    assert fingerprint(path) != before
+    with pytest.raises(InputError, match="cannot read it"):
+        fingerprint(tmp_path / "missing.csv")

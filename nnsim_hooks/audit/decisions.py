@@ -41,6 +41,19 @@ class Decision:
     line: int
 
 
+def fingerprint(path: Union[str, Path]) -> str:
+    """What identifies a decisions file for resuming an audit: its absolute path and a
+    digest of its content (an edited file is another run)."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError as exc:
+        raise InputError(f"decisions file {path}: cannot read it ({exc})") from exc
+    return f"{path.resolve()}#sha256:{digest}"
+
+
 def read_decisions(source: Union[str, Path, io.TextIOBase]) -> List[Decision]:
     """The rows of a decisions CSV (a path or an open text file), checked for form: the
     header, a known decision on each row, a new label exactly on relabel rows, each sample

@@ -1,5 +1,6 @@
-"""``report.html``: one self-contained page (pictures inline as base64 PNG, no script,
-no network), readable offline in any browser. The summary cards, the per-class table,
+"""``report.html``: one self-contained page (pictures inline as base64 PNG, the table of
+every sample as embedded JSON with an inline script, :mod:`.explorer`; nothing fetched from
+the network), readable offline in any browser. The summary cards, the per-class table,
 the galleries, the histograms and the threshold table come from the checks of
 :data:`nnsim_hooks.audit.checks.CHECKS`, in order."""
 
@@ -149,7 +150,7 @@ def _thresholds(result) -> str:
 
 
 def _header_line(s: Dict[str, Any], when: str) -> str:
-    """The header's one line, in plain words: what was audited and how similarity was measured."""
+    """The header's lines, in plain words: what was audited and how similarity was measured."""
     c = s.get("num_classes")
     neighbours = similarity_in_words(s.get("output", "?"), s.get("sketch_dim", "?"), c)
     exact = s.get("density") == "exact"

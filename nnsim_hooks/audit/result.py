@@ -2,7 +2,7 @@
 
 Saved folder layout (``AuditResult.save(dir)``)::
 
-    report.html        the self-contained report (pictures inline), readable offline
+    report.html        the self-contained report (pictures inline, a table of every sample), readable offline
     table.csv          one row per sample, in dataset order (also table.parquet)
     per_class.csv      the health summary per class
     summary.json       counts, thresholds, denoising, agreements (JSON)

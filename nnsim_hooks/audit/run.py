@@ -213,7 +213,9 @@ def audit(
             "batch_size": batch_size,
         }
         if decisions is not None:  # only then: runs without decisions keep the configuration they resume with
-            run_config["decisions"] = str(Path(decisions).resolve())
+            from .decisions import fingerprint
+
+            run_config["decisions"] = fingerprint(decisions)
         # under torchrun only rank 0 writes the audit's files; the ranks share the index build
         dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 

@@ -217,7 +217,9 @@ def _audit_data(args, thresholds) -> Any:
     if classes is not None:  # only then: runs without --classes keep the configuration they resume with
         config["classes"] = classes
     if args.decisions is not None:
-        config["decisions"] = str(Path(args.decisions).resolve())
+        from ..audit.decisions import fingerprint
+
+        config["decisions"] = fingerprint(args.decisions)
     return audit(
         model,
         dataset,
