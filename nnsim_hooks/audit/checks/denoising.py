@@ -65,13 +65,12 @@ class Denoising(Check):
     needs = ("label_issue_score", "is_label_issue")
     class_headers = ("median N_eff", "median 1/N_eff", "median consistency")
     class_note = (
-        '<b>N_eff</b>: how many samples the network averages at each prediction, so label-noise variance is '
-        'divided by N_eff there (the paper, §3; medians, as samples whose similarities cancel out have N_eff near 0). '
-        'Shown: the scalar 1/N_eff of the cosine kernel of one differentiated value, the predicted class\'s '
-        'contrast (d = 1, where the authors\' d×d matrix factor Σ_j A_ij A_ijᵀ reduces to 1/N_eff; the cosine '
-        'kernel, so that large-gradient samples do not dominate); '
-        '<b>consistency</b>: distance between a prediction and the kernel-weighted average of the others\' '
-        'predictions (0 = the averaging hypothesis holds exactly).'
+        '<b>N_eff</b>: how many samples the network averages at each prediction (the paper, §3), so the label '
+        'noise\'s variance is divided by N_eff there; medians, because samples whose similarities cancel out have '
+        'N_eff near 0 (and 1/N_eff without bound). From the similarity of the gradients of the predicted class\'s '
+        'output, one number per sample (the paper\'s d×d factor with d = 1). '
+        '<b>consistency</b>: how far a prediction lies from the similarity-weighted average of the others\' '
+        'predictions (0: the network predicts exactly that average, as the averaging explanation says).'
     )
 
     def compute(self, inputs: CheckInputs) -> Dict[str, np.ndarray]:
@@ -132,7 +131,8 @@ class Denoising(Check):
         den = summary.get("denoising", {})
         return [
             (num(den.get("median_effective_neighbors")), "median effective neighbours N_eff", ""),
-            (num(den.get("median_denoising_factor")), "median noise-variance factor 1/N_eff (d = 1, cosine kernel)", ""),
+            (num(den.get("median_denoising_factor")), "median 1/N_eff: the share of the label noise's variance left in "
+             "a prediction", ""),
         ]
 
     def class_cells(self, row, summary) -> List[str]:
