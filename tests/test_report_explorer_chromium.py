@@ -82,6 +82,7 @@ window.addEventListener("load", async function () {
     q("#next").click(); q("#prev").click();
     out.kept = q("#explorer tbody tr select.decision").value;
     out.button = q("#download").textContent;
+    out.stored = JSON.parse(window.localStorage.getItem(X.storeKey));
     var blobs = [], downloads = [];
     URL.createObjectURL = function (b) { blobs.push(b); return "about:blank"; };
     HTMLAnchorElement.prototype.click = function () { downloads.push(this.getAttribute("download")); };
@@ -201,6 +202,10 @@ def test_export_and_read_back(audited, driven, tmp_path):
     relabelled, removed, kept = driven["decided"]
     assert driven["kept"] == "relabel"  # the choice survives paging away and back
     assert driven["button"] == "Download decisions (3)" and driven["downloads"] == ["decisions.csv"]
+    rows_of = {int(i): r for r, i in enumerate(result.table.index)}  # kept in the browser, by table row
+    assert driven["stored"] == {str(rows_of[relabelled]): {"decision": "relabel", "label": 5},
+                                str(rows_of[removed]): {"decision": "remove"},
+                                str(rows_of[kept]): {"decision": "keep"}}
     rows = {relabelled: f"{relabelled},relabel,digit 5", removed: f"{removed},remove,", kept: f"{kept},keep,"}
     assert driven["csv"] == "path_or_index,decision,new_label\n" + "".join(rows[i] + "\n" for i in sorted(rows))
     path = tmp_path / "decisions.csv"
@@ -216,3 +221,35 @@ def test_report_has_no_external_resource(audited):
     assert not re.search(r"<script[^>]*\bsrc=", text)
     assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text.split("<script>")[-1])  # the script fetches nothing
     assert "fetch(" not in text and "XMLHttpRequest" not in text
+
+
+# Decides on the first row, reloads the page, and reports what the reloaded page shows.
+RELOAD = """<script>
+window.addEventListener("load", function () {
+  var q = function (s) { return document.querySelector(s); };
+  if (!sessionStorage.getItem("phase")) {
+    sessionStorage.setItem("phase", "1");
+    var pick = q("#explorer tbody tr select.decision");
+    pick.value = "remove"; pick.dispatchEvent(new Event("change"));
+    location.reload();
+    return;
+  }
+  var pre = document.createElement("pre"); pre.id = "results";
+  pre.textContent = JSON.stringify({first: Number(q("#explorer tbody tr").getAttribute("data-sample")),
+                                    shown: q("#explorer tbody tr select.decision").value,
+                                    csv: window.nnsimExplorer.csv()});
+  document.body.appendChild(pre);
+});
+</script></body>"""
+
+
+def test_decisions_survive_a_reload(audited, tmp_path):
+    binary = chromium()
+    page = tmp_path / "reload.html"
+    page.write_text(audited[2].read_text().replace("</body>", RELOAD))
+    dom = browse(binary, tmp_path, "--virtual-time-budget=20000", "--dump-dom", page.as_uri())
+    found = re.search(r'<pre id="results">(.*?)</pre>', dom, re.S)
+    assert found, "the page did not reload: " + dom[-300:]
+    out = json.loads(html.unescape(found.group(1)))
+    assert out["shown"] == "remove"
+    assert out["csv"] == f"path_or_index,decision,new_label\n{out['first']},remove,\n"

@@ -11,7 +11,16 @@
   D.columns.forEach(function (c) { columns[c.name] = c; });
   var state = {page: 0, size: D.pageSize, sort: "rank", dir: 1, cls: "", check: "", scoreCol: D.scoreColumn,
                min: "", max: ""};
-  var decisions = {};  // row -> {decision: "keep"|"relabel"|"remove", label: class index}
+  // row -> {decision: "keep"|"relabel"|"remove", label: class index}; kept in the browser's
+  // storage under this report's id, so that closing the page loses nothing (where allowed)
+  var storeKey = "nnsim-decisions:" + D.reportId;
+  var decisions = load();
+  function load() {
+    try { return JSON.parse(window.localStorage.getItem(storeKey)) || {}; } catch (e) { return {}; }
+  }
+  function store() {
+    try { window.localStorage.setItem(storeKey, JSON.stringify(decisions)); } catch (e) { /* file:// may refuse */ }
+  }
   var root = document.getElementById("explorer");
   var $ = function (sel) { return root.querySelector(sel); };
 
@@ -97,7 +106,9 @@
     function update() {
       label.style.display = pick.value === "relabel" ? "" : "none";
       if (!pick.value) delete decisions[r];
-      else decisions[r] = {decision: pick.value, label: Number(label.value)};
+      else if (pick.value === "relabel") decisions[r] = {decision: "relabel", label: Number(label.value)};
+      else decisions[r] = {decision: pick.value};
+      store();
       counter();
     }
     pick.addEventListener("change", update);
@@ -233,6 +244,7 @@
     render: render,
     neighbours: neighbours,
     csv: csv,
+    storeKey: storeKey,
     visible: function () {
       return Array.prototype.map.call(root.querySelectorAll("tbody tr"),
                                       function (tr) { return Number(tr.getAttribute("data-sample")); });

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from importlib import resources
 from typing import Any, Dict, List
 
@@ -126,6 +127,8 @@ def payload(result, pictures) -> Dict[str, Any]:
         "checks": [{"name": name, "column": col, "kind": kind} for name, col, kind in CHECK_FILTERS if col in t],
         "scoreColumn": DEFAULT_SCORE if DEFAULT_SCORE in scores else (scores[0] if scores else ""),
         "pageSize": PAGE_SIZE,
+        # names this page's decisions in the browser's storage: one per rendering
+        "reportId": uuid.uuid4().hex,
     }
 
 
@@ -160,7 +163,8 @@ voting neighbours are (column <b>rank</b>). Click a column to sort by it (again:
 Click a sample's number, or any picture of this page, for its nearest neighbours. Choose <b>keep</b>, <b>relabel</b> or
 <b>remove</b> for the samples you checked and download the decisions as a CSV: <code>nnsim audit --decisions
 decisions.csv</code> (or <code>audit(..., decisions="decisions.csv")</code>) applies them on the next audit. The
-choices live in this page only until you download them.{thumbs_note}</p>
+browser keeps the choices of this page when it lets pages opened from disk store data; the download is what the next
+audit reads.{thumbs_note}</p>
 <div class="controls">
  <label>class <select id="f-class"><option value="">all</option>{class_options}</select></label>
  <label>check <select id="f-check"><option value="">all samples</option><option value="any">flagged by any check</option>
