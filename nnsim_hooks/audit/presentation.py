@@ -41,6 +41,27 @@ def plain_num(x: Optional[float]) -> str:
     return "n/a" if x is None or x != x else f"{x:.3g}"
 
 
+#: What each built-in output function differentiates, in words (``{c}``: the classes).
+OUTPUT_WORDS = {
+    "full_outputs": "the gradients of all {c} class outputs (each output whitened)",
+    "contrast_predicted": "the gradients of the predicted class's output",
+    "logit_predicted": "the gradients of the predicted class's logit",
+    "sum_outputs": "the gradients of the sum of the outputs",
+}
+
+
+def similarity_in_words(output_name: Any, sketch_dim: Any, num_classes: Any = None, exact: bool = False) -> str:
+    """E.g. "similarity of the gradients of the predicted class's output, sketched to 1024
+    numbers": what a similarity of the audit was computed from, without internal names."""
+    what = OUTPUT_WORDS.get(str(output_name))
+    if what is None:
+        what = f"the gradients of the output function {output_name}"
+    what = what.format(c=num_classes if num_classes else "the")
+    per = " per output" if str(output_name) == "full_outputs" else ""
+    how = "computed exactly (no sketch)" if exact else f"sketched to {sketch_dim} numbers{per}"
+    return f"similarity of {what}, {how}"
+
+
 class Pictures:
     """Thumbnails of one audited dataset for the report, each made once."""
 
@@ -63,7 +84,9 @@ class Pictures:
         uri = self.uri(position)
         img = (f'<img src="{uri}" alt="sample {int(position)}" loading="eager">' if uri
                else '<div class="noimg">no image</div>')
-        return f'<figure class="{size} {extra_class}">{img}<figcaption>{caption}</figcaption></figure>'
+        # data-sample: the report's script opens this sample's neighbours on a click
+        return (f'<figure class="{size} {extra_class}" data-sample="{int(position)}">{img}'
+                f'<figcaption>{caption}</figcaption></figure>')
 
 
 class ClassNames:

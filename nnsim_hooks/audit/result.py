@@ -2,7 +2,7 @@
 
 Saved folder layout (``AuditResult.save(dir)``)::
 
-    report.html        the self-contained report (pictures inline), readable offline
+    report.html        the self-contained report (pictures inline, a table of every sample), readable offline
     table.csv          one row per sample, in dataset order (also table.parquet)
     per_class.csv      the health summary per class
     summary.json       counts, thresholds, denoising, agreements (JSON)
@@ -149,10 +149,13 @@ class AuditResult:
         return ids, sims
 
     def label_issues(self):
-        """The flagged samples, most suspicious first."""
-        t = self.table
-        keys = ["label_issue_score"] + (["label_probability"] if "label_probability" in t else [])
-        return t[t["is_label_issue"]].sort_values(keys, ascending=[False] + [True] * (len(keys) - 1))
+        """The flagged samples, most suspicious first: by ``label_issue_score``, ties broken
+        by the prediction's disagreement, then ``label_probability``, then the closeness of
+        the neighbours (:func:`~nnsim_hooks.audit.ranking.suspicion_order`)."""
+        from .ranking import suspicion_order
+
+        flagged = self.table[self.table["is_label_issue"].to_numpy(dtype=bool)]
+        return flagged.iloc[suspicion_order(flagged)]
 
     def duplicates(self):
         """Members of near-duplicate groups, by group."""

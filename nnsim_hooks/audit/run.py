@@ -98,6 +98,7 @@ def audit(
     config: Optional[Dict[str, Any]] = None,
     save: bool = True,
     exact_density: bool = False,
+    decisions: Union[None, str, Path] = None,
 ) -> AuditResult:
     """Audit a labelled dataset through a trained classifier's own notion of similarity.
 
@@ -159,6 +160,12 @@ def audit(
             (:meth:`nnsim_hooks.Handle.density`: two more passes over the data) instead
             of from the index's sketched features. The summary's ``"density"`` and the
             report say which was used.
+        decisions: the CSV of decisions exported from an earlier report
+            (``path_or_index,decision,new_label``; see :mod:`nnsim_hooks.audit.decisions`):
+            removed samples are left out and relabelled ones audited with their new label;
+            the summary's ``"decisions"`` records what was applied. Samples are named as in
+            ``dataset`` (its file paths, or its indices); a CSV naming samples it does not
+            hold is an :class:`~nnsim_hooks.errors.InputError` listing them.
 
     Returns:
         an :class:`AuditResult` (saved to ``out_dir`` already when one was given).
@@ -183,6 +190,13 @@ def audit(
     limits = Thresholds.make(thresholds)
     n_total = check_dataset(dataset)
     user_labels = resolve_labels(dataset, labels, n_total)
+    decision_record = None
+    if decisions is not None:
+        from .decisions import apply_decisions
+
+        dataset, user_labels, decision_record = apply_decisions(dataset, decisions, labels=user_labels,
+                                                                class_names=class_names)
+        n_total = len(dataset)
 
     ctx = dist_.current()  # a torch.distributed group of several processes, or None
     out_path = Path(out_dir) if out_dir is not None else None
@@ -195,6 +209,10 @@ def audit(
             "seed": seed,
             "batch_size": batch_size,
         }
+        if decisions is not None:  # only then: runs without decisions keep the configuration they resume with
+            from .decisions import fingerprint
+
+            run_config["decisions"] = fingerprint(decisions)
         # under torchrun only rank 0 writes the audit's files; the ranks share the index build
         dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 
@@ -269,11 +287,14 @@ def audit(
             "output": output_name,
             "sketch_dim": int(sketch_dim),
             "denoising_output": "contrast_predicted" if denoise_index is not None else output_name,
+            "denoising_sketch_dim": DEFAULT_SKETCH_DIM if denoise_index is not None else int(sketch_dim),
             "seconds": round(time.time() - started, 2),
         }
     )
     if extra:
         result.summary["extra"] = dict(extra)
+    if decision_record is not None:
+        result.summary["decisions"] = decision_record
     if out_path is not None and save:
         dist_.on_main(ctx, "saving the audit", lambda: result.save(out_path, _finish=True))
     return result

@@ -91,6 +91,9 @@ def _add_audit(sub) -> None:
                       help=f"change a threshold: {names} (see nnsim_hooks.audit.Thresholds)")
     for check in CHECKS:
         check.add_cli_arguments(opts)
+    opts.add_argument("--decisions", metavar="FILE.csv", default=None,
+                      help="apply the decisions exported from an earlier report (path_or_index,decision,new_label: "
+                      "relabel, remove or keep) to --data before auditing; recorded in summary.json")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
@@ -172,6 +175,9 @@ def _audit_data(args, thresholds) -> Any:
     if not args.model:
         raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt)")
     _check_data_path(args.data)
+    if args.decisions is not None and not Path(args.decisions).is_file():
+        raise CliError(f"--decisions {args.decisions}: no such file (the CSV the report's 'Download decisions' button "
+                       "writes)")
     classes = _classes(args.classes)
     kwargs = {}
     if args.model_kwargs:
@@ -206,6 +212,10 @@ def _audit_data(args, thresholds) -> Any:
     }
     if classes is not None:  # only then: runs without --classes keep the configuration they resume with
         config["classes"] = classes
+    if args.decisions is not None:
+        from ..audit.decisions import fingerprint
+
+        config["decisions"] = fingerprint(args.decisions)
     return audit(
         model,
         dataset,
@@ -220,6 +230,7 @@ def _audit_data(args, thresholds) -> Any:
         seed=args.seed,
         class_names=getattr(dataset, "classes", None) or None,
         config=config,
+        decisions=args.decisions,
     )
 
 
@@ -243,6 +254,10 @@ def format_summary(result, out: Path) -> str:
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
     if s.get("missing_labels"):
         lines.append(f"  missing labels    {s['missing_labels']:,} samples (not scored)")
+    decided = s.get("decisions")
+    if decided:
+        lines.append(f"  your decisions    {decided['removed']:,} removed, {decided['relabelled']:,} relabelled, "
+                     f"{decided['kept']:,} kept ({decided.get('file') or 'given'})")
     extra = s.get("extra") or {}
     if "agreement_with_true_labels" in extra:
         lines += [
@@ -267,7 +282,7 @@ def cmd_audit(args) -> int:
     out = Path(args.out)
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                           ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
-                                          ("--classes", args.classes))
+                                          ("--classes", args.classes), ("--decisions", args.decisions))
                  if given]
     if args.data is None:
         if demo_only:

@@ -179,10 +179,13 @@ class LabelIssues(Check):
                     nbrs.append(pictures.figure(nid, f'<span class="lab {cls}">{names(nlab)}</span> · '
                                                      f'{r[f"similarity_{j}"]:.3f}'))
                 cards.append(f'<div class="issue">{main}<div class="nbrs">{"".join(nbrs)}</div></div>')
-            more = (f'<p class="muted">… and {total - MAX_LABEL_ISSUES} more in table.csv.</p>'
+            more = (f'<p class="muted">… and {total - MAX_LABEL_ISSUES} more, in the same order, in '
+                    '<a href="#explorer">All samples</a> below (check: label issue).</p>'
                     if total > MAX_LABEL_ISSUES else "")
             body = f'<div class="gallery">{"".join(cards)}</div>{more}'
-        return (f'<section><h2>Suspected label errors ({total:,})</h2><p class="lead">Each sample (left) with its '
+        return (f'<section><h2>Suspected label errors ({total:,})</h2><p class="lead">Most suspicious first (by score; ties '
+                'broken by the prediction\'s disagreement with the label, then the model\'s probability of the label). '
+                'Each sample (left) with its '
                 'nearest neighbours as the network sees them (right: their label · similarity; green: the neighbours\' '
                 'majority label, red: the sample\'s own label). The score is the share of the similarity-weighted '
                 'neighbour labels that disagree with the sample\'s label; the arrow shows their majority. Flagged at '

@@ -161,8 +161,9 @@ class NearDuplicates(Check):
                 blocks.append(f'<div class="group"><b>group {g}</b> · {len(members)} samples{more}{note}'
                               f'<div class="members">{"".join(figs)}</div></div>')
             n_groups = s["duplicate_groups"]
-            more = (f'<p class="muted">… and {n_groups - MAX_DUPLICATE_GROUPS} more groups in table.csv '
-                    '(column duplicate_group).</p>') if n_groups > MAX_DUPLICATE_GROUPS else ""
+            more = (f'<p class="muted">… and {n_groups - MAX_DUPLICATE_GROUPS} more groups in '
+                    '<a href="#explorer">All samples</a> below (check: duplicate; sort by duplicate_group).</p>'
+                    ) if n_groups > MAX_DUPLICATE_GROUPS else ""
             body = f'<div class="groups">{"".join(blocks)}</div>{more}'
         return (f'<section><h2>Near-duplicate groups ({s["duplicate_groups"]:,})</h2><p class="lead">Samples linked by '
                 f'a similarity ≥ {num(limit, 4)} (the network cannot change its output on one without the other). The '
