@@ -26,6 +26,7 @@ from .output_choice import (
     label_free_output,
 )
 from .result import AuditResult
+from .sample_names import resolve_class_names, resolve_paths
 from .thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def audit(
     config: Optional[Dict[str, Any]] = None,
     save: bool = True,
     exact_density: bool = False,
+    paths: Optional[Sequence] = None,
 ) -> AuditResult:
     """Audit a labelled dataset through a trained classifier's own notion of similarity.
 
@@ -149,7 +151,9 @@ def audit(
         progress: tqdm progress bars.
         thresholds: a :class:`Thresholds` or a dict of some of its fields.
         batch_size: samples per forward/backward pass.
-        class_names: names for the report (index = class).
+        class_names: class names, index = class (default: the dataset's ``classes``); the
+            table gets ``label_name``, ``prediction_name``, ``suggested_label_name``.
+            Without names, a class is named by its index.
         thumbnail: ``fn(raw_sample) -> uint8 array | None`` for the report's pictures
             (see :mod:`nnsim_hooks.audit.thumbnails`).
         seed: the sketch seed.
@@ -162,6 +166,11 @@ def audit(
             (:meth:`nnsim_hooks.Handle.density`: two more passes over the data) instead
             of from the index's sketched features. The summary's ``"density"`` and the
             report say which was used.
+        paths: one file path per sample (None for a sample without one), shown in the
+            table's ``path`` column and the report's galleries. Default: the dataset's own
+            files (``dataset.paths``, or ``samples`` of an ImageFolder), relative to its
+            root (``source`` or ``root``); none for other datasets (the table's index,
+            ``sample``, names every row by its dataset position).
 
     Returns:
         an :class:`AuditResult` (saved to ``out_dir`` already when one was given).
@@ -186,6 +195,8 @@ def audit(
     limits = Thresholds.make(thresholds)
     n_total = check_dataset(dataset)
     user_labels = resolve_labels(dataset, labels, n_total)
+    sample_paths = resolve_paths(dataset, paths, n_total)
+    names = resolve_class_names(dataset, class_names)
 
     ctx = dist_.current()  # a torch.distributed group of several processes, or None
     out_path = Path(out_dir) if out_dir is not None else None
@@ -262,10 +273,11 @@ def audit(
         denoise_index=denoise_index,
         density=density,
         dataset=dataset,
+        paths=sample_paths,
+        class_names=names,
     )
     result.dataset = dataset
     result.thumbnail = thumbnail
-    result.class_names = list(class_names) if class_names is not None else None
     result.summary.update(
         {
             "model": type(model).__name__,
