@@ -80,6 +80,7 @@ def test_listings_carry_paths_and_names(folder_audit):
             assert column in listing.columns
 
 
+@pytest.mark.slow
 def test_saved_folder_keeps_paths_and_names(folder_audit, tmp_path):
     _, _, result = folder_audit
     out = result.save(tmp_path / "audit")

@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..errors import DataError, InputError, ModelError
 from ..index.sharded import distributed as dist_
 from .analysis import analyse
+from .batch_memory import MemoryBudget, fit_batch_size, parse_memory
 from .samples import AuditView, check_dataset, check_input, find_unreadable, resolve_labels
 from .output_folder import prepare_out_dir
 from .output_choice import (
@@ -67,6 +68,22 @@ def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
     return out
 
 
+def _pass(handle, view: AuditView, b: int) -> None:
+    """One pass of the audit's capture on the first ``b`` samples (to measure its memory)."""
+    from torch.utils.data.dataloader import default_collate
+
+    from ..data.batch_source import to_device
+    from ..validation import model_device_dtype
+
+    import warnings
+
+    device, _ = model_device_dtype(handle.model)
+    inputs = to_device(default_collate([view[i][0] for i in range(b)]), device)
+    with warnings.catch_warnings():  # the index build warns about these samples once, in order
+        warnings.simplefilter("ignore")
+        handle.extract(inputs)
+
+
 def usable_k(k: int, n_valid: int) -> int:
     """``k`` clamped to the number of neighbours a sample can have (``n_valid - 1``), with a
     warning: a larger k pads every row with missing neighbours, which shifts the label
@@ -107,6 +124,7 @@ def audit(
     save: bool = True,
     exact_density: bool = False,
     paths: Optional[Sequence] = None,
+    max_memory: MemoryBudget = None,
 ) -> AuditResult:
     """Audit a labelled dataset through a trained classifier's own notion of similarity.
 
@@ -150,7 +168,13 @@ def audit(
             everything in memory (call :meth:`AuditResult.save` later).
         progress: tqdm progress bars.
         thresholds: a :class:`Thresholds` or a dict of some of its fields.
-        batch_size: samples per forward/backward pass.
+        batch_size: samples per forward/backward pass, at most: lowered (with a warning)
+            when a pass of that many would not fit in ``max_memory``.
+        max_memory: the memory a pass may use, in bytes or as text (``"8GB"``, ``"512MB"``);
+            default: 70% of the available RAM (``MemAvailable``), or of the GPU's free
+            memory. A pass's peak is measured on 1 and 8 samples before the first pass
+            and extrapolated (:mod:`nnsim_hooks.audit.batch_memory`); when one sample
+            does not fit, an :class:`~nnsim_hooks.errors.InputError` says how much it needs.
         class_names: class names, index = class (default: the dataset's ``classes``); the
             table gets ``label_name``, ``prediction_name``, ``suggested_label_name``.
             Without names, a class is named by its index.
@@ -193,6 +217,7 @@ def audit(
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
     limits = Thresholds.make(thresholds)
+    parse_memory(max_memory)  # a malformed budget fails now, not after the file checks
     n_total = check_dataset(dataset)
     user_labels = resolve_labels(dataset, labels, n_total)
     sample_paths = resolve_paths(dataset, paths, n_total)
@@ -241,6 +266,9 @@ def audit(
         fn = label_free_output(output, classifier)
         task = "classification" if classifier else "auto"
         with attach(model, output=fn, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size) as handle:
+            # the first output is the heavier one (all C outputs): its passes set the batch size
+            batch_size = fit_batch_size(lambda b: _pass(handle, view, b), probe.device, batch_size, len(view),
+                                        max_memory)
             index = handle.build_index(view, None if out_path is None else out_path / "index",
                                        batch_size=batch_size, progress=progress, task=task, use_targets=False)
             output_name = handle.output_name

@@ -216,8 +216,8 @@ def check_registry(checks: Sequence[Check]) -> None:
             # a class column brings its name column (nnsim_hooks.audit.sample_names)
             taken = [column.name] + ([column.name + "_name"] if column.kind == CLASS else [])
             if any(name in seen_columns for name in taken):
-                raise ValueError(f"{where}: column {column.name!r} (or its name column) is already computed "
-                                 "elsewhere; rename it")
+                clash = next(name for name in taken if name in seen_columns)
+                raise ValueError(f"{where}: column {clash!r} is already computed elsewhere; rename it")
             seen_columns.update(taken)
         for spec in check.thresholds:
             if spec.name in seen_thresholds:
