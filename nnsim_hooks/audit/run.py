@@ -311,6 +311,7 @@ def audit(
             "model": type(model).__name__,
             "output": output_name,
             "sketch_dim": int(sketch_dim),
+            "batch_size": int(batch_size),  # after fitting max_memory
             "denoising_output": "contrast_predicted" if denoise_index is not None else output_name,
             "seconds": round(time.time() - started, 2),
         }
