@@ -109,15 +109,16 @@ def _images(n=32, size=32, seed=0):
 @pytest.mark.slow
 @needs_measurement
 def test_the_estimate_is_close_to_an_actual_large_pass():
-    """The line through probes at 1 and 8 samples against a measured pass of 32: measured
-    here at 1.2-1.4x (a pass of one sample is cheaper per sample; the estimate errs high)."""
+    """The line through probes at 1 and 8 samples against the first measured pass of 32
+    (as the audit's first pass, it pays the buffers a new size makes): measured here at
+    1.1-1.7x (a pass of one sample is cheaper per sample; the estimate errs high)."""
     view = AuditView(_images())
     with nnsim_hooks.attach(_conv_model(), output=label_free_output("full", True), sketch_dim=64,
                             batch_size=32) as handle:
         memory = measure_batch_memory(lambda b: _pass(handle, view, b), CPU, 32)
-        actual = max(measure_peak(lambda: _pass(handle, view, 32), CPU) for _ in range(2))
+        actual = measure_peak(lambda: _pass(handle, view, 32), CPU)
     assert 32 * 16 * 32 * 32 * 4 * 8 < actual  # several activations of 32 samples: a pass well above the noise
-    assert 0.8 <= memory.at(32) / actual <= 2.0, (format_bytes(memory.at(32)), format_bytes(actual))
+    assert 0.8 <= memory.at(32) / actual <= 2.5, (format_bytes(memory.at(32)), format_bytes(actual))
 
 
 @pytest.mark.slow

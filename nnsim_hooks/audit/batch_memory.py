@@ -177,6 +177,8 @@ def measure_batch_memory(run: Callable[[int], object], device: torch.device, lar
     if budget is not None and 2 * more * max(one, 1) > budget:
         more = min(2, largest)
     if more > 1 and (budget is None or more * max(one, 1) <= budget):
+        # measured once, on purpose: a first pass at a new size also makes buffers that stay
+        # (allocator pools, BLAS workspaces); the audit's own first pass pays them too
         peak = measure_peak(lambda: run(more), device)
         if peak is not None:
             probes.append((more, peak))
