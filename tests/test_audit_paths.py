@@ -146,6 +146,15 @@ def test_datasets_without_files_are_named_by_position():
     assert "#0" in result.report_html() or len(result.label_issues()) == 0
 
 
+@pytest.mark.slow
+def test_names_that_look_like_numbers_stay_text_after_a_csv_reload(tmp_path):
+    result = nnsim_hooks.audit(_mlp(), _tensor_data(), progress=False, k=4, out_dir=tmp_path / "a")
+    (tmp_path / "a" / "table.parquet").unlink()
+    loaded = AuditResult.load(tmp_path / "a")
+    assert loaded.table["label_name"].tolist() == result.table["label_name"].tolist()  # "2", not 2
+    assert loaded.table["path"].isna().all()
+
+
 def test_paths_given_to_the_audit_are_used_as_given():
     data = _tensor_data()
     paths = [f"scans/patient_{i:03d}.png" for i in range(len(data))]

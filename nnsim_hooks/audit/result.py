@@ -251,6 +251,9 @@ class AuditResult:
             per_class = pd.read_csv(out / "per_class.csv")
         except (OSError, ValueError) as exc:
             raise StoreError(f"{out} does not hold a complete saved audit: {exc}") from exc
+        for column in table.columns:  # a CSV reads names like "3" as numbers: text again
+            if column == "path" or str(column).endswith("_name"):
+                table[column] = table[column].astype("string")
         from ..index import load_index
 
         index = load_index(out / "index") if (out / "index").is_dir() else None

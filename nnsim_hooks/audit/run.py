@@ -267,8 +267,11 @@ def audit(
         task = "classification" if classifier else "auto"
         with attach(model, output=fn, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size) as handle:
             # the first output is the heavier one (all C outputs): its passes set the batch size
-            batch_size = fit_batch_size(lambda b: _pass(handle, view, b), probe.device, batch_size, len(view),
-                                        max_memory)
+            # under torchrun every rank measures its own pass; all take the smallest batch
+            batch_size = dist_.everywhere(ctx, "fitting the batch size to memory", lambda: fit_batch_size(
+                lambda b: _pass(handle, view, b), probe.device, batch_size, len(view), max_memory))
+            if ctx is not None:
+                batch_size = min(dist_.all_gather(ctx, batch_size, "agreeing on the batch size"))
             index = handle.build_index(view, None if out_path is None else out_path / "index",
                                        batch_size=batch_size, progress=progress, task=task, use_targets=False)
             output_name = handle.output_name
