@@ -147,6 +147,11 @@ def with_input_size(loaded: LoadedModel, size: Union[str, Size], flag: str = "in
     if why is not None:
         shown = "x".join(map(str, sides))
         smallest = smallest_accepted(model, config.channels, config.spatial_dims, max(sides))
+        own = config.spatial_size
+        if smallest is None and own is not None and accepts(model, config.channels, tuple(own)) is None:
+            own_shown = "x".join(map(str, own))
+            raise InputError(f"{flag} {shown}: {loaded.spec} takes only inputs of {own_shown}, the size it was built "
+                             f"for ({why}); drop {flag}, or build the model for this size (--model-kwargs)")
         if smallest is None:
             raise InputError(f"{loaded.spec} refuses inputs of {shown} ({why}), and every size up to "
                              f"{LARGEST_TRIED}; check the model and its --model-kwargs")

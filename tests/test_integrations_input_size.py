@@ -129,3 +129,17 @@ def test_cli_bad_sizes_and_budgets_are_clear_errors(tmp_path, capsys):
     assert "--max-memory 'plenty' is not a memory size" in capsys.readouterr().err
     assert nnsim("--image-size", 16, "--out", tmp_path / "d", *FAST) == 1
     assert "--image-size given without --data" in capsys.readouterr().err
+
+
+def test_a_model_of_one_fixed_size_says_so():
+    """torchvision's ViT fixes its size at construction and takes no img_size."""
+    tv = pytest.importorskip("torchvision")
+    from nnsim_hooks.integrations import DataConfig, LoadedModel
+
+    vit = tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8,
+                                      mlp_dim=8, num_classes=2)
+    loaded = LoadedModel(model=vit.eval(), data_config=DataConfig(spatial_size=(32, 32)), source="torchvision",
+                         name="vit")
+    with pytest.raises(InputError, match=r"--image-size 48x48: torchvision:vit takes only inputs of 32x32"):
+        with_input_size(loaded, 48, "--image-size")
+    assert with_input_size(loaded, 32, "--image-size").data_config.spatial_size == (32, 32)
