@@ -123,6 +123,9 @@ def with_input_size(loaded: LoadedModel, size: Union[str, Size], flag: str = "in
         raise InputError(f"--image-size is for 2-D image models; {loaded.spec} takes {config.spatial_dims}-D inputs: "
                          f"use --spatial-size (e.g. --spatial-size {','.join(['64'] * config.spatial_dims)})")
     sides = parse_size(size, config.spatial_dims, flag)
+    if loaded.info.get("preprocess") is not None:
+        raise InputError(f"{flag}: {loaded.spec} reads its data with the bundle's own preprocessing, which sets the "
+                         "size; change it in the bundle's configs instead")
     model = loaded.model
     patch = _patch_size(model)
     if patch is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
@@ -74,8 +75,6 @@ def _pass(handle, view: AuditView, b: int) -> None:
 
     from ..data.batch_source import to_device
     from ..validation import model_device_dtype
-
-    import warnings
 
     device, _ = model_device_dtype(handle.model)
     inputs = to_device(default_collate([view[i][0] for i in range(b)]), device)
