@@ -69,6 +69,20 @@ class Pictures:
         self.dataset = result.dataset
         self.fn = result.thumbnail
         self.cache: Dict[int, Optional[str]] = {}
+        paths = result.table["path"].dropna() if "path" in result.table else None
+        #: dataset position -> file path, for the samples that have one
+        self.paths: Dict[int, str] = {} if paths is None else {int(pos): str(p) for pos, p in paths.items()}
+
+    def name(self, position: int) -> str:
+        """The sample's file name (its path relative to the dataset's root on hover), or
+        ``#position`` when it has no file; HTML."""
+        from .sample_names import display_name
+
+        path = self.paths.get(int(position))
+        if path is None:
+            return f"#{int(position)}"
+        shown = escape(display_name(path, position))
+        return f'<span class="path" title="{escape(path)} (sample #{int(position)})">{shown}</span>'
 
     def uri(self, position: int) -> Optional[str]:
         from .thumbnails import thumbnail
@@ -84,8 +98,10 @@ class Pictures:
         uri = self.uri(position)
         img = (f'<img src="{uri}" alt="sample {int(position)}" loading="eager">' if uri
                else '<div class="noimg">no image</div>')
+        path = self.paths.get(int(position))
+        title = "" if path is None else f' title="{escape(path)}"'
         # data-sample: the report's script opens this sample's neighbours on a click
-        return (f'<figure class="{size} {extra_class}" data-sample="{int(position)}">{img}'
+        return (f'<figure class="{size} {extra_class}" data-sample="{int(position)}"{title}>{img}'
                 f'<figcaption>{caption}</figcaption></figure>')
 
 

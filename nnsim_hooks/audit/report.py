@@ -66,6 +66,7 @@ figure .noimg { display:flex; align-items:center; justify-content:center; font-s
 figure.keep img { border:3px solid var(--good); }
 figure.main figcaption { color:var(--ink); }
 .lab { font-weight:650; }
+.path { font-family:ui-monospace, Menlo, Consolas, monospace; font-size:11px; overflow-wrap:anywhere; }
 .lab.bad { color:var(--bad); } .lab.good { color:var(--good); } .lab.other { color:var(--muted); }
 .groups { display:grid; grid-template-columns:repeat(auto-fill, minmax(330px, 1fr)); gap:10px; }
 .group { border:1px solid var(--line); border-radius:8px; padding:8px 10px; }

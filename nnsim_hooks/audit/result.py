@@ -12,11 +12,13 @@ Saved folder layout (``AuditResult.save(dir)``)::
                        neighbours use another output (output="full", the default up to 16 classes)
     nnsim-audit.json   the folder's marker (state, configuration)
 
-Table columns: ``readable``, ``valid`` (the sample has a gradient direction), ``label``,
-``prediction`` (nullable ints), ``label_probability``, ``confidence``, then each check's
-columns in the order of :data:`nnsim_hooks.audit.checks.CHECKS` (built in:
-``label_issue_score``, ``is_label_issue``, ``suggested_label``; ``duplicate_group`` (-1:
-none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outlier``;
+Table columns: the index ``sample`` (the dataset position), ``readable``, ``valid`` (the
+sample has a gradient direction), ``path`` (the sample's file relative to the dataset's
+root; empty without files), ``label``, ``label_name``, ``prediction``, ``prediction_name``
+(nullable ints and the class names beside them), ``label_probability``, ``confidence``,
+then each check's columns in the order of :data:`nnsim_hooks.audit.checks.CHECKS` (built in:
+``label_issue_score``, ``is_label_issue``, ``suggested_label``, ``suggested_label_name``;
+``duplicate_group`` (-1: none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outlier``;
 ``effective_neighbors``, ``denoising_factor``, ``consistency``), then ``gradient_norm``,
 ``neighbor_1..k`` (dataset positions, -1: none) and ``similarity_1..k``.
 
@@ -257,6 +259,9 @@ class AuditResult:
             per_class = pd.read_csv(out / "per_class.csv")
         except (OSError, ValueError) as exc:
             raise StoreError(f"{out} does not hold a complete saved audit: {exc}") from exc
+        for column in table.columns:  # a CSV reads names like "3" as numbers: text again
+            if column == "path" or str(column).endswith("_name"):
+                table[column] = table[column].astype("string")
         from ..index import load_index
 
         index = load_index(out / "index") if (out / "index").is_dir() else None
@@ -264,7 +269,8 @@ class AuditResult:
         known = {spec.name for spec in threshold_specs()}
         thresholds = {k: v for k, v in summary.get("thresholds", {}).items() if k in known}
         return cls(table=table, summary=summary, per_class=per_class, thresholds=Thresholds(**thresholds),
-                   index=index, k=int(summary.get("k", 10)), denoise_index=denoise_index)
+                   index=index, k=int(summary.get("k", 10)), denoise_index=denoise_index,
+                   class_names=summary.get("class_names"))
 
     def __repr__(self) -> str:
         s = self.summary

@@ -240,9 +240,12 @@ def check_registry(checks: Sequence[Check]) -> None:
             raise ValueError(f"{where} reads columns {missing} that no check before it computes; register it after "
                              "the check that does")
         for column in check.columns:
-            if column.name in seen_columns:
-                raise ValueError(f"{where}: column {column.name!r} is already computed elsewhere; rename it")
-            seen_columns.add(column.name)
+            # a class column brings its name column (nnsim_hooks.audit.sample_names)
+            taken = [column.name] + ([column.name + "_name"] if column.kind == CLASS else [])
+            if any(name in seen_columns for name in taken):
+                clash = next(name for name in taken if name in seen_columns)
+                raise ValueError(f"{where}: column {clash!r} is already computed elsewhere; rename it")
+            seen_columns.update(taken)
         for spec in check.thresholds:
             if spec.name in seen_thresholds:
                 raise ValueError(f"{where}: threshold {spec.name!r} is already declared by another check")
@@ -254,5 +257,8 @@ def check_registry(checks: Sequence[Check]) -> None:
 
 #: The columns the analysis itself writes (not a check's), in table order: before the
 #: checks' columns ``readable`` ... ``confidence``, after them ``gradient_norm`` and the
-#: neighbour lists ``neighbor_1..k``, ``similarity_1..k``.
-CORE_COLUMNS = ("readable", "valid", "label", "prediction", "label_probability", "confidence", "gradient_norm")
+#: neighbour lists ``neighbor_1..k``, ``similarity_1..k``. Every class column (``kind``
+#: CLASS, a check's too) is followed by ``<name>_name``, the class's name
+#: (:mod:`nnsim_hooks.audit.sample_names`).
+CORE_COLUMNS = ("readable", "valid", "path", "label", "label_name", "prediction", "prediction_name",
+                "label_probability", "confidence", "gradient_norm")

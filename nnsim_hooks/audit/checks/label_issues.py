@@ -162,7 +162,7 @@ class LabelIssues(Check):
                 own = r["label"]
                 main = pictures.figure(
                     pos,
-                    f'#{pos} · label <span class="lab bad">{names(own)}</span> → '
+                    f'{pictures.name(pos)} · label <span class="lab bad">{names(own)}</span> → '
                     f'<span class="lab good">{names(r["suggested_label"])}</span><br>score {r["label_issue_score"]:.2f}'
                     f' · predicted {names(r["prediction"])}',
                     "main",

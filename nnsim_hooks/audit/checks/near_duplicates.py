@@ -153,8 +153,8 @@ class NearDuplicates(Check):
                 figs = []
                 for pos, r in members.head(MAX_GROUP_MEMBERS).iterrows():
                     keep = bool(r["duplicate_representative"])
-                    figs.append(pictures.figure(pos, f'#{pos} · {names(r["label"])}{" · keep" if keep else ""}',
-                                                "small", "keep" if keep else ""))
+                    caption = f'{pictures.name(pos)} · {names(r["label"])}{" · keep" if keep else ""}'
+                    figs.append(pictures.figure(pos, caption, "small", "keep" if keep else ""))
                 labels = set(members["label"].dropna().tolist())
                 note = ' · <span class="lab bad">labels differ</span>' if len(labels) > 1 else ""
                 more = f" (+{len(members) - MAX_GROUP_MEMBERS} more)" if len(members) > MAX_GROUP_MEMBERS else ""

@@ -132,8 +132,8 @@ class RareSamples(Check):
         figs = []
         for pos, r in rare.iterrows():
             flag = ' · <span class="lab bad">outlier</span>' if r["is_outlier"] else ""
-            figs.append(pictures.figure(pos, f'#{pos} · {names(r["label"])}<br>sim {r["knn_similarity"]:.3f}{flag}',
-                                        "main"))
+            caption = f'{pictures.name(pos)} · {names(r["label"])}<br>sim {r["knn_similarity"]:.3f}{flag}'
+            figs.append(pictures.figure(pos, caption, "main"))
         body = f'<div class="rare">{"".join(figs)}</div>' if figs else '<p class="muted">No sample has neighbours.</p>'
         return (f'<section><h2>Rarest samples ({result.summary["outliers"]:,} flagged as outliers)</h2><p class="lead">'
                 f'The {len(figs)} samples least similar to their {result.k} nearest neighbours (mean similarity). '
