@@ -76,7 +76,7 @@ def load_timm(
         task="classification" if classes else "features",
         num_classes=classes or None,
         checkpoint=checkpoint,
-        info={"classifier": _classifier_names(model)},
+        info={"classifier": _classifier_names(model), "model_kwargs": kwargs},
     )
 
 

@@ -105,12 +105,13 @@ def test_interrupted_audit_resumes(small, tmp_path):
     assert 0 < stored <= 70
     again = Counting(data.images, data.noisy_labels)
     resumed = run(model, again, out, save=False)  # no report yet: its pictures would read samples too
-    # the probe reads sample 0, then the neighbour index checks the data's first and last
+    # the probe reads sample 0, the memory probes the first 8, then the neighbour index checks the data's first and last
     # samples (the data fingerprint) and resumes at the first sample it lacks; then the
     # density index (output "contrast", not started yet) reads them all, recording the
     # fingerprint (sample 0 twice: the determinism check) at its first commit
     fingerprint_check, fingerprint_record = [0, 119], [0, 0, 119]
-    assert again.reads == ([0] + fingerprint_check + list(range(stored, 120)) + list(range(16)) + fingerprint_record
+    memory_probes = [0, 0] + list(range(8))  # warm-up, 1 sample, 8 samples (nnsim_hooks.audit.batch_memory)
+    assert again.reads == ([0] + memory_probes + fingerprint_check + list(range(stored, 120)) + list(range(16)) + fingerprint_record
                            + list(range(16, 120)))
     fresh = nnsim_hooks.audit(model, Counting(data.images, data.noisy_labels), progress=False, sketch_dim=64, k=5,
                               batch_size=16)

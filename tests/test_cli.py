@@ -82,10 +82,12 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path, capsys, monkeypatch):
     reads.clear()
     assert nnsim("--out", out, *QUICK) == 0
     assert "Report:" in capsys.readouterr().out
-    # the probe reads sample 0, the resumed index checks the data's first and last samples
-    # (its data fingerprint), then extraction starts at the first sample not stored (the
-    # report's pictures read a few more samples afterwards)
-    assert reads[: 3 + 150 - stored] == [0] + [0, 149] + list(range(stored, 150))
+    # the probe reads sample 0, the memory probes the first 8 (warm-up, 1 sample, 8 samples:
+    # nnsim_hooks.audit.batch_memory), the resumed index checks the data's first and last
+    # samples (its data fingerprint), then extraction starts at the first sample not stored
+    # (the report's pictures read a few more samples afterwards)
+    memory_probes = [0, 0] + list(range(8))
+    assert reads[: 13 + 150 - stored] == [0] + memory_probes + [0, 149] + list(range(stored, 150))
     assert json.loads((out / "nnsim-audit.json").read_text())["state"] == "done"
 
 

@@ -249,7 +249,7 @@ def test_audit_exact_density_column_and_summary():
     exact = nnsim_hooks.audit(model, ds, progress=False, sketch_dim=64, k=3, save=False, exact_density=True)
     assert sketched.summary["density"] == "sketched, D=1024"
     assert exact.summary["density"] == "exact"
-    assert "(exact)" in exact.report_html()
+    assert "output, computed exactly (no sketch)" in exact.report_html()  # the header says how
     with nnsim_hooks.attach(model, output=contrast_predicted) as h:
         ref = h.density(x, progress=False, use_targets=False)
     np.testing.assert_allclose(exact.table["density"].to_numpy(), ref, rtol=1e-5)

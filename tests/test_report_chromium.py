@@ -64,7 +64,7 @@ def report(tmp_path_factory):
 
 def test_report_is_self_contained(report):
     text = report.read_text()
-    assert "<script" not in text
+    assert not re.search(r"<script[^>]*\bsrc=", text)  # the table's script is inline
     srcs = re.findall(r'src="([^"]+)"', text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not re.search(r'(href|src)="(https?:|//)', text)  # nothing fetched from the network
@@ -78,9 +78,9 @@ def test_every_picture_loads_in_chromium(report, tmp_path):
     images = re.search(r'data-images="(\d+)"', dom)
     loaded = re.search(r'data-loaded="(\d+)"', dom)
     assert images and loaded, "the load handler did not run: " + dom[:300]
-    n_images = report.read_text().count("<img ")
-    assert int(images.group(1)) == n_images > 20
-    assert int(loaded.group(1)) == n_images
+    n_images = report.read_text().count("<img ")  # the table's script adds its thumbnails
+    assert int(images.group(1)) > n_images > 20
+    assert int(loaded.group(1)) == int(images.group(1))
 
 
 def test_screenshot_is_not_blank(report, tmp_path):

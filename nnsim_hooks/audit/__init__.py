@@ -8,8 +8,11 @@
 Modules: :mod:`.run` (``audit()``), :mod:`.analysis` (``analyse()``: the checks on a built
 index), :mod:`.checks` (one module per check and the registry ``CHECKS``; a new check is
 one module there plus one line in the registry), :mod:`.thresholds`, :mod:`.result`
-(``AuditResult``, the saved folder), :mod:`.report` (HTML), :mod:`.presentation` (numbers
-and pictures in the report and the printed summary), :mod:`.plots`, :mod:`.thumbnails`
+(``AuditResult``, the saved folder), :mod:`.report` (HTML), :mod:`.explorer` (the report's
+table of every sample, its script ``explorer.js``), :mod:`.ranking` (the suspects' order),
+:mod:`.decisions` (the report's exported decisions, applied by the next audit),
+:mod:`.presentation` (numbers and pictures in the report and the printed summary),
+:mod:`.plots`, :mod:`.thumbnails`
 (pluggable pictures), :mod:`.samples` (labels, unreadable files), :mod:`.output_folder`
 (output folders), :mod:`.output_choice` (what is differentiated), :mod:`.demo` (the
 embedded default).

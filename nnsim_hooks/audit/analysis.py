@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from .checks.arrays import usable_neighbors
 from .checks.check import CLASS, FLAG, FLOAT, GROUP, CheckInputs, check_registry
 from .output_choice import DEFAULT_K
 from .result import AuditResult
+from .sample_names import add_name_columns, path_column
 from .thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ def analyse(
     denoise_index=None,
     density: Optional[np.ndarray] = None,
     dataset=None,
+    paths: Optional[Sequence[Optional[str]]] = None,
+    class_names: Optional[Sequence[str]] = None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
@@ -40,7 +43,9 @@ def analyse(
     :meth:`~nnsim_hooks.Handle.density` of the same samples) replaces the sketched one; the
     summary's ``"density"`` says which was used (``"exact"`` or ``"sketched, D=..."``).
     ``dataset`` (the audited one, indexed by dataset position) is for checks that look at
-    the samples themselves.
+    the samples themselves. ``paths`` (one per dataset position, None where a sample has
+    no file) fill the table's ``path`` column; ``class_names`` (index = class) its
+    ``<class column>_name`` columns (see :mod:`nnsim_hooks.audit.sample_names`).
 
     The checks are those of :data:`nnsim_hooks.audit.checks.CHECKS`, run in order.
     """
@@ -66,6 +71,8 @@ def analyse(
             f"labels {labels[bad].tolist()} (samples {positions[bad].tolist()}) are not below the model's "
             f"{num_classes} classes; pass labels that index the model's outputs"
         )
+    if paths is not None and len(paths) != n_total:
+        raise DataError(f"paths has {len(paths)} entries but the dataset {n_total} samples; give one per sample")
     paper = index if denoise_index is None else denoise_index
     if len(paper) != n:
         raise DataError(f"denoise_index holds {len(paper)} samples but the index {n}; build both from the same data")
@@ -90,6 +97,7 @@ def analyse(
     table["readable"] = np.isin(np.arange(n_total), positions)
     table["valid"] = False
     table.loc[positions, "valid"] = np.asarray(index.valid, dtype=bool)
+    table["path"] = path_column(paths, n_total)
     put = _Writer(table, positions, n_total)
     put(CLASS, "label", labels)
     put(CLASS, "prediction", predictions)
@@ -109,7 +117,13 @@ def analyse(
     for j in range(ids.shape[1]):
         put(FLOAT, f"similarity_{j + 1}", sims[:, j])
 
+    class_columns = ["label", "prediction"] + [c.name for check in checks.CHECKS for c in check.columns if c.kind == CLASS]
+    names = None if class_names is None else [str(c) for c in class_names]
+    add_name_columns(table, class_columns, names)
+
     result = AuditResult.build(table, index=index, thresholds=limits, k=k, num_classes=num_classes, info=inputs.info)
+    result.class_names = names
+    result.summary["class_names"] = names  # AuditResult.load gives them back
     result.denoise_index = denoise_index
     return result
 

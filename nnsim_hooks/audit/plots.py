@@ -25,7 +25,7 @@ def _pyplot():
     return plt
 
 
-def histogram(
+def histogram_figure(
     values: Iterable[float],
     title: str,
     xlabel: str,
@@ -35,9 +35,13 @@ def histogram(
     log_x: bool = False,
     log_y: bool = False,
     note: Optional[str] = None,
-) -> Optional[str]:
-    """A histogram of the finite ``values`` with vertical lines at ``markers``; None
-    when there is nothing to draw."""
+):
+    """The matplotlib figure of :func:`histogram` (None when there is nothing to draw);
+    the caller closes it.
+
+    The axis labels say "log scale" exactly when that axis is logarithmic (``log_x`` is
+    dropped when the values span less than a decade), and ``note`` goes under the title,
+    outside the plotting area, so that it never covers the bars."""
     v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if log_x:
@@ -46,7 +50,7 @@ def histogram(
         return None
     log_x = log_x and v.max() > 10 * v.min()  # a log axis only helps over more than a decade
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 2.9), dpi=110)
+    fig, ax = plt.subplots(figsize=(5.2, 3.1 if note else 2.9), dpi=110)
     try:
         if log_x:
             edges = np.geomspace(v.min(), v.max(), bins + 1)
@@ -54,7 +58,7 @@ def histogram(
         else:
             lo, hi = float(v.min()), float(v.max())
             for value, _, _ in markers:
-                if np.isfinite(value):
+                if value is not None and np.isfinite(value):
                     lo, hi = min(lo, value), max(hi, value)
             if hi <= lo:
                 lo, hi = lo - 0.5, hi + 0.5
@@ -71,15 +75,39 @@ def histogram(
                 ax.axvline(value, color=colour, linestyle="--", linewidth=1.6, label=label)
         if markers:
             ax.legend(fontsize=7.5, frameon=False, loc="best")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabel, fontsize=8.5)
-        ax.set_ylabel("samples", fontsize=8.5)
+        ax.set_title(f"{title}\n{note}" if note else title, fontsize=9.5 if note else 10)
+        ax.set_xlabel(f"{xlabel} (log scale)" if log_x else xlabel, fontsize=8.5)
+        ax.set_ylabel("samples (log scale)" if log_y else "samples", fontsize=8.5)
         ax.tick_params(labelsize=7.5)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-        if note:
-            ax.text(0.99, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=7, color="#555")
-        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.17, top=0.89)  # fixed: tight_layout costs ~0.5 s
+        # fixed margins: tight_layout costs ~0.5 s per figure
+        fig.subplots_adjust(left=0.12, right=0.97, bottom=0.17, top=0.84 if note else 0.89)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def histogram(
+    values: Iterable[float],
+    title: str,
+    xlabel: str,
+    markers: Sequence[Marker] = (),
+    *,
+    bins: int = 50,
+    log_x: bool = False,
+    log_y: bool = False,
+    note: Optional[str] = None,
+) -> Optional[str]:
+    """A histogram of the finite ``values`` with vertical lines at ``markers``, as a PNG
+    data URI; None when there is nothing to draw. ``xlabel`` names the quantity only: the
+    axis says "log scale" itself when it is one (see :func:`histogram_figure`)."""
+    fig = histogram_figure(values, title, xlabel, markers, bins=bins, log_x=log_x, log_y=log_y, note=note)
+    if fig is None:
+        return None
+    plt = _pyplot()
+    try:
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
     finally:

@@ -1,5 +1,6 @@
-"""``report.html``: one self-contained page (pictures inline as base64 PNG, no script,
-no network), readable offline in any browser. The summary cards, the per-class table,
+"""``report.html``: one self-contained page (pictures inline as base64 PNG, the table of
+every sample as embedded JSON with an inline script, :mod:`.explorer`; nothing fetched from
+the network), readable offline in any browser. The summary cards, the per-class table,
 the galleries, the histograms and the threshold table come from the checks of
 :data:`nnsim_hooks.audit.checks.CHECKS`, in order."""
 
@@ -10,8 +11,18 @@ from typing import Any, Dict
 
 import pandas as pd
 
-from . import checks
-from .presentation import ClassNames, Pictures, escape as _e, num as _num, pct as _pct
+from . import checks, explorer
+from .checks.check import warnings_of
+from .presentation import (
+    WARNING_CSS,
+    ClassNames,
+    Pictures,
+    escape as _e,
+    num as _num,
+    pct as _pct,
+    similarity_in_words,
+    warning_banner,
+)
 
 CSS = """
 :root { --ink:#1d2430; --muted:#5f6b7a; --line:#e3e7ee; --bg:#f6f8fb; --card:#fff; --bad:#c0392b; --good:#1e8449;
@@ -55,6 +66,7 @@ figure .noimg { display:flex; align-items:center; justify-content:center; font-s
 figure.keep img { border:3px solid var(--good); }
 figure.main figcaption { color:var(--ink); }
 .lab { font-weight:650; }
+.path { font-family:ui-monospace, Menlo, Consolas, monospace; font-size:11px; overflow-wrap:anywhere; }
 .lab.bad { color:var(--bad); } .lab.good { color:var(--good); } .lab.other { color:var(--muted); }
 .groups { display:grid; grid-template-columns:repeat(auto-fill, minmax(330px, 1fr)); gap:10px; }
 .group { border:1px solid var(--line); border-radius:8px; padding:8px 10px; }
@@ -65,7 +77,7 @@ figure.main figcaption { color:var(--ink); }
 .muted { color:var(--muted); }
 code { background:#eef1f6; padding:1px 4px; border-radius:3px; font-size:12px; }
 footer { color:var(--muted); font-size:12px; text-align:center; margin-top:20px; }
-"""
+""" + explorer.CSS
 
 
 def _cards(s: Dict[str, Any]) -> str:
@@ -148,33 +160,49 @@ def _thresholds(result) -> str:
             f'<th style="text-align:left">meaning</th></tr>{body}</table></section>')
 
 
+def _header_line(s: Dict[str, Any], when: str) -> str:
+    """The header's lines, in plain words: what was audited and how similarity was measured."""
+    c = s.get("num_classes")
+    neighbours = similarity_in_words(s.get("output", "?"), s.get("sketch_dim", "?"), c)
+    exact = s.get("density") == "exact"
+    paper = similarity_in_words(s.get("denoising_output", s.get("output", "?")),
+                                s.get("denoising_sketch_dim", s.get("sketch_dim", "?")), c, exact=exact)
+    decided = s.get("decisions")
+    decisions = (f" · your decisions applied: {decided['removed']:,} removed, {decided['relabelled']:,} relabelled"
+                 if decided else "")
+    return (f"{s['samples']:,} samples · {c or '?'} classes · model {_e(s.get('model', '?'))}{decisions} · {when}<br>"
+            f"Neighbours: the {s['k']} most similar samples by {_e(neighbours)}.<br>"
+            f"Density and effective neighbours (N_eff): by {_e(paper)}.")
+
+
 def render(result) -> str:
     """The whole page for an :class:`~nnsim_hooks.audit.AuditResult`."""
     s = result.summary
     names = ClassNames(result.class_names)
     pics = Pictures(result)
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    sub = (f"{s['samples']:,} samples · {s.get('num_classes') or '?'} classes · model {_e(s.get('model', '?'))} · "
-           f"neighbours by {_e(s.get('output', '?'))} (sketch {_e(s.get('sketch_dim', '?'))} per output) · "
-           f"density by {_e(s.get('denoising_output', s.get('output', '?')))} "
-           f"({_e(s.get('density', 'sketched'))}) · k = {s['k']} · {when}")
+    sub = _header_line(s, when)
     if s["samples"] < 2:
         note = ('<section><h2>One sample</h2><p class="lead">A dataset of one sample has no neighbours: every score is '
                 'undefined and nothing is flagged.</p></section>')
     else:
         note = ""
+    galleries = [check.section(result, pics, names) for check in checks.CHECKS]
+    every_sample = explorer.section(result, pics, names)  # after the galleries: it embeds their pictures too
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>nnsim audit · {s['samples']:,} samples</title><style>{CSS}</style></head><body>",
+        f"<title>nnsim audit · {s['samples']:,} samples</title><style>{CSS}{WARNING_CSS}</style></head><body>",
         f"<header><h1>Dataset audit through the network's eyes</h1><div class='sub'>{sub}</div></header><main>",
+        warning_banner(warnings_of(s)),
         f"<section><h2>Summary</h2><p class='lead'>Similarity = cosine between the network's label-free "
         f"gradients (Charpiat et al., NeurIPS 2019): two samples are similar when training on one moves the "
         f"network's output on the other.</p>{_cards(s)}</section>",
         note,
         _headline(s),
         _class_table(result, names),
-        *(check.section(result, pics, names) for check in checks.CHECKS),
+        *galleries,
+        every_sample,
         _plots(result),
         _thresholds(result),
         "<footer>nnsim_hooks audit · files next to this page: table.csv / table.parquet (every sample), per_class.csv, "

@@ -2,7 +2,7 @@
 
 Saved folder layout (``AuditResult.save(dir)``)::
 
-    report.html        the self-contained report (pictures inline), readable offline
+    report.html        the self-contained report (pictures inline, a table of every sample), readable offline
     table.csv          one row per sample, in dataset order (also table.parquet)
     per_class.csv      the health summary per class
     summary.json       counts, thresholds, denoising, agreements (JSON)
@@ -12,16 +12,21 @@ Saved folder layout (``AuditResult.save(dir)``)::
                        neighbours use another output (output="full", the default up to 16 classes)
     nnsim-audit.json   the folder's marker (state, configuration)
 
-Table columns: ``readable``, ``valid`` (the sample has a gradient direction), ``label``,
-``prediction`` (nullable ints), ``label_probability``, ``confidence``, then each check's
-columns in the order of :data:`nnsim_hooks.audit.checks.CHECKS` (built in:
-``label_issue_score``, ``is_label_issue``, ``suggested_label``; ``duplicate_group`` (-1:
-none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outlier``;
+Table columns: the index ``sample`` (the dataset position), ``readable``, ``valid`` (the
+sample has a gradient direction), ``path`` (the sample's file relative to the dataset's
+root; empty without files), ``label``, ``label_name``, ``prediction``, ``prediction_name``
+(nullable ints and the class names beside them), ``label_probability``, ``confidence``,
+then each check's columns in the order of :data:`nnsim_hooks.audit.checks.CHECKS` (built in:
+``label_issue_score``, ``is_label_issue``, ``suggested_label``, ``suggested_label_name``;
+``duplicate_group`` (-1: none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outlier``;
 ``effective_neighbors``, ``denoising_factor``, ``consistency``), then ``gradient_norm``,
 ``neighbor_1..k`` (dataset positions, -1: none) and ``similarity_1..k``.
 
 ``summary.json`` and ``per_class.csv`` likewise hold the core counts and each check's
 own keys (:meth:`nnsim_hooks.audit.checks.check.Check.summary` and ``per_class``).
+``summary.json``'s ``warnings`` is a list (empty when all is well) of
+:class:`~nnsim_hooks.audit.checks.check.AuditWarning` dicts: states of the model or data
+that make some numbers meaningless (:mod:`nnsim_hooks.audit.checks.model_state`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import StoreError
 from . import checks
 from .checks.arrays import agreement, class_column
+from .checks.check import WARNINGS, warnings_of
 from .output_folder import clean_json, mark_done, prepare_out_dir, read_marker, write_json
 from .thresholds import Thresholds, threshold_specs
 
@@ -101,6 +107,7 @@ class AuditResult:
             "k": self.k,
             "thresholds": self.thresholds.to_dict(),
             "agreement": {"prediction_vs_label": agreement(preds, labels)},
+            WARNINGS: [],
         }
         for check in checks.CHECKS:
             _merge(summary, check.summary(t, self.info, num_classes), check.name)
@@ -144,10 +151,13 @@ class AuditResult:
         return ids, sims
 
     def label_issues(self):
-        """The flagged samples, most suspicious first."""
-        t = self.table
-        keys = ["label_issue_score"] + (["label_probability"] if "label_probability" in t else [])
-        return t[t["is_label_issue"]].sort_values(keys, ascending=[False] + [True] * (len(keys) - 1))
+        """The flagged samples, most suspicious first: by ``label_issue_score``, ties broken
+        by the prediction's disagreement, then ``label_probability``, then the closeness of
+        the neighbours (:func:`~nnsim_hooks.audit.ranking.suspicion_order`)."""
+        from .ranking import suspicion_order
+
+        flagged = self.table[self.table["is_label_issue"].to_numpy(dtype=bool)]
+        return flagged.iloc[suspicion_order(flagged)]
 
     def duplicates(self):
         """Members of near-duplicate groups, by group."""
@@ -249,6 +259,9 @@ class AuditResult:
             per_class = pd.read_csv(out / "per_class.csv")
         except (OSError, ValueError) as exc:
             raise StoreError(f"{out} does not hold a complete saved audit: {exc}") from exc
+        for column in table.columns:  # a CSV reads names like "3" as numbers: text again
+            if column == "path" or str(column).endswith("_name"):
+                table[column] = table[column].astype("string")
         from ..index import load_index
 
         index = load_index(out / "index") if (out / "index").is_dir() else None
@@ -256,12 +269,15 @@ class AuditResult:
         known = {spec.name for spec in threshold_specs()}
         thresholds = {k: v for k, v in summary.get("thresholds", {}).items() if k in known}
         return cls(table=table, summary=summary, per_class=per_class, thresholds=Thresholds(**thresholds),
-                   index=index, k=int(summary.get("k", 10)), denoise_index=denoise_index)
+                   index=index, k=int(summary.get("k", 10)), denoise_index=denoise_index,
+                   class_names=summary.get("class_names"))
 
     def __repr__(self) -> str:
         s = self.summary
         counts = [words for words in (check.headline(s) for check in checks.CHECKS) if words]
-        return f"<AuditResult {s.get('samples')} samples: {', '.join(counts)}>"
+        codes = [w.get("code", "?") for w in warnings_of(s)]
+        warned = f" ({len(codes)} warning{'s' if len(codes) > 1 else ''}: {', '.join(codes)})" if codes else ""
+        return f"<AuditResult {s.get('samples')} samples{warned}: {', '.join(counts)}>"
 
 
 def _merge(into: Dict[str, Any], part: Dict[str, Any], check: str) -> None:
@@ -269,6 +285,8 @@ def _merge(into: Dict[str, Any], part: Dict[str, Any], check: str) -> None:
     for key, value in part.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             _merge(into[key], value, check)
+        elif key == WARNINGS and isinstance(value, list):  # every check may add warnings
+            into[key] = list(into.get(key) or []) + value
         elif key in into:
             raise ValueError(f"audit check {check!r} sets the summary key {key!r}, which is already set; rename it")
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 from ..errors import DataError, InputError, ModelError
 from ..index.sharded import distributed as dist_
 from .analysis import analyse
+from .batch_memory import MemoryBudget, fit_batch_size, parse_memory
 from .samples import AuditView, check_dataset, check_input, find_unreadable, resolve_labels
 from .output_folder import prepare_out_dir
 from .output_choice import (
@@ -26,6 +28,7 @@ from .output_choice import (
     label_free_output,
 )
 from .result import AuditResult
+from .sample_names import resolve_class_names, resolve_paths
 from .thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,20 @@ def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
             "that forward returns the logits)"
         )
     return out
+
+
+def _pass(handle, view: AuditView, b: int) -> None:
+    """One pass of the audit's capture on the first ``b`` samples (to measure its memory)."""
+    from torch.utils.data.dataloader import default_collate
+
+    from ..data.batch_source import to_device
+    from ..validation import model_device_dtype
+
+    device, _ = model_device_dtype(handle.model)
+    inputs = to_device(default_collate([view[i][0] for i in range(b)]), device)
+    with warnings.catch_warnings():  # the index build warns about these samples once, in order
+        warnings.simplefilter("ignore")
+        handle.extract(inputs)
 
 
 def usable_k(k: int, n_valid: int) -> int:
@@ -98,6 +115,9 @@ def audit(
     config: Optional[Dict[str, Any]] = None,
     save: bool = True,
     exact_density: bool = False,
+    decisions: Union[None, str, Path] = None,
+    paths: Optional[Sequence] = None,
+    max_memory: MemoryBudget = None,
 ) -> AuditResult:
     """Audit a labelled dataset through a trained classifier's own notion of similarity.
 
@@ -110,7 +130,11 @@ def audit(
     - **near-duplicates**: groups linked by similarity >= a threshold, one representative each;
     - **outliers**: samples whose mean similarity to their neighbours is unusually low;
     - **denoising**: the paper's ``N_eff`` and ``1 / N_eff`` per sample, per class and
-      overall, and the label-free consistency check (the paper section 3).
+      overall, and the label-free consistency check (the paper section 3);
+    - **model state**: ``summary["warnings"]`` (empty when all is well) says when the model
+      cannot show label errors or denoising (near-chance agreement, a class never
+      predicted, memorised labels, no labels, many unscored labels), with what to do; the
+      report opens with them (:mod:`nnsim_hooks.audit.checks.model_state`).
 
     Args:
         model: a trained classifier (``[B, C]`` logits); it is put in eval mode for the
@@ -141,8 +165,16 @@ def audit(
             everything in memory (call :meth:`AuditResult.save` later).
         progress: tqdm progress bars.
         thresholds: a :class:`Thresholds` or a dict of some of its fields.
-        batch_size: samples per forward/backward pass.
-        class_names: names for the report (index = class).
+        batch_size: samples per forward/backward pass, at most: lowered (with a warning)
+            when a pass of that many would not fit in ``max_memory``.
+        max_memory: the memory a pass may use, in bytes or as text (``"8GB"``, ``"512MB"``);
+            default: 70% of the available RAM (``MemAvailable``), or of the GPU's free
+            memory. A pass's peak is measured on 1 and 8 samples before the first pass
+            and extrapolated (:mod:`nnsim_hooks.audit.batch_memory`); when one sample
+            does not fit, an :class:`~nnsim_hooks.errors.InputError` says how much it needs.
+        class_names: class names, index = class (default: the dataset's ``classes``); the
+            table gets ``label_name``, ``prediction_name``, ``suggested_label_name``.
+            Without names, a class is named by its index.
         thumbnail: ``fn(raw_sample) -> uint8 array | None`` for the report's pictures
             (see :mod:`nnsim_hooks.audit.thumbnails`).
         seed: the sketch seed.
@@ -155,6 +187,17 @@ def audit(
             (:meth:`nnsim_hooks.Handle.density`: two more passes over the data) instead
             of from the index's sketched features. The summary's ``"density"`` and the
             report say which was used.
+        decisions: the CSV of decisions exported from an earlier report
+            (``path_or_index,decision,new_label``; see :mod:`nnsim_hooks.audit.decisions`):
+            removed samples are left out and relabelled ones audited with their new label;
+            the summary's ``"decisions"`` records what was applied. Samples are named as in
+            ``dataset`` (its file paths, or its indices); a CSV naming samples it does not
+            hold is an :class:`~nnsim_hooks.errors.InputError` listing them.
+        paths: one file path per sample (None for a sample without one), shown in the
+            table's ``path`` column and the report's galleries. Default: the dataset's own
+            files (``dataset.paths``, or ``samples`` of an ImageFolder), relative to its
+            root (``source`` or ``root``); none for other datasets (the table's index,
+            ``sample``, names every row by its dataset position).
 
     Returns:
         an :class:`AuditResult` (saved to ``out_dir`` already when one was given).
@@ -177,8 +220,20 @@ def audit(
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
     limits = Thresholds.make(thresholds)
+    parse_memory(max_memory)  # a malformed budget fails now, not after the file checks
     n_total = check_dataset(dataset)
     user_labels = resolve_labels(dataset, labels, n_total)
+    sample_paths = resolve_paths(dataset, paths, n_total)
+    names = resolve_class_names(dataset, class_names)
+    decision_record = None
+    if decisions is not None:
+        from .decisions import apply_decisions
+
+        dataset, user_labels, decision_record = apply_decisions(dataset, decisions, labels=user_labels,
+                                                                class_names=class_names)
+        n_total = len(dataset)
+        if sample_paths is not None:  # the paths were resolved on the dataset before the decisions
+            sample_paths = [sample_paths[int(p)] for p in dataset.positions]
 
     ctx = dist_.current()  # a torch.distributed group of several processes, or None
     out_path = Path(out_dir) if out_dir is not None else None
@@ -191,6 +246,10 @@ def audit(
             "seed": seed,
             "batch_size": batch_size,
         }
+        if decisions is not None:  # only then: runs without decisions keep the configuration they resume with
+            from .decisions import fingerprint
+
+            run_config["decisions"] = fingerprint(decisions)
         # under torchrun only rank 0 writes the audit's files; the ranks share the index build
         dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 
@@ -223,6 +282,12 @@ def audit(
         fn = label_free_output(output, classifier)
         task = "classification" if classifier else "auto"
         with attach(model, output=fn, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size) as handle:
+            # the first output is the heavier one (all C outputs): its passes set the batch size
+            # under torchrun every rank measures its own pass; all take the smallest batch
+            batch_size = dist_.everywhere(ctx, "fitting the batch size to memory", lambda: fit_batch_size(
+                lambda b: _pass(handle, view, b), probe.device, batch_size, len(view), max_memory))
+            if ctx is not None:
+                batch_size = min(dist_.all_gather(ctx, batch_size, "agreeing on the batch size"))
             index = handle.build_index(view, None if out_path is None else out_path / "index",
                                        batch_size=batch_size, progress=progress, task=task, use_targets=False)
             output_name = handle.output_name
@@ -255,21 +320,26 @@ def audit(
         denoise_index=denoise_index,
         density=density,
         dataset=dataset,
+        paths=sample_paths,
+        class_names=names,
     )
     result.dataset = dataset
     result.thumbnail = thumbnail
-    result.class_names = list(class_names) if class_names is not None else None
     result.summary.update(
         {
             "model": type(model).__name__,
             "output": output_name,
             "sketch_dim": int(sketch_dim),
+            "batch_size": int(batch_size),  # after fitting max_memory
             "denoising_output": "contrast_predicted" if denoise_index is not None else output_name,
+            "denoising_sketch_dim": DEFAULT_SKETCH_DIM if denoise_index is not None else int(sketch_dim),
             "seconds": round(time.time() - started, 2),
         }
     )
     if extra:
         result.summary["extra"] = dict(extra)
+    if decision_record is not None:
+        result.summary["decisions"] = decision_record
     if out_path is not None and save:
         dist_.on_main(ctx, "saving the audit", lambda: result.save(out_path, _finish=True))
     return result

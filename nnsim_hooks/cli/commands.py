@@ -73,6 +73,12 @@ def _add_audit(sub) -> None:
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
     data.add_argument("--num-classes", type=int, help="number of classes of the model's head")
+    data.add_argument("--image-size", default=None, metavar="N or H,W",
+                      help="resize 2-D images to this size instead of the model's default (timm's 224): small images "
+                      "stay small and the audit is faster. CNNs take any size; models with a fixed grid (ViTs) are "
+                      "built for it")
+    data.add_argument("--spatial-size", default=None, metavar="N or D,H,W",
+                      help="resize every sample (volumes too) to this size; one number: the same on every axis")
     demo = a.add_argument_group("demo options")
     demo.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="share of labels flipped (default %(default)s)")
     demo.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="training epochs (default %(default)s)")
@@ -82,7 +88,12 @@ def _add_audit(sub) -> None:
     opts.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours per sample (default %(default)s)")
     opts.add_argument("--sketch-dim", type=int, default=None,
                       help=f"feature dimension per output (default: {DEFAULT_SKETCH_DIM}, or 2048/C for --output full)")
-    opts.add_argument("--batch-size", type=int, default=64, help="samples per pass (default %(default)s)")
+    opts.add_argument("--batch-size", type=int, default=64,
+                      help="samples per pass, at most: lowered to fit --max-memory (default %(default)s)")
+    opts.add_argument("--max-memory", default=None, metavar="SIZE",
+                      help="memory a pass may use, e.g. 8GB or 512MB (default: 70%% of the available RAM, or of the "
+                      "GPU's free memory); the batch size is lowered to fit, and a model that needs more for one "
+                      "sample is refused before anything runs")
     opts.add_argument("--output", default=None, choices=["contrast", "full", "logit", "sum"],
                       help="what is differentiated, never with the labels (default: full for classifiers with at "
                       "most 16 classes, contrast of the predicted class above)")
@@ -91,6 +102,9 @@ def _add_audit(sub) -> None:
                       help=f"change a threshold: {names} (see nnsim_hooks.audit.Thresholds)")
     for check in CHECKS:
         check.add_cli_arguments(opts)
+    opts.add_argument("--decisions", metavar="FILE.csv", default=None,
+                      help="apply the decisions exported from an earlier report (path_or_index,decision,new_label: "
+                      "relabel, remove or keep) to --data before auditing; recorded in summary.json")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
@@ -171,7 +185,13 @@ def _audit_data(args, thresholds) -> Any:
 
     if not args.model:
         raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt)")
+    from ..audit.batch_memory import parse_memory
+
+    parse_memory(args.max_memory, "--max-memory")  # before the model is built
     _check_data_path(args.data)
+    if args.decisions is not None and not Path(args.decisions).is_file():
+        raise CliError(f"--decisions {args.decisions}: no such file (the CSV the report's 'Download decisions' button "
+                       "writes)")
     classes = _classes(args.classes)
     kwargs = {}
     if args.model_kwargs:
@@ -184,6 +204,7 @@ def _audit_data(args, thresholds) -> Any:
     integrations = _load_integrations()
     info = integrations.load_model(args.model, model_kwargs=kwargs, checkpoint=args.checkpoint,
                                    num_classes=args.num_classes)
+    info = _input_size(integrations, info, args)
     model = info if isinstance(info, nn.Module) else getattr(info, "model", None)
     if not isinstance(model, nn.Module):
         raise CliError(f"integrations.load_model({args.model!r}) returned {type(info).__name__} without a model")
@@ -202,10 +223,15 @@ def _audit_data(args, thresholds) -> Any:
         "sketch_dim": args.sketch_dim,
         "output": args.output,
         "seed": args.seed,
+        **({"input_size": list(info.data_config.spatial_size)} if _sized(args) else {}),
         "thresholds": thresholds or {},
     }
     if classes is not None:  # only then: runs without --classes keep the configuration they resume with
         config["classes"] = classes
+    if args.decisions is not None:
+        from ..audit.decisions import fingerprint
+
+        config["decisions"] = fingerprint(args.decisions)
     return audit(
         model,
         dataset,
@@ -220,13 +246,36 @@ def _audit_data(args, thresholds) -> Any:
         seed=args.seed,
         class_names=getattr(dataset, "classes", None) or None,
         config=config,
+        decisions=args.decisions,
+        max_memory=args.max_memory,
     )
 
 
+def _sized(args) -> bool:
+    return args.image_size is not None or args.spatial_size is not None
+
+
+def _input_size(integrations, info, args):
+    """The loaded model set up for ``--image-size`` / ``--spatial-size`` (nothing given: as it is)."""
+    if args.image_size is not None and args.spatial_size is not None:
+        raise CliError("--image-size and --spatial-size both given; give one (--image-size is the 2-D shorthand)")
+    if not _sized(args):
+        return info
+    with_size = getattr(integrations, "with_input_size", None)
+    if with_size is None:
+        raise CliError("--image-size/--spatial-size need nnsim_hooks.integrations.with_input_size, which this "
+                       "installation lacks; update nnsim_hooks")
+    flag, size = ("--image-size", args.image_size) if args.image_size is not None else ("--spatial-size",
+                                                                                         args.spatial_size)
+    return with_size(info, size, flag)
+
+
 def format_summary(result, out: Path) -> str:
-    """The few lines printed at the end of ``nnsim audit``: the run, each check's lines, the skipped samples."""
+    """The few lines printed at the end of ``nnsim audit``: the run, the warnings (before the counts they
+    qualify), each check's lines, the skipped samples."""
     from ..audit.checks import CHECKS
-    from ..audit.presentation import plain_num as num, plain_pct as pct
+    from ..audit.checks.check import warnings_of
+    from ..audit.presentation import plain_num as num, plain_pct as pct, warning_lines
 
     s = result.summary
     den = s.get("denoising", {})
@@ -235,11 +284,16 @@ def format_summary(result, out: Path) -> str:
         f"nnsim audit: {s['samples']:,} samples, {s.get('num_classes') or '?'} classes "
         f"(model {s.get('model')}, output {s.get('output')}, {s.get('seconds', 0):.0f} s)",
     ]
+    lines += warning_lines(warnings_of(s))  # before the counts: they say how far to trust them
     lines += [line for check in CHECKS for line in check.summary_lines(s)]
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
     if s.get("missing_labels"):
         lines.append(f"  missing labels    {s['missing_labels']:,} samples (not scored)")
+    decided = s.get("decisions")
+    if decided:
+        lines.append(f"  your decisions    {decided['removed']:,} removed, {decided['relabelled']:,} relabelled, "
+                     f"{decided['kept']:,} kept ({decided.get('file') or 'given'})")
     extra = s.get("extra") or {}
     if "agreement_with_true_labels" in extra:
         lines += [
@@ -264,7 +318,8 @@ def cmd_audit(args) -> int:
     out = Path(args.out)
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                           ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
-                                          ("--classes", args.classes))
+                                          ("--classes", args.classes), ("--decisions", args.decisions),
+                                          ("--image-size", args.image_size), ("--spatial-size", args.spatial_size))
                  if given]
     if args.data is None:
         if demo_only:

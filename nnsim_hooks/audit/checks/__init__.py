@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import List
 
-from . import denoising, label_issues, near_duplicates, rare_samples
+from . import denoising, label_issues, model_state, near_duplicates, rare_samples
 from .check import Check, check_registry
 
 CHECKS: List[Check] = [
@@ -22,6 +22,7 @@ CHECKS: List[Check] = [
     near_duplicates.CHECK,
     rare_samples.CHECK,
     denoising.CHECK,
+    model_state.CHECK,
 ]
 
 check_registry(CHECKS)

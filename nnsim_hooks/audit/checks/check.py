@@ -133,6 +133,33 @@ class CheckInputs:
 #: A summary card of the report: (value, label, tone) with tone "", "good", "warn" or "bad".
 Card = Tuple[str, str, str]
 
+#: The key of ``summary.json`` that holds the warnings of every check (a list, empty when
+#: none fired; checks' lists are concatenated in registry order).
+WARNINGS = "warnings"
+
+
+@dataclass(frozen=True)
+class AuditWarning:
+    """A state of the model or the data that makes some of the audit's numbers meaningless.
+
+    Saved as a dict in ``summary.json``'s ``warnings`` list; the report shows it in a
+    banner at the top and ``nnsim audit`` prints it before the counts."""
+
+    code: str  # machine-readable, snake_case, e.g. "near_chance"
+    message: str  # what was seen, with the numbers
+    meaning: str  # what the audit's numbers can and cannot tell in this state
+    advice: str  # what to do
+    values: Dict[str, Any] = field(default_factory=dict)  # the measured numbers and the thresholds
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"code": self.code, "message": self.message, "meaning": self.meaning, "advice": self.advice,
+                "values": dict(self.values)}
+
+
+def warnings_of(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The warnings of a summary (``[]`` for none, or for a summary saved before warnings existed)."""
+    return list(summary.get(WARNINGS) or [])
+
 
 class Check:
     """One audit check; subclass it in its own module and add an instance to
@@ -213,9 +240,12 @@ def check_registry(checks: Sequence[Check]) -> None:
             raise ValueError(f"{where} reads columns {missing} that no check before it computes; register it after "
                              "the check that does")
         for column in check.columns:
-            if column.name in seen_columns:
-                raise ValueError(f"{where}: column {column.name!r} is already computed elsewhere; rename it")
-            seen_columns.add(column.name)
+            # a class column brings its name column (nnsim_hooks.audit.sample_names)
+            taken = [column.name] + ([column.name + "_name"] if column.kind == CLASS else [])
+            if any(name in seen_columns for name in taken):
+                clash = next(name for name in taken if name in seen_columns)
+                raise ValueError(f"{where}: column {clash!r} is already computed elsewhere; rename it")
+            seen_columns.update(taken)
         for spec in check.thresholds:
             if spec.name in seen_thresholds:
                 raise ValueError(f"{where}: threshold {spec.name!r} is already declared by another check")
@@ -227,5 +257,8 @@ def check_registry(checks: Sequence[Check]) -> None:
 
 #: The columns the analysis itself writes (not a check's), in table order: before the
 #: checks' columns ``readable`` ... ``confidence``, after them ``gradient_norm`` and the
-#: neighbour lists ``neighbor_1..k``, ``similarity_1..k``.
-CORE_COLUMNS = ("readable", "valid", "label", "prediction", "label_probability", "confidence", "gradient_norm")
+#: neighbour lists ``neighbor_1..k``, ``similarity_1..k``. Every class column (``kind``
+#: CLASS, a check's too) is followed by ``<name>_name``, the class's name
+#: (:mod:`nnsim_hooks.audit.sample_names`).
+CORE_COLUMNS = ("readable", "valid", "path", "label", "label_name", "prediction", "prediction_name",
+                "label_probability", "confidence", "gradient_norm")

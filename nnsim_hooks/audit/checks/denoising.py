@@ -44,6 +44,15 @@ def averaging_error_probability(n_eff: np.ndarray, noise_rate: float, num_classe
     return np.minimum(1.0, (c - 1) * norm.sf(z)) if margin > 0 else np.ones_like(n)
 
 
+def below_one_share(effective_neighbors) -> float:
+    """Share of the samples with an N_eff (finite) whose N_eff is below 1: there the
+    network averages less than one sample's worth of labels (its similarities to the
+    others cancel out) and 1/N_eff exceeds 1, without bound. NaN when none has an N_eff."""
+    v = np.asarray(effective_neighbors, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float((v < 1.0).mean()) if v.size else float("nan")
+
+
 class Denoising(Check):
     name = "denoising"
     columns = (
@@ -56,13 +65,12 @@ class Denoising(Check):
     needs = ("label_issue_score", "is_label_issue")
     class_headers = ("median N_eff", "median 1/N_eff", "median consistency")
     class_note = (
-        '<b>N_eff</b>: how many samples the network averages at each prediction, so label-noise variance is '
-        'divided by N_eff there (the paper, §3; medians, as samples whose similarities cancel out have N_eff near 0). '
-        'Shown: the scalar 1/N_eff of the cosine kernel of one differentiated value, the predicted class\'s '
-        'contrast (d = 1, where the authors\' d×d matrix factor Σ_j A_ij A_ijᵀ reduces to 1/N_eff; the cosine '
-        'kernel, so that large-gradient samples do not dominate); '
-        '<b>consistency</b>: distance between a prediction and the kernel-weighted average of the others\' '
-        'predictions (0 = the averaging hypothesis holds exactly).'
+        '<b>N_eff</b>: how many samples the network averages at each prediction (the paper, §3), so the label '
+        'noise\'s variance is divided by N_eff there; medians, because samples whose similarities cancel out have '
+        'N_eff near 0 (and 1/N_eff without bound). From the similarity of the gradients of the predicted class\'s '
+        'output, one number per sample (the paper\'s d×d factor with d = 1). '
+        '<b>consistency</b>: how far a prediction lies from the similarity-weighted average of the others\' '
+        'predictions (0: the network predicts exactly that average, as the averaging explanation says).'
     )
 
     def compute(self, inputs: CheckInputs) -> Dict[str, np.ndarray]:
@@ -91,8 +99,12 @@ class Denoising(Check):
                 "estimated_noise_rate": noise_rate,
                 "predicted_agreement_with_clean_labels": predicted,
                 "median_effective_neighbors": nanstat(np.median, table["effective_neighbors"]),
-                "mean_denoising_factor": nanstat(np.mean, factors),
+                # robust statistics only: 1/N_eff is unbounded where a sample's similarities
+                # cancel (N_eff near 0), so a mean is ruled by a few such samples
                 "median_denoising_factor": nanstat(np.median, factors),
+                "denoising_factor_quartiles": [nanstat(lambda v: np.quantile(v, 0.25), factors),
+                                               nanstat(lambda v: np.quantile(v, 0.75), factors)],
+                "share_below_one_effective_neighbor": below_one_share(table["effective_neighbors"]),
                 "mean_consistency": nanstat(np.mean, table["consistency"]),
                 "median_consistency": nanstat(np.median, table["consistency"]),
             }
@@ -102,7 +114,7 @@ class Denoising(Check):
         return {
             "median_effective_neighbors": nanstat(np.median, rows["effective_neighbors"]),
             "median_denoising_factor": nanstat(np.median, rows["denoising_factor"]),
-            "mean_denoising_factor": nanstat(np.mean, rows["denoising_factor"]),
+            "share_below_one_effective_neighbor": below_one_share(rows["effective_neighbors"]),
             "median_consistency": nanstat(np.median, rows["consistency"]),
         }
 
@@ -119,7 +131,8 @@ class Denoising(Check):
         den = summary.get("denoising", {})
         return [
             (num(den.get("median_effective_neighbors")), "median effective neighbours N_eff", ""),
-            (num(den.get("median_denoising_factor")), "median noise-variance factor 1/N_eff (d = 1, cosine kernel)", ""),
+            (num(den.get("median_denoising_factor")), "median 1/N_eff: the share of the label noise's variance left in "
+             "a prediction", ""),
         ]
 
     def class_cells(self, row, summary) -> List[str]:
@@ -133,10 +146,10 @@ class Denoising(Check):
 
         t = result.table
         return [
-            plots.histogram(t["effective_neighbors"], "Effective neighbours N_eff", "N_eff (log scale)", log_x=True,
+            plots.histogram(t["effective_neighbors"], "Effective neighbours N_eff", "N_eff", log_x=True,
                             note="label-noise variance ÷ N_eff"),
             plots.histogram(t["consistency"], "Consistency check (label-free)",
-                            "‖p_i − kernel average of the p_j‖ (log scale)", log_x=True,
+                            "‖p_i − kernel average of the p_j‖", log_x=True,
                             note="0: prediction = average of the others'"),
         ]
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .arrays import agreement, class_column, usable_neighbors
-from .check import CLASS, FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
+from .check import CLASS, FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec, warnings_of
 
 #: How much the report's gallery shows (the table has everything).
 MAX_LABEL_ISSUES = 36
@@ -131,8 +131,10 @@ class LabelIssues(Check):
         from ..presentation import pct
 
         count = summary["label_issues"]
-        return [(f"{count:,}", f"suspected label errors ({pct(summary.get('label_issue_rate'))} of labels)",
-                 "bad" if count else "good")]
+        label = f"suspected label errors ({pct(summary.get('label_issue_rate'))} of labels)"
+        if warnings_of(summary):  # green only when the audit could have found them
+            return [(f"{count:,}", label + "; see the warnings at the top", "warn")]
+        return [(f"{count:,}", label, "bad" if count else "good")]
 
     def class_cells(self, row, summary) -> List[str]:
         from ..presentation import num, pct
@@ -149,7 +151,10 @@ class LabelIssues(Check):
 
         issues = result.label_issues()
         total = len(issues)
-        if total == 0:
+        if total == 0 and warnings_of(result.summary):
+            body = ('<p class="muted">No label is flagged, but that is no evidence that the labels are clean: the '
+                    'warnings at the top of the page say why.</p>')
+        elif total == 0:
             body = '<p class="muted">No label is contradicted by the samples the network sees as similar.</p>'
         else:
             cards = []
@@ -157,7 +162,7 @@ class LabelIssues(Check):
                 own = r["label"]
                 main = pictures.figure(
                     pos,
-                    f'#{pos} · label <span class="lab bad">{names(own)}</span> → '
+                    f'{pictures.name(pos)} · label <span class="lab bad">{names(own)}</span> → '
                     f'<span class="lab good">{names(r["suggested_label"])}</span><br>score {r["label_issue_score"]:.2f}'
                     f' · predicted {names(r["prediction"])}',
                     "main",
@@ -174,10 +179,13 @@ class LabelIssues(Check):
                     nbrs.append(pictures.figure(nid, f'<span class="lab {cls}">{names(nlab)}</span> · '
                                                      f'{r[f"similarity_{j}"]:.3f}'))
                 cards.append(f'<div class="issue">{main}<div class="nbrs">{"".join(nbrs)}</div></div>')
-            more = (f'<p class="muted">… and {total - MAX_LABEL_ISSUES} more in table.csv.</p>'
+            more = (f'<p class="muted">… and {total - MAX_LABEL_ISSUES} more, in the same order, in '
+                    '<a href="#explorer">All samples</a> below (check: label issue).</p>'
                     if total > MAX_LABEL_ISSUES else "")
             body = f'<div class="gallery">{"".join(cards)}</div>{more}'
-        return (f'<section><h2>Suspected label errors ({total:,})</h2><p class="lead">Each sample (left) with its '
+        return (f'<section><h2>Suspected label errors ({total:,})</h2><p class="lead">Most suspicious first (by score; ties '
+                'broken by the prediction\'s disagreement with the label, then the model\'s probability of the label). '
+                'Each sample (left) with its '
                 'nearest neighbours as the network sees them (right: their label · similarity; green: the neighbours\' '
                 'majority label, red: the sample\'s own label). The score is the share of the similarity-weighted '
                 'neighbour labels that disagree with the sample\'s label; the arrow shows their majority. Flagged at '

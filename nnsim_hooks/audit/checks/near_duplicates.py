@@ -153,16 +153,17 @@ class NearDuplicates(Check):
                 figs = []
                 for pos, r in members.head(MAX_GROUP_MEMBERS).iterrows():
                     keep = bool(r["duplicate_representative"])
-                    figs.append(pictures.figure(pos, f'#{pos} · {names(r["label"])}{" · keep" if keep else ""}',
-                                                "small", "keep" if keep else ""))
+                    caption = f'{pictures.name(pos)} · {names(r["label"])}{" · keep" if keep else ""}'
+                    figs.append(pictures.figure(pos, caption, "small", "keep" if keep else ""))
                 labels = set(members["label"].dropna().tolist())
                 note = ' · <span class="lab bad">labels differ</span>' if len(labels) > 1 else ""
                 more = f" (+{len(members) - MAX_GROUP_MEMBERS} more)" if len(members) > MAX_GROUP_MEMBERS else ""
                 blocks.append(f'<div class="group"><b>group {g}</b> · {len(members)} samples{more}{note}'
                               f'<div class="members">{"".join(figs)}</div></div>')
             n_groups = s["duplicate_groups"]
-            more = (f'<p class="muted">… and {n_groups - MAX_DUPLICATE_GROUPS} more groups in table.csv '
-                    '(column duplicate_group).</p>') if n_groups > MAX_DUPLICATE_GROUPS else ""
+            more = (f'<p class="muted">… and {n_groups - MAX_DUPLICATE_GROUPS} more groups in '
+                    '<a href="#explorer">All samples</a> below (check: duplicate; sort by duplicate_group).</p>'
+                    ) if n_groups > MAX_DUPLICATE_GROUPS else ""
             body = f'<div class="groups">{"".join(blocks)}</div>{more}'
         return (f'<section><h2>Near-duplicate groups ({s["duplicate_groups"]:,})</h2><p class="lead">Samples linked by '
                 f'a similarity ≥ {num(limit, 4)} (the network cannot change its output on one without the other). The '

@@ -12,6 +12,8 @@ from .check import FLAG, FLOAT, Check, CheckInputs, Column, ThresholdSpec
 
 #: The robust standard deviation of a normal sample is 1.4826 x its median absolute deviation.
 MAD_TO_STD = 1.4826
+#: Under the density's histogram: why values below 0 are no error (the similarity is a signed cosine).
+DENSITY_NOTE = "below 0: opposed to more samples than aligned with"
 #: How many of the rarest samples the report shows.
 MAX_RARE = 24
 
@@ -52,7 +54,9 @@ def flag_below(values: np.ndarray, threshold: float) -> np.ndarray:
 class RareSamples(Check):
     name = "rare_samples"
     columns = (
-        Column("density", FLOAT, "the paper's density: the soft count of similar samples, sum_j k(x_i, x_j)"),
+        Column("density", FLOAT, "the paper's density: the soft count of similar samples, sum_j k(x_i, x_j); "
+               "negative when the sample's gradient opposes more of the others than it aligns with (the "
+               "similarity is a signed cosine), which is not an error"),
         Column("knn_similarity", FLOAT, "mean similarity to the k nearest neighbours"),
         Column("is_outlier", FLAG, "the sample is rare for the network"),
     )
@@ -128,8 +132,8 @@ class RareSamples(Check):
         figs = []
         for pos, r in rare.iterrows():
             flag = ' · <span class="lab bad">outlier</span>' if r["is_outlier"] else ""
-            figs.append(pictures.figure(pos, f'#{pos} · {names(r["label"])}<br>sim {r["knn_similarity"]:.3f}{flag}',
-                                        "main"))
+            caption = f'{pictures.name(pos)} · {names(r["label"])}<br>sim {r["knn_similarity"]:.3f}{flag}'
+            figs.append(pictures.figure(pos, caption, "main"))
         body = f'<div class="rare">{"".join(figs)}</div>' if figs else '<p class="muted">No sample has neighbours.</p>'
         return (f'<section><h2>Rarest samples ({result.summary["outliers"]:,} flagged as outliers)</h2><p class="lead">'
                 f'The {len(figs)} samples least similar to their {result.k} nearest neighbours (mean similarity). '
@@ -145,7 +149,10 @@ class RareSamples(Check):
             plots.histogram(t["knn_similarity"], f"Mean similarity to the {result.k} nearest neighbours",
                             "mean cosine similarity", [(limit, f"outlier < {num(limit, 4)}", plots.FLAG_COLOUR)],
                             log_y=True),
-            plots.histogram(t["density"], "Density (soft neighbour count Σⱼ k(xᵢ, xⱼ))", "soft count"),
+            plots.histogram(t["density"], "Density: soft count of similar samples, Σⱼ k(xᵢ, xⱼ)",
+                            "soft count (similarities are signed cosines: opposed samples subtract)",
+                            [(0.0, "0: as much opposed as aligned", "#777777")],
+                            note=DENSITY_NOTE),
         ]
 
 
