@@ -304,6 +304,18 @@ class Conv2dSameRule(LayerRule):
     def sketch(self, module, activation, backprops, sketches):
         return self._conv.sketch(module, self._padded(module, activation), backprops, sketches)
 
+    def factors(self, module, activation, backprops):
+        return self._conv.factors(module, self._padded(module, activation), backprops)
+
+    def self_gram(self, module, activation, backprops):
+        return self._conv.self_gram(module, self._padded(module, activation), backprops)
+
+    def sums(self, module, activation, backprops, weights):
+        return self._conv.sums(module, self._padded(module, activation), backprops, weights)
+
+    def dots(self, module, activation, backprops, sums):
+        return self._conv.dots(module, self._padded(module, activation), backprops, sums)
+
 
 # -- norm + activation ---------------------------------------------------------------
 

@@ -133,12 +133,14 @@ def _similarity_from(reference, batch, d):
 
 def _compare(model, x, output, check_similarity=True):
     # sketch_dim above the model's size (and each parameter under exact_limit): the sketch is exact (no random
-    # matrices), so features() must give the exact similarity through each rule's sketch path.
+    # matrices), so features() must give the exact similarity through each rule's sketch path; the exact density
+    # (each rule's weighted sums and products) must give its row sums.
     with attach(model, output=output, sketch_dim=4096) as handle:
         status = {r.module: r.status for r in handle.coverage.rows}
         hooked = handle.per_sample_gradients(x)
         exact = handle.similarity(x).detach()
         features = handle.features(x).detach()
+        density = torch.as_tensor(handle.density(x, progress=False))  # each rule's sums and dots
         assert handle.sketcher.exact
     reference = per_sample_loop(model, x, output=output)
     assert set(hooked) == set(reference)
@@ -151,6 +153,7 @@ def _compare(model, x, output, check_similarity=True):
         expected = _similarity_from(reference, x.shape[0], d)
         assert torch.allclose(exact, expected, atol=1e-8), "gram path"
         assert torch.allclose((features @ features.T).double(), expected, atol=1e-8), "sketch path"
+        assert torch.allclose(density, expected.sum(1), atol=1e-7), "exact density path"
     return status, errors
 
 
