@@ -39,3 +39,15 @@ def brute_force_knn(features: np.ndarray, k: int):
     np.fill_diagonal(sims, -np.inf)
     ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(sims, ids, 1), ids
+
+
+def digits_with_every_finding():
+    """A trained digits CNN and a dataset with something in every gallery of the report:
+    20% flipped labels, three exact duplicates and three noise images."""
+    data = demo.noisy_digits(0.2, seed=0, limit=160)
+    model = demo.small_cnn(width=4)
+    demo.train(model, data.images, data.noisy_labels, epochs=8, lr=3e-3)
+    x = torch.cat([data.images, data.images[:3], torch.rand(3, 1, 8, 8)])
+    y = np.concatenate([data.noisy_labels, data.noisy_labels[:3], [0, 1, 2]])
+    ds = torch.utils.data.TensorDataset(x, torch.as_tensor(y))
+    return model, ds

@@ -8,10 +8,9 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 import nnsim_hooks
-from nnsim_hooks.audit import demo
+from audit_fixtures import digits_with_every_finding
 
 pytestmark = pytest.mark.slow  # one audit in a subprocess, then Chromium renders its report
 
@@ -50,12 +49,7 @@ def browse(binary, tmp_path, *args):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """A real audit's report, with something in every gallery."""
-    data = demo.noisy_digits(0.2, seed=0, limit=160)
-    model = demo.small_cnn(width=4)
-    demo.train(model, data.images, data.noisy_labels, epochs=8, lr=3e-3)
-    x = torch.cat([data.images, data.images[:3], torch.rand(3, 1, 8, 8)])
-    y = np.concatenate([data.noisy_labels, data.noisy_labels[:3], [0, 1, 2]])
-    ds = torch.utils.data.TensorDataset(x, torch.as_tensor(y))
+    model, ds = digits_with_every_finding()
     out = tmp_path_factory.mktemp("report")
     result = nnsim_hooks.audit(model, ds, progress=False, sketch_dim=128, k=6, out_dir=out / "audit")
     assert result.summary["label_issues"] > 0 and result.summary["duplicate_groups"] > 0

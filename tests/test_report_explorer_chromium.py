@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nnsim_hooks
-from nnsim_hooks.audit import demo
+from audit_fixtures import digits_with_every_finding
 from nnsim_hooks.audit.decisions import apply_decisions
 from nnsim_hooks.audit.explorer import PAGE_SIZE
 from nnsim_hooks.audit.ranking import suspicion_order
@@ -100,12 +100,7 @@ window.addEventListener("load", async function () {
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     """A real audit with something in every check, and class names."""
-    data = demo.noisy_digits(0.2, seed=0, limit=160)
-    model = demo.small_cnn(width=4)
-    demo.train(model, data.images, data.noisy_labels, epochs=8, lr=3e-3)
-    x = torch.cat([data.images, data.images[:3], torch.rand(3, 1, 8, 8)])
-    y = np.concatenate([data.noisy_labels, data.noisy_labels[:3], [0, 1, 2]])
-    ds = torch.utils.data.TensorDataset(x, torch.as_tensor(y))
+    model, ds = digits_with_every_finding()
     out = tmp_path_factory.mktemp("explorer") / "audit"
     result = nnsim_hooks.audit(model, ds, progress=False, sketch_dim=128, k=6, out_dir=out, class_names=CLASSES)
     t = result.table

@@ -122,6 +122,11 @@ def first_k_not_excluded(scores: np.ndarray, ids: np.ndarray, table: Optional[np
     ids = np.take_along_axis(ids, order, 1).astype(np.int64)
     gone = np.take_along_axis(drop, order, 1)
     scores[gone], ids[gone] = np.nan, -1
+    return pad_to_k(scores, ids, k)
+
+
+def pad_to_k(scores: np.ndarray, ids: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows of fewer than ``k`` neighbours padded with ``(NaN, -1)``."""
     if ids.shape[1] < k:
         pad = k - ids.shape[1]
         scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)

@@ -34,7 +34,7 @@ import torch
 from ...errors import InputError
 from . import distributed as dist_
 from .. import pairwise
-from ..arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
+from ..arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded, pad_to_k
 from ..queries import DatasetQueries
 from ..statistics import Rows, Statistics
 from .shards import shard_range
@@ -140,8 +140,5 @@ def _merge(parts: List[Tuple[np.ndarray, np.ndarray]], k: int) -> Tuple[np.ndarr
     ids = np.take_along_axis(ids, order, 1)
     gone = np.take_along_axis(missing, order, 1)
     scores[gone], ids[gone] = np.nan, -1
-    if ids.shape[1] < k:
-        pad = k - ids.shape[1]
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
-        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+    scores, ids = pad_to_k(scores, ids, k)
     return scores.astype(np.float32), ids.astype(np.int64)
