@@ -13,11 +13,16 @@ output gradient (samples are independent):
 
 Whether a first dimension of size B really is the batch cannot be read off shapes, so
 the engine checks this split once per module against the full re-run, on a batch of at
-least two samples, and only then trusts it (see ``Engine._fallback``).
+least two samples, and only then trusts it (see :class:`~nnsim_hooks.engine.generic.GenericRule`).
+
+With ``create_graph=True`` (the training term) the split keeps the graph: the parameter
+is not detached, and the captured arguments and output gradients carry their own graph,
+so regular autograd differentiates through the one op's vector-Jacobian products.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import Dict, List, Optional
@@ -39,8 +44,9 @@ def _cotangents(use: DirectUse, d: int) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
-def use_grads(use: DirectUse, d: int, batch: int) -> Optional[torch.Tensor]:
-    """``[B, d, *param.shape]`` for one use, or None when it cannot be split."""
+def use_grads(use: DirectUse, d: int, batch: int, create_graph: bool = False) -> Optional[torch.Tensor]:
+    """``[B, d, *param.shape]`` for one use, or None when it cannot be split (``create_graph``:
+    see the module docstring)."""
     out = use.output
     if out.dim() == 0 or out.shape[0] != batch:
         return None
@@ -53,7 +59,7 @@ def use_grads(use: DirectUse, d: int, batch: int) -> Optional[torch.Tensor]:
         if torch.is_tensor(v) and v is not use.param and v.dim() > 0 and v.shape[0] == batch
     ]
     cotangents = _cotangents(use, d)
-    param = use.param.detach()
+    param = use.param if create_graph else use.param.detach()
 
     def call(p, values):
         vals = list(flat)
@@ -70,12 +76,12 @@ def use_grads(use: DirectUse, d: int, batch: int) -> Optional[torch.Tensor]:
             _, vjp_fn = vjp(f, param)
             return vmap(vjp_fn)(cot)[0]
 
-        with torch.no_grad(), warnings.catch_warnings():
+        with contextlib.nullcontext() if create_graph else torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="There is a performance drop")
             return vmap(per_sample)([flat[i] for i in batched], cotangents)
 
     # No batched argument: mask the output gradient to one sample at a time.
-    leaf = param.clone().requires_grad_(True)
+    leaf = param if create_graph else param.clone().requires_grad_(True)
     with torch.enable_grad():
         y = call(leaf, {})
     step = max(1, MAX_ELEMENTS // max(1, d * out.numel()))
@@ -85,12 +91,14 @@ def use_grads(use: DirectUse, d: int, batch: int) -> Optional[torch.Tensor]:
         masked = torch.zeros(n, d, *out.shape, dtype=out.dtype, device=out.device)
         idx = torch.arange(n, device=out.device)
         masked[idx, :, start + idx] = cotangents[start : start + n]
-        (g,) = torch.autograd.grad(y, leaf, masked.reshape(n * d, *out.shape), retain_graph=True, is_grads_batched=True)
+        (g,) = torch.autograd.grad(y, leaf, masked.reshape(n * d, *out.shape), retain_graph=True,
+                                   create_graph=create_graph, is_grads_batched=True)
         rows.append(g.reshape(n, d, *leaf.shape))
     return torch.cat(rows)
 
 
-def split_grads(uses: List[DirectUse], params: Dict[str, torch.nn.Parameter], d: int, batch: int, dtype, device):
+def split_grads(uses: List[DirectUse], params: Dict[str, torch.nn.Parameter], d: int, batch: int, dtype, device,
+                create_graph: bool = False):
     """Per-sample gradients of ``params`` (name -> parameter) summed over their direct
     uses; None if some use cannot be split."""
     by_id = {id(p): n for n, p in params.items()}
@@ -100,11 +108,11 @@ def split_grads(uses: List[DirectUse], params: Dict[str, torch.nn.Parameter], d:
         if name is None:
             continue
         try:
-            g = use_grads(use, d, batch)
+            g = use_grads(use, d, batch, create_graph)
         except Exception as exc:  # no batching rule, shapes that do not split, ...
             logger.debug("cannot split the use of %r by %s: %s", name, getattr(use.func, "__name__", use.func), exc)
             return None
         if g is None:
             return None
-        out[name] += g.to(dtype)
+        out[name] = out[name] + g.to(dtype)  # not in place: the sum may be in a graph
     return out

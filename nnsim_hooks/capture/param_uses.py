@@ -210,6 +210,8 @@ class ParamUseRecorder(TorchFunctionMode):
         return out
 
     def _record(self, param, func, args, kwargs, out) -> None:
+        if not any(torch.is_tensor(t) for t in tree_flatten(out)[0]):
+            return  # metadata (``pos_embed.shape``, a dtype): no gradient goes through it
         if not (torch.is_tensor(out) and out.requires_grad):
             self.unsplittable.add(id(param))
             return

@@ -2,11 +2,15 @@
 
 From the direct uses of its parameters (:mod:`nnsim_hooks.capture.direct_uses`) once that
 split has matched a full re-run for this module, else by re-running each call under
-torch.func (:func:`~nnsim_hooks.rules.fallback.fallback_grad_sample`).
+torch.func (:func:`~nnsim_hooks.rules.fallback.fallback_grad_sample`). Both keep the
+graph for the training term (``Pass.create_graph``): for a ViT whose ``cls_token`` and
+``pos_embed`` live on the model itself, the split differentiates two ops instead of the
+whole network re-run per sample.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Dict, List
 
@@ -16,7 +20,7 @@ from ..capture.direct_uses import split_grads
 from ..capture.hooks import LayerCall
 from ..capture.targets import Target
 from ..rules.base import Grads
-from ..rules.fallback import fallback_grad_sample
+from ..rules.fallback import ComposedLayerNorm, fallback_grad_sample
 from .captured_pass import Pass
 
 logger = logging.getLogger(__name__)
@@ -35,13 +39,14 @@ class GenericRule:
         params = {n: target.module.get_parameter(n) for n in names}
         splittable = (
             target.rule is None
-            and not p.create_graph  # the split re-runs one op on a detached parameter
             and not any(id(q) in p.unsplittable for q in params.values())
             and not any(call.skip for call in calls)
         )
         checked = self._split_checked.get(target.name)
         if splittable and checked:
-            split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
+            # The fused layer_norm's double derivatives through vmap(vjp) are wrong (see fallback.py).
+            with ComposedLayerNorm() if p.create_graph else contextlib.nullcontext():
+                split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device, p.create_graph)
             if split is not None:
                 self.methods[target.name] = "direct uses"
                 return split
@@ -55,7 +60,8 @@ class GenericRule:
             for n, g in grads.items():
                 out[n] = out[n] + g if n in out else g
         if splittable and checked is None and p.batch >= 2:
-            split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
+            with torch.no_grad():  # values only
+                split = split_grads(p.uses, params, p.d, p.batch, p.values.dtype, p.values.device)
             if split is not None:
                 ok = all(_close(split[n], out[n]) for n in out)
                 self._split_checked[target.name] = ok
