@@ -330,3 +330,21 @@ def test_torchvision_vit_matches_oracle():
     nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision zeroes the head
     a, b = _data(3, 16, 16, n=2)
     assert_matches_oracle(model, a, b, "contrast", reference=_math_oracle)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_pair_kernels_of_a_factored_layer_both_ways(d):
+    """The ghost products and the per-sample weight gradients give each pair's [2d, 2d]
+    kernel matrix as an explicit loop over the pairs' gradients does."""
+    from nnsim_hooks.training.pair_term import _gram_of_grads, _ghost_gram
+
+    g = torch.Generator().manual_seed(0)
+    p, c, r, length = 3, 4, 5, 6
+    cols = torch.randn(2 * p, c, length, generator=g, dtype=DT)
+    rows = torch.randn(d, 2 * p, r, length, generator=g, dtype=DT)
+    weights = torch.einsum("jbru,bcu->bjrc", rows, cols)  # [2P, d, r, c]
+    for i in range(p):
+        both = torch.cat([weights[i].reshape(d, -1), weights[p + i].reshape(d, -1)])  # [2d, r*c]
+        expected = both @ both.T
+        torch.testing.assert_close(_ghost_gram(cols, rows, p)[i], expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(_gram_of_grads([weights], p)[i], expected, rtol=1e-10, atol=1e-10)
