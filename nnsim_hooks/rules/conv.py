@@ -49,6 +49,8 @@ def unfold_nd(
 ) -> torch.Tensor:
     """Patches of ``x`` ``[B, C, *S]`` -> ``[B, C * prod(kernel), L]`` (im2col, any dimension)."""
     n = len(kernel)
+    if n == 2:  # the same numbers; its backward (col2im) is about twice as fast as Tensor.unfold's
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     if any(padding):
         x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
     for i in range(n):
