@@ -348,3 +348,45 @@ def test_pair_kernels_of_a_factored_layer_both_ways(d):
         expected = both @ both.T
         torch.testing.assert_close(_ghost_gram(cols, rows, p)[i], expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(_gram_of_grads([weights], p)[i], expected, rtol=1e-10, atol=1e-10)
+
+
+def _count_captured_passes(monkeypatch):
+    from nnsim_hooks.engine.engine import Engine
+
+    passes = []
+    original = Engine.backprop
+    monkeypatch.setattr(Engine, "backprop", lambda self, *a, **k: passes.append(1) or original(self, *a, **k))
+    return passes
+
+
+@pytest.mark.parametrize("output", ["contrast", "full"])
+def test_single_pair_runs_one_input_at_a_time_and_matches_oracle(output, monkeypatch):
+    passes = _count_captured_passes(monkeypatch)
+    a, b = _data(5, n=1)
+    assert_matches_oracle(mlp(), a, b, output, targets=torch.tensor([2]) if output == "contrast" else None)
+    assert_matches_oracle(cnn(), *_data(1, 8, 8, n=1), output)
+    assert passes == []  # no captured pass: the per-input double back-propagation
+
+
+def test_single_pair_with_active_dropout_keeps_one_forward_of_both(monkeypatch):
+    passes = _count_captured_passes(monkeypatch)
+    model = mlp(dropout=0.4)
+    a, b = _data(5, n=1)
+    with nnsim_hooks.attach(model, output="contrast") as h:
+        h.pair_similarity(a, b)
+        assert len(passes) == 1
+        model.eval()
+        h.pair_similarity(a, b)
+        assert len(passes) == 1  # dropout off: the per-input path
+
+
+def test_single_pair_vit_matches_oracle(monkeypatch):
+    from nnsim_hooks.rules.norm import LayerNormRule
+    from nnsim_hooks.rules.registry import RULES
+
+    model = _vit()
+    import timm.layers.norm
+
+    monkeypatch.setitem(RULES, timm.layers.norm.LayerNorm, LayerNormRule())
+    a, b = _data(3, 32, 32, n=1)
+    assert_matches_oracle(model, a, b, "contrast", reference=_math_oracle)

@@ -173,7 +173,7 @@ class PassRunner:
                         promote(self.model, list(plan.targets.values()), recorder.strays, self.coverage, recorder.shared)
                     )
                     raise _Replan()
-                values, vector = self._values(outputs, targets, batch)
+                values, vector = self.values_of(outputs, targets, batch)
                 if not capture.calls:
                     raise ModelError(
                         "none of the selected modules ran on the batch during the model's forward pass. A module "
@@ -211,7 +211,7 @@ class PassRunner:
         return Pass(calls, detached, values if create_graph else values.detach(), vector, batch, recorder.uses,
                     recorder.unsplittable, create_graph=create_graph)
 
-    def _values(self, outputs, targets, batch: int) -> Tuple[torch.Tensor, bool]:
+    def values_of(self, outputs, targets, batch: int) -> Tuple[torch.Tensor, bool]:
         """The differentiated values ``[B, d]``, checked, and whether the output function
         gave ``[B, d]`` (rather than ``[B]``)."""
         if self.output.name == "auto":

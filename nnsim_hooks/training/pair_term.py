@@ -20,11 +20,18 @@ per unit:
   per-sample gradients;
 - everything else (modules on the generic rule, such as a ViT's root holding
   ``cls_token`` and ``pos_embed``; rules that do not keep the graph, such as
-  ``nn.MultiheadAttention``'s): the generic rule's torch.func re-run of that module
-  alone, per sample under ``vmap``, with the graph kept
-  (:func:`~nnsim_hooks.rules.fallback.fallback_grad_sample`).
+  ``nn.MultiheadAttention``'s): the generic rule with the graph kept, from the ops that
+  use the parameters directly once that split has matched a re-run
+  (:mod:`nnsim_hooks.engine.generic`), else the torch.func re-run of that module alone,
+  per sample under ``vmap`` (:func:`~nnsim_hooks.rules.fallback.fallback_grad_sample`).
 
-This module holds only the pair-block maths on top of those per-sample quantities.
+Each pair's kernels ``K(a,a)``, ``K(a,b)``, ``K(b,b)`` are the blocks of one ``[2d, 2d]``
+matrix, summed over the layers. This module holds only that maths on top of the
+per-sample quantities.
+
+A single pair (the authors' setting, one per minibatch) with no dropout layer active
+takes their double back-propagation instead, one input at a time: for two inputs it
+costs less than the hooks' fixed costs, and gives the same numbers.
 
 What it does with training-mode layers:
 
@@ -52,6 +59,7 @@ import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from ..data import batching
 from ..engine.units import drop_skipped, fast_call
@@ -59,7 +67,8 @@ from ..errors import InputError, ModelError
 from ..exact.kernels import SINGULAR_RTOL
 from ..rules.base import trains
 from ..rules.fallback import fallback_grad_sample
-from ..validation import batch_size_of
+from ..model_device import model_device_dtype
+from ..validation import batch_size_of, call_model, check_inputs, check_targets
 
 
 def _math_attention():
@@ -186,6 +195,7 @@ class PairSimilarity:
 
     def __init__(self, handle):
         self.handle = handle
+        self._dropouts: Optional[List[nn.Module]] = None
 
     def __call__(self, a, b, targets_a=None, targets_b=None) -> torch.Tensor:
         n_a, n_b = batch_size_of(a), batch_size_of(b)
@@ -205,10 +215,56 @@ class PairSimilarity:
             raise InputError(f"a and b must be batches of the same kind of input: {exc}") from exc
         differentiable = torch.is_grad_enabled()
         with torch.enable_grad(), _math_attention():
-            k = self._compute(inputs, targets, n_a)
+            if n_a == 1 and not self._draws_dropout_masks():
+                gram, d = self._one_pair(inputs, targets)
+            else:
+                gram, d = self._compute(inputs, targets, n_a)
+            k = self._similarity(gram, d)
         return k if differentiable else k.detach()
 
-    def _compute(self, inputs, targets, p: int) -> torch.Tensor:
+    def _draws_dropout_masks(self) -> bool:
+        if self._dropouts is None:
+            model = self.handle.engine.model
+            self._dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        return any(m.training and m.p > 0 for m in self._dropouts)
+
+    def _one_pair(self, inputs, targets) -> Tuple[torch.Tensor, int]:
+        """A single pair (the authors' setting): their double back-propagation, one input at
+        a time, ``autograd.grad(f(x), params, create_graph=True)``. For two inputs it costs
+        less than the hooks' fixed costs; the numbers are the same. Not taken while a
+        dropout layer is active: the documented masks are those of one forward of both."""
+        engine = self.handle.engine
+        runner, model = engine.passes, engine.model
+        check_inputs(model, inputs)
+        targets = check_targets(targets, 2, model_device_dtype(model)[0])
+        runner.check_model_state(create_graph=True)
+        params = list({id(q): q for t in engine.targets.values() for q in map(t.module.get_parameter, t.param_names)
+                       }.values())
+        rows = []
+        for i in range(2):
+            t = None if targets is None else targets[i : i + 1]
+            values, _ = runner.values_of(call_model(model, batching.take(inputs, slice(i, i + 1))), t, 1)
+            for j in range(values.shape[1]):
+                grads = torch.autograd.grad(values[0, j], params, create_graph=True, allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
+                                       for q, g in zip(params, grads)]))
+        jac = torch.stack(rows)  # [2d, n]: a's rows, then b's
+        return (jac @ jac.T).unsqueeze(0), len(rows) // 2
+
+    def _similarity(self, gram: torch.Tensor, d: int) -> torch.Tensor:
+        k, undefined = _kernel(gram, d)
+        if bool(undefined.any()):
+            idx = undefined.nonzero().flatten().tolist()
+            warnings.warn(
+                f"nnsim_hooks: pair(s) {idx[:10]}{'...' if len(idx) > 10 else ''} have a zero or degenerate gradient "
+                "on one side, so their similarity is undefined; it is returned as 0, with no gradient",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return k
+
+    def _compute(self, inputs, targets, p: int) -> Tuple[torch.Tensor, int]:
+        """P pairs in one captured pass: the pairs' ``[P, 2d, 2d]`` kernels, and d."""
         engine = self.handle.engine
         captured = engine.backprop(inputs, targets, create_graph=True)
         d = captured.d
@@ -244,13 +300,4 @@ class PairSimilarity:
         if not grams:
             raise ModelError("none of the selected parameters was reached by the model's forward pass")
         gram = grams[0] if len(grams) == 1 else torch.stack(grams).sum(0)
-        k, undefined = _kernel(gram, d)
-        if bool(undefined.any()):
-            idx = undefined.nonzero().flatten().tolist()
-            warnings.warn(
-                f"nnsim_hooks: pair(s) {idx[:10]}{'...' if len(idx) > 10 else ''} have a zero or degenerate gradient "
-                "on one side, so their similarity is undefined; it is returned as 0, with no gradient",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return k
+        return gram, d
