@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
+    load_before = os.getloadavg()[0]
     for name in args.models:
         for p in args.pairs:
             t = bench(name, p, args.repeats)
@@ -125,12 +126,14 @@ def main(argv=None) -> int:
         "",
         f"Command: `{command.strip()}`",
         "",
-        f"Machine: {machine_line('cpu')}. Shared with other jobs: absolute times are noisy, ratios were measured "
+        f"Machine: {machine_line('cpu')}. Shared with other jobs (load average {load_before:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end, on 2 cores): absolute times are noisy, ratios were measured "
         f"alternately in one process (median of {args.repeats} repeats each).",
         "",
         "A step is the cross-entropy of a minibatch (digits CNN: 32 images 8x8; timm test_vit: 16 images 32x32), "
         "plus for the two last rows `(1 - k).mean()` over P pairs (other images), backward and an SGD step. "
-        "`x plain` divides by the plain step; `x ours` divides by the pair_similarity step.",
+        "`x plain` divides by the plain step; `x ours` divides by the pair_similarity step (above 1: the loop is "
+        "slower). For a single pair pair_similarity runs the per-input double back-propagation itself.",
         "",
         "| model | P pairs | step | ms / step | x plain | x ours |",
         "|---|---:|---|---:|---:|---:|",
