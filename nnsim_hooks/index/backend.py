@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError, StoreError
-from ..atomic import fsync_dir, store_errors
+from ..safe_files import rename_into_place, store_errors, write_faiss_index
 
 logger = logging.getLogger(__name__)
 
@@ -281,28 +281,17 @@ class FaissIndex:
 
     # -- files ----------------------------------------------------------------------------
 
+    @property
+    def cpu_index(self):
+        """The FAISS index on the CPU (what is written to files)."""
+        return self._cpu
+
     def write(self, path: Path) -> None:
-        """Write the (CPU) index to ``path`` atomically."""
-        faiss = _faiss()
+        """Write the (CPU) index to ``path`` atomically (never through a link; index folders
+        use :func:`nnsim_hooks.index.folder.index_file.write_index_file` instead, which
+        names the file by its contents)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with store_errors("writing", path):
-                try:
-                    faiss.write_index(self._cpu, str(tmp))
-                except RuntimeError as exc:  # FAISS reports failed writes (disk full) as RuntimeError
-                    raise StoreError(
-                        f"writing the FAISS index '{path}' failed: {str(exc).splitlines()[0]} (disk full?)"
-                    ) from exc
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                fsync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+        rename_into_place(write_faiss_index(self._cpu, path.parent, path.name), path)
 
     @classmethod
     def read(cls, path: Path, spec: IndexSpec, dim: int) -> "FaissIndex":

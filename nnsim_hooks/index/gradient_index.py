@@ -23,7 +23,8 @@ import numpy as np
 from .columns import IndexColumns
 from .folder import persist
 from .folder.integrity import check_index_file_size
-from .folder.store import INDEX_FILE, Store
+from .folder.index_file import index_file_path
+from .folder.store import Store
 from .queries import DatasetQueries
 from .search import FaissSearch
 from .statistics import Rows, Statistics
@@ -126,7 +127,7 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     columns, manifest = persist.read_index_folder(path, mmap=mmap)
     idx = GradientIndex(columns, manifest, path, gpu=gpu)
     if not idx.spec.exact:
-        check_index_file_size(path / INDEX_FILE, manifest.get("index_file"), idx.n_valid, idx.dim)
+        check_index_file_size(index_file_path(path, manifest), manifest.get("index_file"), idx.n_valid, idx.dim)
     if handle is not None:
         idx.check_handle(handle)
     return idx

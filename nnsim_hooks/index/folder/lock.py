@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Union
 
 from ...errors import StoreError
 from ...atomic import describe_os_error
+from ...safe_files import create_new, make_folder, open_lock_file, remove_file, remove_file_if_same
 
 try:  # pragma: no cover - platform dependent
     import fcntl
@@ -103,7 +104,7 @@ class FolderLock:
         if self.folder.exists() and not self.folder.is_dir():
             raise StoreError(f"'{self.folder}' is a file; an index needs a folder path")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder, own=False)
             self._fd = self._acquire_flock() if fcntl is not None else self._acquire_exclusive()
         except StoreError:
             raise
@@ -114,7 +115,7 @@ class FolderLock:
 
     def _acquire_flock(self) -> int:
         while True:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_lock_file(self.file)  # O_NOFOLLOW: a link planted as .lock is refused
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -142,13 +143,13 @@ class FolderLock:
     def _acquire_exclusive(self) -> int:  # pragma: no cover - Windows only
         for _ in range(2):
             try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = create_new(self.file)
             except FileExistsError:
                 record = _read_record(self.file)
                 if record and _alive_here(record):
                     raise self._refusal(record) from None
                 logger.info("taking over %s: %s no longer runs", self.file, _describe(record))
-                self.file.unlink(missing_ok=True)
+                remove_file(self.file)
                 continue
             self._write_record(fd)
             return fd
@@ -172,12 +173,9 @@ class FolderLock:
         if self._depth > 0:
             return
         fd, self._fd = self._fd, None
-        try:
-            # Unlinked while still locked, so that no lock file outlives a clean release
-            # (a waiting writer re-checks the inode, see _acquire_flock).
-            self.file.unlink()
-        except OSError:
-            pass
+        # Unlinked while still locked, so that no lock file outlives a clean release
+        # (a waiting writer re-checks the inode, see _acquire_flock); only our own file.
+        remove_file_if_same(self.file, fd)
         os.close(fd)  # closing drops the flock
 
     def __enter__(self) -> "FolderLock":
