@@ -24,6 +24,7 @@ the user chose it. Every path *inside* it that the project creates may not.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import tempfile
@@ -34,6 +35,7 @@ from typing import Callable, Iterator, List, Union
 from .errors import StoreError
 
 PathLike = Union[str, "os.PathLike[str]"]
+logger = logging.getLogger(__name__)
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -172,6 +174,13 @@ def open_lock_file(path: PathLike) -> int:
 def create_new(path: PathLike) -> int:
     """A new file that must not exist yet (``O_EXCL``), opened to write."""
     return _open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "creating")
+
+
+def rewrite(fd: int, data: bytes) -> None:
+    """Replace the contents of the open file ``fd`` by ``data`` (the record of a lock file):
+    written first, then cut to its length, so that a reader never finds it empty."""
+    os.pwrite(fd, data, 0)
+    os.ftruncate(fd, len(data))
 
 
 def cut(path: PathLike, size: int) -> None:
@@ -335,18 +344,25 @@ def remove_file_if_same(path: PathLike, fd: int) -> None:
             pass
 
 
-def remove_owned(folder: PathLike, owned: Callable[[str], bool], *, last: str = "") -> List[str]:
-    """Delete the entries of ``folder`` that ``owned`` names (regular files only; links are
-    refused before anything is deleted). ``last``: a name deleted after the others (a
-    manifest, so that an interrupted removal still leaves a recognisable folder). Returns
-    the names left (not ours)."""
+def remove_owned(folder: PathLike, owned: Callable[[str], bool], *, last: str = "",
+                 skip_links: bool = False) -> List[str]:
+    """Delete the entries of ``folder`` that ``owned`` names (regular files only). A link
+    among them is refused before anything is deleted, or, with ``skip_links`` (cleaning
+    leftover temporary files, after a commit), left alone with a warning. ``last``: a name
+    deleted after the others (a manifest, so that an interrupted removal still leaves a
+    recognisable folder). Returns the names left."""
     folder = Path(folder)
-    names = _entries(folder)
-    refuse_links(folder, owned)
+    names = [n for n in _entries(folder) if owned(n)]
+    links = [n for n in names if is_link(folder / n)]
+    if links and not skip_links:
+        raise link_refusal(folder / links[0])
+    if links:
+        logger.warning("kept %s: a symbolic link where nnsim_hooks keeps its own files (never deleted through; "
+                       "remove it yourself)", ", ".join(str(folder / n) for n in links))
     for name in sorted(names, key=lambda n: n == last):
-        if owned(name):
+        if name not in links:
             remove_file(folder / name)
-    return [n for n in _entries(folder)]
+    return _entries(folder)
 
 
 def remove_empty_folder(path: PathLike) -> bool:

@@ -151,7 +151,7 @@ def remove_temporaries(folder: Path) -> None:
     folder = Path(folder)
     for where in (folder, folder / "demo"):
         if where.is_dir():
-            remove_owned(where, _is_output_temporary)
+            remove_owned(where, _is_output_temporary, skip_links=True)
 
 
 def remove_outputs(folder: Path) -> None:

@@ -15,7 +15,7 @@ from ..atomic import write_json_atomic
 from ..errors import StoreError
 from .backend import FaissIndex, gpu_available, make_spec
 from .arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
-from .folder.index_file import index_file_path, remove_other_index_files, write_index_file
+from .folder.index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
 from .folder.integrity import read_index_file
 from .folder.lock import FolderLock
 from .folder.manifest import MANIFEST, now
@@ -89,6 +89,7 @@ class FaissSearch:
     def _build_and_write(self, spec, progress: bool) -> FaissIndex:
         """The new FAISS file under a new name, the manifest naming it committed, then the
         old file deleted (:mod:`.folder.index_file`): a kill anywhere leaves old or new."""
+        check_index_files(self.path)
         self._backend = None  # release the old one first: both may not fit in memory
         backend = FaissIndex.build(self.features, self.valid, spec, progress=progress)
         record = None if spec.exact else write_index_file(self.path, backend)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ...errors import StoreError
-from ...safe_files import remove_owned, rename_into_place, write_faiss_index
+from ...safe_files import refuse_links, remove_owned, rename_into_place, write_faiss_index
 from .integrity import sha256_of
 from .schema import INDEX_FILE, index_file_name, is_index_file, is_store_temporary
 
@@ -61,4 +61,11 @@ def remove_other_index_files(folder: Path, manifest: Dict[str, Any]) -> None:
             return name != keep
         return is_store_temporary(name) and name.startswith(f".{INDEX_FILE}.")
 
-    remove_owned(folder, stale)
+    remove_owned(folder, stale, skip_links=True)  # committed already: a link left is only named
+
+
+def check_index_files(folder: Optional[Path]) -> None:
+    """Before writing a new FAISS file: refuse a link among the FAISS files of ``folder``
+    (the old one is deleted after the commit, and a refusal then would come too late)."""
+    if folder is not None:
+        refuse_links(folder, is_index_file)

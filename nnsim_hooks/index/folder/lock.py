@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Union
 
 from ...errors import StoreError
 from ...atomic import describe_os_error
-from ...safe_files import create_new, make_folder, open_lock_file, remove_file, remove_file_if_same
+from ...safe_files import create_new, make_folder, open_lock_file, remove_file, remove_file_if_same, rewrite
 
 try:  # pragma: no cover - platform dependent
     import fcntl
@@ -60,6 +60,17 @@ def _read_record(file: Path) -> Optional[Dict[str, Any]]:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def _wait_for_record(file: Path, tries: int = 20) -> Optional[Dict[str, Any]]:
+    """The holder's record, waiting a little for it: a holder that has just taken the lock
+    writes its record an instant later (so a refused writer can still name it)."""
+    for _ in range(tries):
+        record = _read_record(file)
+        if record:
+            return record
+        time.sleep(0.01)
+    return None
 
 
 def _alive_here(record: Dict[str, Any]) -> bool:
@@ -120,7 +131,7 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise self._refusal(_read_record(self.file)) from None
+                raise self._refusal(_wait_for_record(self.file)) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -156,9 +167,7 @@ class FolderLock:
         raise self._refusal(_read_record(self.file))
 
     def _write_record(self, fd: int) -> None:
-        data = json.dumps(_record(self.purpose)).encode("utf-8")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        rewrite(fd, json.dumps(_record(self.purpose)).encode("utf-8"))
 
     def _refusal(self, record: Optional[Dict[str, Any]]) -> StoreError:
         return StoreError(

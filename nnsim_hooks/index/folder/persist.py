@@ -22,7 +22,7 @@ from ...safe_files import (is_link, make_folder, make_temporary_folder, move_fol
                            remove_owned, remove_temporary_folder)
 from ..backend import FaissIndex, IndexSpec, make_spec
 from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
-from .index_file import index_file_path, remove_other_index_files, write_index_file
+from .index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
 from .integrity import drop_nonfinite_rows
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
@@ -216,6 +216,7 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
     )
     if reuse:
         return None
+    check_index_files(store.path)
     backend, index_file = None, None
     if not spec.exact:  # built now, to be saved; a flat index is built on first search
         backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)

@@ -41,7 +41,7 @@ import numpy as np
 
 from ...errors import StoreError
 from ...atomic import describe_os_error, store_errors, write_all, write_atomic, write_json_atomic
-from ...safe_files import cut, make_folder, open_for_append, remove_file
+from ...safe_files import cut, make_folder, open_for_append, remove_owned
 from .clearing import check_clearable, clear_folder, remove_shards, remove_store_files
 from .manifest import now, read_manifest
 from .schema import COLUMNS, INDEX_FILE, LOCK_FILE, MANIFEST, column_file, is_store_file, is_store_owned, is_store_temporary
@@ -156,10 +156,7 @@ class Store:
         folder's lock: no other writer can be using them)."""
         store = cls(Path(path), read_manifest(path))
         store._truncate_to_count()
-        with store_errors("cleaning", path):
-            for entry in os.listdir(path):
-                if is_store_temporary(entry):
-                    remove_file(Path(path) / entry)
+        remove_owned(path, is_store_temporary, skip_links=True)
         return store
 
     def _truncate_to_count(self) -> None:
