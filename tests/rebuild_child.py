@@ -3,7 +3,7 @@
     python rebuild_child.py FOLDER KIND [KIND ...]
 
 Prints "ready" once the index is loaded, then rebuilds it to each KIND in turn, forever,
-until the test SIGKILLs it at a random moment.
+printing "done KIND" after each, until the test SIGKILLs it at a random moment.
 """
 
 import sys
@@ -18,6 +18,7 @@ def main():
     while True:
         for kind in kinds:
             idx.rebuild_index(kind, progress=False)
+            print("done", kind, flush=True)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,17 @@ def remove_store_files(path: Path, *, keep_manifest: bool = False) -> None:
     remove_owned(path, owned, last=MANIFEST)
 
 
-def _shard_problems(path: Path) -> List[str]:
-    """Why the shards of ``path`` cannot be deleted now (empty when they can)."""
+def _shard_problems(path: Path, *, links_ok: bool = False) -> List[str]:
+    """Why the shards of ``path`` cannot be deleted now (empty when they can). ``links_ok``:
+    shard folders that are links are not a problem (they are kept, not deleted)."""
     problems = []
     root = Path(path) / SHARDS_DIR
     if is_link(root):
-        return [str(link_refusal(root))]
+        return [] if links_ok else [str(link_refusal(root))]
     for folder, _, _ in list_shards(path):
         if is_link(folder):
-            problems.append(str(link_refusal(folder)))
+            if not links_ok:
+                problems.append(str(link_refusal(folder)))
             continue
         writer = describe_holder(folder)
         if writer is not None:
@@ -86,7 +88,7 @@ def remove_shards(path: Path, *, keep_links: bool = False) -> None:
                        "the link yourself when it is no longer needed", ", ".join(map(str, linked)))
     if keep_links and is_link(root):
         return
-    problems = [p for p in _shard_problems(path) if not (keep_links and "symbolic link" in p)]
+    problems = _shard_problems(path, links_ok=keep_links)
     if problems:
         raise StoreError("the shards cannot be deleted, and none was:\n  - " + "\n  - ".join(problems))
     for folder, _, _ in list_shards(path):

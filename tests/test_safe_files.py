@@ -1,10 +1,20 @@
 """Every file nnsim_hooks writes, cuts or deletes goes through :mod:`nnsim_hooks.safe_files`
-(issue 17): this walks the package's source and fails on any writer or deleter elsewhere."""
+(issue 17): a walk of the package's source fails on any writer or deleter elsewhere, and
+each of the module's primitives refuses a link (tests/test_safe_writes.py: each writer of
+the package)."""
 
 from __future__ import annotations
 
 import ast
+import json
+import os
+import threading
 from pathlib import Path
+
+import pytest
+
+from nnsim_hooks import safe_files
+from nnsim_hooks.errors import StoreError
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nnsim_hooks"
 THE_MODULE = PACKAGE / "safe_files.py"
@@ -91,3 +101,68 @@ def test_the_walk_finds_each_kind_of_writer():
     for code in ['open(p)', 'open(p, "rb")', "p.read_text()", "os.open(p, os.O_RDONLY)", "s.replace('a', 'b')",
                  "items.remove(x)", "np.load(p)"]:
         assert not list(violations(code)), code
+
+
+# -- the primitives: a link is refused by each, its target untouched ----------------------------
+
+PRECIOUS = b"not ours\n" * 10
+
+PRIMITIVES = {
+    "open_for_append": lambda p: os.close(safe_files.open_for_append(p)),
+    "open_lock_file": lambda p: os.close(safe_files.open_lock_file(p)),
+    "create_new": lambda p: os.close(safe_files.create_new(p)),
+    "cut": lambda p: safe_files.cut(p, 0),
+    "write_atomic": lambda p: safe_files.write_atomic(p, lambda fd: safe_files.write_all(fd, b"x")),
+    "remove_file": lambda p: safe_files.remove_file(p),
+    "remove_owned": lambda p: safe_files.remove_owned(p.parent, lambda name: name == p.name),
+    "make_folder": lambda p: safe_files.make_folder(p),
+    "rename_into_place": lambda p: safe_files.rename_into_place(p.parent / "new.tmp", p),
+}
+
+
+@pytest.mark.parametrize("primitive", list(PRIMITIVES))
+def test_each_primitive_refuses_a_link(tmp_path, primitive):
+    target = tmp_path / "elsewhere" / "victim"
+    target.parent.mkdir()
+    target.write_bytes(PRECIOUS)
+    (tmp_path / "folder").mkdir()
+    link = tmp_path / "folder" / "file"
+    link.symlink_to(target)
+    (tmp_path / "folder" / "new.tmp").write_bytes(b"new")
+    with pytest.raises(StoreError, match="symbolic link"):
+        PRIMITIVES[primitive](link)
+    assert target.read_bytes() == PRECIOUS and link.is_symlink()
+
+
+def test_new_files_and_folders_get_the_umasks_permissions(tmp_path):
+    old = os.umask(0o007)
+    try:
+        os.close(safe_files.open_for_append(tmp_path / "a"))
+        safe_files.write_atomic(tmp_path / "b", lambda fd: None)
+        safe_files.make_folder(tmp_path / "c" / "d")
+        folder = safe_files.make_temporary_folder(tmp_path, "e")
+    finally:
+        os.umask(old)
+    for path, want in ((tmp_path / "a", 0o660), (tmp_path / "b", 0o660), (tmp_path / "c", 0o770),
+                       (tmp_path / "c" / "d", 0o770), (folder, 0o770)):
+        assert oct(path.stat().st_mode & 0o777) == oct(want), path
+
+
+def test_a_refused_writer_names_a_holder_that_writes_its_record_an_instant_late(tmp_path):
+    """The holder's record is written just after its flock: the refused writer waits for it
+    instead of saying the holder "left no record"."""
+    import fcntl
+
+    from nnsim_hooks.index.folder.lock import FolderLock
+
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    late = threading.Timer(0.05, lambda: os.pwrite(fd, json.dumps({"pid": 4242, "host": "h", "purpose": "p",
+                                                                     "since": "now"}).encode(), 0))
+    late.start()
+    try:
+        with pytest.raises(StoreError, match="process 4242 on host h"):
+            FolderLock(tmp_path).acquire()
+    finally:
+        late.join()
+        os.close(fd)
