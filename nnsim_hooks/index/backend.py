@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -35,7 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError, StoreError
-from ..safe_files import rename_into_place, store_errors, write_faiss_index
+from ..safe_files import rename_into_place, write_faiss_index
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ...errors import IndexMismatchError, InputError, StoreError
-from ...atomic import store_errors, write_all, write_atomic, write_json_atomic
+from ...atomic import write_all, write_atomic, write_json_atomic
 from ..folder.manifest import MANIFEST, fingerprint_differences, now, read_manifest
 from ..folder.shard_folders import SHARDS_DIR, has_shards, list_shards, shard_folder, shard_name  # noqa: F401 (re-exported)
 from ..folder.clearing import remove_shards  # noqa: F401 (re-exported)
