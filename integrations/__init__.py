@@ -19,7 +19,7 @@ from __future__ import annotations
 from .checkpoints import load_checkpoint
 from .config import DataConfig, LoadedModel
 from .datasets import FileDataset, load_dataset
-from .input_size import with_input_size
+from .input_size import check_data_size, with_input_size
 from .models import infer_data_config, load_model, parse_model_kwargs
 from .dense_outputs import foreground_sum, per_class, region_sum
 from nnsim_hooks.audit.thumbnails import thumbnail_of
@@ -28,6 +28,7 @@ __all__ = [
     "load_model",
     "load_dataset",
     "with_input_size",
+    "check_data_size",
     "LoadedModel",
     "DataConfig",
     "FileDataset",

@@ -166,3 +166,22 @@ def with_input_size(loaded: LoadedModel, size: Union[str, Size], flag: str = "in
                                                       crop_pct=1.0))
     logger.info("inputs resized to %s for %s", "x".join(map(str, sides)), loaded.spec)
     return replace(loaded, data_config=data_config)
+
+
+def check_data_size(loaded: LoadedModel, shape: Sequence[int]) -> None:
+    """Samples of ``shape`` (``[C, *spatial]``, read at their own size) that ``loaded``'s
+    model refuses because they are too small (a 3-D DenseNet121 needs about 32³): an
+    InputError naming the smallest size it accepts and the flag that resizes the data to
+    it. Nothing when the model takes them, or when no larger size helps either (then it
+    is not a size problem, and the audit's own checks explain it)."""
+    channels, sides = int(shape[0]), tuple(int(s) for s in shape[1:])
+    why = accepts(loaded.model, channels, sides)
+    if why is None:
+        return
+    smallest = smallest_accepted(loaded.model, channels, len(sides), max(sides))
+    if smallest is None:
+        return
+    flag = "--image-size" if len(sides) == 2 else "--spatial-size"
+    raise InputError(f"the samples are {'x'.join(map(str, sides))}, smaller than {loaded.spec} accepts ({why}); the "
+                     f"smallest it accepts is {'x'.join([str(smallest)] * len(sides))}: give {flag} {smallest} "
+                     f"(or more) to resize them")

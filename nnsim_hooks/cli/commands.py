@@ -225,6 +225,8 @@ def _audit_data(args, thresholds) -> Any:
     options = _layout_options(args)
     dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}),
                                         **options)
+    if not _sized(args):  # data too small for the network: say which --spatial-size resizes them
+        _check_data_size(integrations, info, dataset)
     # A model without class logits (segmentation...) comes with a suggested label-free reduction.
     suggested = getattr(info, "output", None)
     output = args.output if args.output is not None or not callable(suggested) else suggested
@@ -281,6 +283,14 @@ def _layout_options(args) -> dict:
         raise CliError(f"{flags}: not read by {layout.name if layout else 'this'} data ({args.data}); "
                        f"they are for Hugging Face datasets and WebDataset shards")
     return options
+
+
+def _check_data_size(integrations, info, dataset) -> None:
+    check = getattr(integrations, "check_data_size", None)
+    first = dataset.check() if callable(getattr(dataset, "check", None)) else None
+    if check is None or first is None or not hasattr(info, "data_config"):
+        return
+    check(info, tuple(dataset[first][0].shape))
 
 
 def _sized(args) -> bool:
