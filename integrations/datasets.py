@@ -16,6 +16,8 @@ a ``datasets.Dataset``          and a label column by name (``image_column``,
                                 ``label_column``; ``split`` of a ``DatasetDict``)
 ``*.tar``, ``s-{000..009}.tar`` WebDataset shards: the members of one key are a sample
                                 (``image_column="png"``, ``label_column="cls"``)
+``fiftyone:NAME``, or a         a FiftyOne dataset's files (``filepath``) and labels
+``fiftyone`` Dataset or view    (``ground_truth.label``, or ``label_column``)
 ==============================  =====================================================
 
 The pieces: the layouts, one module each, and their registry in :mod:`.layouts`;
@@ -48,6 +50,7 @@ from .file_dataset import FileDataset
 from .files import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, SHOW, VOLUME_EXTENSIONS, is_data_file, kind_of
 from .images import image_transform
 from .layouts import check_options, find_layout, list_samples
+from .layouts.fiftyone_dataset import is_fiftyone_collection, list_fiftyone
 from .layouts.hf_datasets import is_hf_dataset, open_hf
 from .layouts.csv_file import LABEL_COLUMNS, PATH_COLUMNS
 
@@ -104,6 +107,10 @@ def load_dataset(
     if is_hf_dataset(path):
         dataset = open_hf(path, loaded, config, classes, **_options_of("hf", layout_options))
         return _checked(dataset, check)
+    if is_fiftyone_collection(path):
+        listing = list_fiftyone(path, classes, **_options_of("fiftyone", layout_options))
+        return _checked(FileDataset(listing.paths, listing.labels, config, classes=listing.classes, loaded=loaded,
+                                    layout="fiftyone", source=""), check)
     path = os.fspath(path)
     check_options(path, layout_options)
     layout = find_layout(path)

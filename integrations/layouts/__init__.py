@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 from nnsim_hooks.errors import DataError
 
 from ..listing import Layout, Listing
-from . import csv_file, data_folder, datalist, hf_datasets, webdataset_shards
+from . import csv_file, data_folder, datalist, fiftyone_dataset, hf_datasets, webdataset_shards
 
 #: every layout, in the order a path is tried (a saved Hugging Face dataset is a folder too)
 LAYOUTS: List[Layout] = [
@@ -24,6 +24,7 @@ LAYOUTS: List[Layout] = [
     csv_file.LAYOUT,
     datalist.LAYOUT,
     webdataset_shards.LAYOUT,
+    fiftyone_dataset.LAYOUT,
 ]
 
 #: what the files of every layout may be (read by :mod:`nnsim_hooks.integrations.images` and ``.volumes``)

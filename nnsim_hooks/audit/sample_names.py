@@ -61,8 +61,8 @@ def dataset_root(dataset: Any) -> Optional[str]:
         return None
     for attribute in ("source", "root"):
         value = getattr(dataset, attribute, None)
-        if isinstance(value, (str, os.PathLike)) and os.fspath(value):
-            value = os.fspath(value)
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.exists(os.fspath(value)):
+            value = os.fspath(value)  # (a source that is no path, fiftyone:NAME, keeps the paths absolute)
             return value if os.path.isdir(value) else os.path.dirname(value) or "."
     return None
 
