@@ -231,7 +231,8 @@ def _audit_data(args, thresholds) -> Any:
     suggested = getattr(info, "output", None)
     output = args.output if args.output is not None or not callable(suggested) else suggested
     config = {
-        "data": str(Path(args.data).resolve()),
+        # a pattern of shards or fiftyone:NAME is no path: kept as given
+        "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
         "model": args.model,
         "model_kwargs": kwargs,
         "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
