@@ -172,3 +172,19 @@ def test_cli_spatial_size_brings_small_volumes_up_to_what_a_3d_network_needs(tmp
     scaled = (raw - raw.min()) / (raw.max() - raw.min())
     expected = torch.nn.functional.interpolate(scaled[None], size=(32, 32, 32), mode="trilinear")[0]
     assert torch.allclose(load_dataset(str(data), loaded)[0][0], expected, atol=1e-5)
+
+
+def test_data_too_small_for_the_network_name_the_size_that_works():
+    from nnsim_hooks.integrations import DataConfig, LoadedModel, check_data_size
+
+    def loaded(model):
+        return LoadedModel(model=model, data_config=DataConfig(channels=1), source="callable", name="net")
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    check_data_size(loaded(conv), (1, 8, 8))  # big enough: nothing to say
+    with pytest.raises(InputError, match=r"the samples are 5x5, smaller than .* the smallest it accepts is 8x8: "
+                                         r"give --image-size 8 \(or more\)"):
+        check_data_size(loaded(conv), (1, 5, 5))
+    # a model that takes one size only is not a size problem here: the audit's own checks explain it
+    fixed = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2))
+    check_data_size(loaded(fixed), (1, 32, 32))

@@ -67,7 +67,7 @@ def shard_files(pattern: str) -> List[str]:
     require("webdataset", "reading WebDataset shards")
     from webdataset.shardlists import expand_urls
 
-    shards = expand_urls(os.fspath(pattern))
+    shards = list(expand_urls(os.fspath(pattern)))
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         raise DataError(f"{len(missing)} of the {len(shards)} shards of '{pattern}' do not exist, for example: "
