@@ -42,6 +42,10 @@ def as_image_or_array(value: Any, name: str) -> Any:
         return value
     if isinstance(value, dict) and value.get("bytes") is not None:
         value = value["bytes"]
+    elif isinstance(value, dict) and value.get("path"):  # datasets.Image(decode=False) of a file on disk
+        from .images import open_image
+
+        return open_image(value["path"])
     if isinstance(value, (bytes, bytearray)):
         from PIL import Image
 
