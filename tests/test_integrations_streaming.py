@@ -145,6 +145,9 @@ def test_hf_columns_by_name_ids_splits_and_string_labels():
         load_dataset(two, CONFIG)
     assert torch.equal(load_dataset(two, CONFIG, image_column="image")[3][0],
                        load_dataset(two, CONFIG, image_column="picture")[3][0])
+    as_torch = two.with_format("torch")  # a format set on the dataset does not change what is read
+    assert torch.equal(load_dataset(as_torch, CONFIG, image_column="picture")[3][0],
+                       load_dataset(two, CONFIG, image_column="picture")[3][0])
     undecoded = two.cast_column("image", datasets.Image(decode=False))  # {"bytes": ..., "path": ...} rows
     assert torch.equal(load_dataset(undecoded, CONFIG, image_column="image")[3][0],
                        load_dataset(two, CONFIG, image_column="picture")[3][0])

@@ -119,7 +119,7 @@ def open_hf(source: Any, loaded=None, config=None, classes: Optional[Sequence[st
         shown = os.fspath(source)
     else:
         where, dataset, shown = f"the Hugging Face {type(source).__name__}", source, ""
-    dataset = _pick_split(dataset, split, where)
+    dataset = _pick_split(dataset, split, where).with_format(None)  # PIL images and lists, not a torch format
     features = dataset.features
     image = _column(features, image_column, ("Image", "Array2D", "Array3D", "Array4D"), IMAGE_COLUMNS,
                     "image", "--image-column", where, required=True)

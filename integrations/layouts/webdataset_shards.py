@@ -98,11 +98,13 @@ def index_shard(path: str, number: int) -> Tuple[List[ShardSample], Optional[str
             else:
                 # a whole tar ends with two zero blocks after its last member
                 if samples and size - tar.offset < 2 * _BLOCK:
-                    problem = f"it stops {size - tar.offset} bytes after member data (the end-of-archive blocks are missing)"
+                    problem = (f"it stops {size - tar.offset} bytes after member data (the end-of-archive "
+                               "blocks are missing)")
+        state = "truncated"
     except (tarfile.TarError, EOFError, OSError) as exc:
-        problem = f"{type(exc).__name__}: {exc}"
+        problem, state = f"{type(exc).__name__}: {exc}", "truncated or damaged"
     if problem is not None:
-        problem = f"shard '{path}' is truncated: {problem}"
+        problem = f"shard '{path}' is {state}: {problem}"
         if samples:
             samples[-1].problem = problem + f"; sample '{samples[-1].key}' was being read at the cut"
         logger.warning("%s; the samples after '%s' are lost with the missing bytes", problem,
