@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "sq8", "ivf_sq8")
 # Options each kind understands (search-time ones can be changed later with tune()).
-_OPTIONS = {
+OPTIONS_BY_KIND = {
     "flat": set(),
     "ivf": {"nlist", "nprobe", "train_size", "niter"},
     "hnsw": {"M", "ef_construction", "ef_search"},
@@ -80,9 +80,9 @@ def make_spec(index: str, n_valid: int, options: Optional[Dict[str, Any]] = None
         raise InputError(f"index must be one of {INDEX_KINDS} or a FAISS factory string, got {index!r}")
     options = dict(options or {})
     kind = index.lower() if index.lower() in INDEX_KINDS else "factory"
-    unknown = set(options) - _OPTIONS[kind]
+    unknown = set(options) - OPTIONS_BY_KIND[kind]
     if unknown:
-        allowed = sorted(_OPTIONS[kind]) or "none"
+        allowed = sorted(OPTIONS_BY_KIND[kind]) or "none"
         raise InputError(f"index='{index}' does not take option(s) {sorted(unknown)}; it takes: {allowed}")
     for name, value in options.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:

@@ -21,7 +21,7 @@ from ...errors import DataError, InputError, StoreError
 from ...atomic import store_errors, write_json_atomic
 from ..backend import FaissIndex, IndexSpec, make_spec
 from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
-from .integrity import drop_nonfinite_rows, index_file_record
+from .integrity import check_column_checksums, column_checksums, drop_nonfinite_rows, index_file_record
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
 from .schema import COLUMNS, is_store_owned
@@ -68,7 +68,8 @@ def save_index(index, path: PathLike, *, overwrite: bool = False) -> Path:
         if not index.spec.exact:
             index.backend.write(tmp / INDEX_FILE)
             index_file = index_file_record(tmp / INDEX_FILE, index.backend)
-        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file)
+        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file,
+                        checksums=column_checksums({n: index.column(n) for n in ("ids", "valid")}))
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
@@ -219,7 +220,7 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
     elif file is not None:
         with store_errors("deleting", file):
             file.unlink(missing_ok=True)
-    store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
+    store.commit(index=spec.to_dict(), complete=True, index_file=index_file, checksums=column_checksums(arrays))
     return backend
 
 
@@ -228,9 +229,9 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
     :func:`~nnsim_hooks.index.load_index` opens).
 
     What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
-    the manifest's fields, dtypes and row shapes (:mod:`.schema`); that every column file
-    holds exactly ``count`` rows; ``index.faiss`` against its record (:mod:`.integrity`).
-    Non-finite feature rows are marked not valid, with a warning. A folder still being
+    the manifest's fields, types and bounds (:mod:`.manifest_fields`); that every column file
+    holds exactly ``count`` rows; ``ids.bin``, ``valid.bin`` and ``index.faiss`` against
+    their records (:mod:`.integrity`). Non-finite feature rows are marked not valid, with a warning. A folder still being
     written is refused, naming the writer; so is a folder of shards not merged yet.
     """
     if not is_store(path) and has_shards(path):
@@ -251,6 +252,7 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
             "interrupted. Run handle.build_index(data, path) again with the same data to finish it"
         )
     columns = open_columns(path, manifest)
+    check_column_checksums(columns, path, manifest)
     if not mmap:
         columns = {k: np.array(v) for k, v in columns.items()}
     columns = drop_nonfinite_rows(columns, path, manifest)
