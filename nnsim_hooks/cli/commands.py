@@ -303,6 +303,8 @@ def format_summary(result, out: Path) -> str:
     lines += [line for check in CHECKS for line in check.summary_lines(s)]
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
+    if s.get("non_finite"):
+        lines.append(f"  NaN or Inf        {s['non_finite']:,} files skipped (listed in summary.json)")
     if s.get("missing_labels"):
         lines.append(f"  missing labels    {s['missing_labels']:,} samples (not scored)")
     decided = s.get("decisions")
