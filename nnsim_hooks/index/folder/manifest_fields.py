@@ -100,7 +100,7 @@ def check_manifest(manifest: Dict[str, Any], path: Any) -> None:
     dim = manifest.get("feature_dim")
     if dim is not None:
         check.integer(dim, "feature_dim", 1, MAX_DIM, "a positive integer")
-    _check_columns(manifest, dim, check, bad)
+    _check_columns(manifest, dim, check)
     for key in ("created", "updated", "task"):
         check.optional_text(manifest.get(key), key, 64)
     for key in ("fingerprint", "sketch", "index", "index_file", "dataset", "shard", "shards", "checksums", "versions"):
@@ -113,11 +113,11 @@ def check_manifest(manifest: Dict[str, Any], path: Any) -> None:
     _check_source(manifest.get("source") or {}, check)
     for name, value in (manifest.get("versions") or {}).items():
         check.optional_text(value, f"versions.{name}", 256)
-    _check_index(manifest.get("index"), check, bad)
+    _check_index(manifest.get("index"), check)
     _check_index_file(manifest.get("index_file"), check)
     _check_dataset(manifest.get("dataset"), check)
-    _check_shard(manifest.get("shard"), check, bad)
-    _check_shards(manifest.get("shards"), check, bad)
+    _check_shard(manifest.get("shard"), check)
+    _check_shards(manifest.get("shards"), check)
     for name, value in (manifest.get("checksums") or {}).items():
         if name not in ("ids", "valid"):
             raise bad(f'"checksums" records the unknown column {check.short(name)} (only ids and valid)')
@@ -160,37 +160,37 @@ class _Checker:
             raise self.bad(f'"{field}" lacks {missing}')
 
 
-def _check_columns(manifest: Dict[str, Any], dim: Optional[int], check: _Checker, bad) -> None:
+def _check_columns(manifest: Dict[str, Any], dim: Optional[int], check: _Checker) -> None:
     columns = manifest["columns"]
     if not isinstance(columns, dict):
-        raise bad(f'"columns" must be an object {{name: {{dtype, shape}}}}, got a {type(columns).__name__}')
+        raise check.bad(f'"columns" must be an object {{name: {{dtype, shape}}}}, got a {type(columns).__name__}')
     for name, spec in columns.items():
         if name not in COLUMNS:
-            raise bad(f"unknown column {check.short(name)} (the store writes only {sorted(COLUMNS)})")
+            raise check.bad(f"unknown column {check.short(name)} (the store writes only {sorted(COLUMNS)})")
         dtype, ndim = COLUMNS[name]
         if not isinstance(spec, dict):
-            raise bad(f"column '{name}' must be an object, got {check.short(spec)}")
+            raise check.bad(f"column '{name}' must be an object, got {check.short(spec)}")
         if spec.get("file", column_file(name)) != column_file(name):
-            raise bad(f"column '{name}' names the file {check.short(spec['file'])}; the store's file for it is "
+            raise check.bad(f"column '{name}' names the file {check.short(spec['file'])}; the store's file for it is "
                       f"'{column_file(name)}' inside the folder, and no other is read or deleted")
         if spec.get("dtype") != dtype:
-            raise bad(f"column '{name}' has dtype {check.short(spec.get('dtype'))}; the store writes it as {dtype}")
+            raise check.bad(f"column '{name}' has dtype {check.short(spec.get('dtype'))}; the store writes it as {dtype}")
         shape = spec.get("shape")
         if not isinstance(shape, list) or len(shape) != ndim or not all(is_int(s) and 1 <= s <= MAX_DIM for s in shape):
             want = "[]" if ndim == 0 else f"[n] with 1 <= n <= {MAX_DIM:,}"
-            raise bad(f"column '{name}' has row shape {check.short(shape)}; the store writes {want}")
+            raise check.bad(f"column '{name}' has row shape {check.short(shape)}; the store writes {want}")
         if name == "features" and dim is not None and shape != [dim]:
-            raise bad(f"the features have rows of shape {shape} but \"feature_dim\" is {dim}")
+            raise check.bad(f"the features have rows of shape {shape} but \"feature_dim\" is {dim}")
         row_bytes = {"float32": 4, "int64": 8, "bool": 1}[dtype] * (shape[0] if shape else 1)
         if row_bytes > MAX_ROW_BYTES:
-            raise bad(f"column '{name}' has rows of {row_bytes:,} bytes (at most {MAX_ROW_BYTES:,})")
+            raise check.bad(f"column '{name}' has rows of {row_bytes:,} bytes (at most {MAX_ROW_BYTES:,})")
     empty_share = manifest["count"] == 0 and isinstance(manifest.get("shard"), dict)  # a rank with nothing to do
     if manifest["complete"] and not empty_share:
         missing = [name for name in REQUIRED if name not in columns]
         if missing:
-            raise bad(f"a complete index needs the columns {list(REQUIRED)}; {missing} are missing")
+            raise check.bad(f"a complete index needs the columns {list(REQUIRED)}; {missing} are missing")
         if dim is None:
-            raise bad('a complete index needs "feature_dim"')
+            raise check.bad('a complete index needs "feature_dim"')
 
 
 def _check_source(source: Dict[str, Any], check: _Checker) -> None:
@@ -201,22 +201,22 @@ def _check_source(source: Dict[str, Any], check: _Checker) -> None:
         check.integer(source["batch_size"], "source.batch_size", 1, MAX_ROWS, "a positive integer")
 
 
-def _check_index(index: Optional[Dict[str, Any]], check: _Checker, bad) -> None:
+def _check_index(index: Optional[Dict[str, Any]], check: _Checker) -> None:
     if index is None:
         return
     kind = index.get("kind")
     kinds = INDEX_KINDS + ("factory",)
     if kind not in kinds:
-        raise bad(f'"index.kind" must be one of {list(kinds)}, got {check.short(kind)}')
+        raise check.bad(f'"index.kind" must be one of {list(kinds)}, got {check.short(kind)}')
     factory = index.get("factory", "Flat" if kind == "flat" else None)
     if not isinstance(factory, str) or not 1 <= len(factory) <= 256:
-        raise bad(f'"index.factory" must be the FAISS factory string of the index, got {check.short(factory)}')
+        raise check.bad(f'"index.factory" must be the FAISS factory string of the index, got {check.short(factory)}')
     options = index.get("options", {})
     if not isinstance(options, dict):
-        raise bad(f'"index.options" must be an object {{name: value}}, got {check.short(options)}')
+        raise check.bad(f'"index.options" must be an object {{name: value}}, got {check.short(options)}')
     for name, value in options.items():
         if name not in OPTIONS_BY_KIND[kind]:
-            raise bad(f'"index.options" has {check.short(name)}, which a {kind} index does not take '
+            raise check.bad(f'"index.options" has {check.short(name)}, which a {kind} index does not take '
                       f'(it takes {sorted(OPTIONS_BY_KIND[kind]) or "none"})')
         check.integer(value, f"index.options.{name}", 1, MAX_OPTION, "a positive integer")
 
@@ -240,7 +240,7 @@ def _check_dataset(record: Optional[Dict[str, Any]], check: _Checker) -> None:
         check.sha256(record.get(key), f"dataset.{key}", optional=True)
 
 
-def _check_shard(info: Optional[Dict[str, Any]], check: _Checker, bad) -> None:
+def _check_shard(info: Optional[Dict[str, Any]], check: _Checker) -> None:
     """A shard's share (see :mod:`nnsim_hooks.index.sharded.shards`)."""
     if info is None:
         return
@@ -253,7 +253,7 @@ def _check_shard(info: Optional[Dict[str, Any]], check: _Checker, bad) -> None:
     check.optional_text(info.get("data"), "shard.data", MAX_TEXT)
 
 
-def _check_shards(layout: Optional[Dict[str, Any]], check: _Checker, bad) -> None:
+def _check_shards(layout: Optional[Dict[str, Any]], check: _Checker) -> None:
     """The layout a merged index records (its shards' ranges)."""
     if layout is None:
         return
@@ -264,5 +264,5 @@ def _check_shards(layout: Optional[Dict[str, Any]], check: _Checker, bad) -> Non
         isinstance(r, list) and len(r) == 2 and all(is_int(x) and 0 <= x <= MAX_ROWS for x in r) and r[0] <= r[1]
         for r in ranges)
     if not ok:
-        raise bad(f'"shards.ranges" must be {n} pairs [start, stop] of sample numbers, got {check.short(ranges)}')
+        raise check.bad(f'"shards.ranges" must be {n} pairs [start, stop] of sample numbers, got {check.short(ranges)}')
     check.optional_text(layout.get("merged"), "shards.merged", 64)
