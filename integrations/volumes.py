@@ -41,7 +41,9 @@ class VolumeReader:
         config = self.config
         steps = []
         if config.intensity == "scale":
-            steps.append(MT.ScaleIntensity())
+            from .images import ScaleIntensity  # MONAI's min-max, over the finite voxels only
+
+            steps.append(ScaleIntensity())
         elif config.intensity == "normalize" and config.mean is not None:
             steps.append(MT.NormalizeIntensity(subtrahend=config.mean, divisor=config.std, channel_wise=True))
         if config.spatial_size is not None:

@@ -5,7 +5,8 @@
                                                      # a Hugging Face dataset folder, shards-{000..003}.tar
 
 Exit codes: 0 done, 1 an error (the message says what and how to fix it), 2 bad
-arguments, 130 interrupted (run the same command again to resume).
+arguments, 130 interrupted (run the same command again to resume). An error is one line
+(no Python traceback); ``--debug`` prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def _thresholds(items: Optional[List[str]], args=None) -> Optional[Dict[str, Any
         name, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--threshold {item!r}: expected NAME=VALUE, e.g. --threshold label_issue=0.6")
+        if not value.strip():
+            raise CliError(f"--threshold {item!r}: no value after '='; write NAME=VALUE (a number), or NAME=none for "
+                           "a threshold that can be turned off")
         try:
-            number = None if value.strip().lower() in ("none", "") else float(value)
+            number = None if value.strip().lower() == "none" else float(value)
         except ValueError as exc:
             raise CliError(f"--threshold {item!r}: {value!r} is not a number") from exc
         if name.strip() in out and out[name.strip()] != number:
@@ -133,7 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    _add_debug_flag(parser, False)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--debug`` on ``parser`` and every subcommand's parser (before or after the subcommand)."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, print the Python traceback too (for bug reports)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_flag(child, argparse.SUPPRESS)
 
 
 def _load_integrations():
@@ -331,6 +346,8 @@ def format_summary(result, out: Path) -> str:
     lines += [line for check in CHECKS for line in check.summary_lines(s)]
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
+    if s.get("non_finite"):
+        lines.append(f"  NaN or Inf        {s['non_finite']:,} files skipped (listed in summary.json)")
     if s.get("missing_labels"):
         lines.append(f"  missing labels    {s['missing_labels']:,} samples (not scored)")
     decided = s.get("decisions")
@@ -358,6 +375,8 @@ def cmd_audit(args) -> int:
 
     require_audit_extra()
     thresholds = _thresholds(args.threshold, args)
+    if not args.out.strip():
+        raise CliError("--out is empty: name the folder the audit writes to (e.g. --out nnsim-audit)")
     out = Path(args.out)
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                           ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
@@ -394,9 +413,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\ninterrupted: what was computed is kept in {getattr(args, 'out', '.')}; run the same command again "
               "to resume", file=sys.stderr)
         return 130
-    except (NnsimError, InputError, ImportError) as exc:
-        print(f"nnsim: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        print(error_line(exc), file=sys.stderr)
         return 1
+
+
+def error_line(exc: Exception) -> str:
+    """What ``nnsim`` prints for an error: our own errors (and OS errors: a missing file, a
+    full disk) say what and how to fix it; anything else is a bug, reported as one."""
+    if isinstance(exc, (NnsimError, InputError, ImportError, OSError)):
+        return f"nnsim: error: {exc}"
+    return (f"nnsim: error: {type(exc).__name__}: {exc}\nThis is unexpected (a bug in nnsim_hooks or in your model "
+            "code): run the same command with --debug to see where it happened, and report it")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "sq8", "ivf_sq8")
 # Options each kind understands (search-time ones can be changed later with tune()).
-_OPTIONS = {
+OPTIONS_BY_KIND = {
     "flat": set(),
     "ivf": {"nlist", "nprobe", "train_size", "niter"},
     "hnsw": {"M", "ef_construction", "ef_search"},
@@ -79,9 +79,9 @@ def make_spec(index: str, n_valid: int, options: Optional[Dict[str, Any]] = None
         raise InputError(f"index must be one of {INDEX_KINDS} or a FAISS factory string, got {index!r}")
     options = dict(options or {})
     kind = index.lower() if index.lower() in INDEX_KINDS else "factory"
-    unknown = set(options) - _OPTIONS[kind]
+    unknown = set(options) - OPTIONS_BY_KIND[kind]
     if unknown:
-        allowed = sorted(_OPTIONS[kind]) or "none"
+        allowed = sorted(OPTIONS_BY_KIND[kind]) or "none"
         raise InputError(f"index='{index}' does not take option(s) {sorted(unknown)}; it takes: {allowed}")
     for name, value in options.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -158,6 +158,12 @@ def _warn_two_builds() -> None:
         )
 
 
+def _faiss_reason(exc: Exception) -> str:
+    """The human part of a FAISS C++ error ("Error in void faiss::... failed: Number of ...")."""
+    text = " ".join(str(exc).split())
+    return text.rpartition("failed: ")[2] if "failed: " in text else text[-300:]
+
+
 def gpu_available() -> bool:
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
@@ -198,7 +204,15 @@ class FaissIndex:
             rng = np.random.default_rng(0)
             rows = np.sort(rng.choice(valid_ids, size=size, replace=False)) if size < len(valid_ids) else valid_ids
             logger.info("training FAISS %s on %d vectors", spec.factory, len(rows))
-            inner.train(np.ascontiguousarray(features[rows], dtype=np.float32))
+            try:
+                inner.train(np.ascontiguousarray(features[rows], dtype=np.float32))
+            except RuntimeError as exc:  # e.g. more IVF lists or PQ centroids than training rows
+                raise InputError(
+                    f"FAISS cannot train the index '{spec.factory}' on the {len(rows)} valid rows available "
+                    f"({_faiss_reason(exc)}): an IVF index needs at least as many rows as lists, "
+                    f"PQ and SQ codes need enough rows per centroid. Use fewer lists (a smaller number after IVF), "
+                    f"index='flat', or more data"
+                ) from exc
         index = faiss.IndexIDMap(inner)
         from tqdm.auto import tqdm
 

@@ -118,9 +118,9 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     FAISS index on GPU (None: if FAISS has GPUs).
 
     What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
-    the manifest's fields, dtypes and row shapes (:mod:`.folder.schema`); that every column
-    file holds exactly ``count`` rows; ``index.faiss`` against its record
-    (:mod:`.folder.integrity`). Non-finite feature rows are marked not valid, with a
+    every field of the manifest, typed and bounded (:mod:`.folder.manifest_fields`); that
+    every column file holds exactly ``count`` rows; ``ids.bin``, ``valid.bin`` and
+    ``index.faiss`` against their records (:mod:`.folder.integrity`). Non-finite feature rows are marked not valid, with a
     warning. A folder still being written is refused, naming the writer.
     """
     path = Path(path)

@@ -14,7 +14,7 @@ from . import pairwise
 from ..atomic import write_json_atomic
 from ..errors import StoreError
 from .backend import FaissIndex, gpu_available, make_spec
-from .arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
+from .arguments import as_float32_rows, check_finite_queries, check_k, defined_rows, exclusion_table, first_k_not_excluded
 from .folder.index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
 from .folder.integrity import read_index_file
 from .folder.lock import FolderLock
@@ -106,7 +106,9 @@ class FaissSearch:
 
         Args:
             queries: float32 feature rows ``[Q, D]`` (numpy or torch; ``[D]`` for one).
-                Float64 is refused, not cast. NaN or zero rows get no results.
+                Float64 is refused, not cast. Rows that are entirely NaN (samples without a
+                gradient direction) or zero get no results; a row with an Inf, or a NaN among
+                finite values, is an :class:`~nnsim_hooks.errors.InputError`.
             k: number of neighbours; more than the samples in the index is clamped to
                 their number, with a warning.
             exclude: ids to leave out, per query: ``[Q]`` (e.g. each query's own id) or
@@ -119,7 +121,7 @@ class FaissSearch:
             valid samples) are ``(NaN, -1)``. Approximate index types may miss some
             true neighbours.
         """
-        q = as_float32_rows(queries, self.dim, "queries")
+        q = check_finite_queries(as_float32_rows(queries, self.dim, "queries"))
         k = check_k(k, len(self))
         table = exclusion_table(exclude, len(q))
         scores = np.full((len(q), k), np.nan, dtype=np.float32)

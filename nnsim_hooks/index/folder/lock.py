@@ -57,20 +57,24 @@ def _describe(record: Optional[Dict[str, Any]]) -> str:
 def _read_record(file: Path) -> Optional[Dict[str, Any]]:
     try:
         record = json.loads(file.read_text(encoding="utf-8") or "null")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 
 
-def _wait_for_record(file: Path, tries: int = 20) -> Optional[Dict[str, Any]]:
-    """The holder's record, waiting a little for it: a holder that has just taken the lock
-    writes its record an instant later (so a refused writer can still name it)."""
-    for _ in range(tries):
+# How long a refused writer waits for the holder's record: a holder writes it right after
+# taking the lock, so an empty lock file means "just started", not "no record".
+RECORD_WAIT_S = 1.0
+
+
+def _read_record_of_holder(file: Path) -> Optional[Dict[str, Any]]:
+    """The record of a lock found held, waiting briefly for a holder that is writing it."""
+    deadline = time.monotonic() + RECORD_WAIT_S
+    while True:
         record = _read_record(file)
-        if record:
+        if record or time.monotonic() > deadline:
             return record
-        time.sleep(0.01)
-    return None
+        time.sleep(0.02)
 
 
 def _alive_here(record: Dict[str, Any]) -> bool:
@@ -131,7 +135,7 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise self._refusal(_wait_for_record(self.file)) from None
+                raise self._refusal(_read_record_of_holder(self.file)) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -210,7 +214,7 @@ def holder(folder: PathLike) -> Optional[Dict[str, Any]]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _read_record(file) or {}
+            return _read_record_of_holder(file) or {}
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

@@ -23,7 +23,7 @@ from ...safe_files import (is_link, make_folder, make_temporary_folder, move_fol
 from ..backend import FaissIndex, IndexSpec, make_spec
 from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
 from .index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
-from .integrity import drop_nonfinite_rows
+from .integrity import check_column_checksums, column_checksums, drop_nonfinite_rows
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
 from .schema import COLUMNS, is_store_owned
@@ -71,7 +71,8 @@ def save_index(index, path: PathLike, *, overwrite: bool = False) -> Path:
                 continue
             write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
         index_file = None if index.spec.exact else write_index_file(tmp, index.backend)
-        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file)
+        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file,
+                        checksums=column_checksums({n: index.column(n) for n in ("ids", "valid")}))
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
@@ -222,7 +223,7 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
         backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
         if store.path is not None:
             index_file = write_index_file(store.path, backend)  # under a new name: the old one stays valid
-    store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
+    store.commit(index=spec.to_dict(), complete=True, index_file=index_file, checksums=column_checksums(arrays))
     if store.path is not None:
         remove_other_index_files(store.path, store.manifest)  # after the commit: a kill leaves old or new
     return backend
@@ -233,9 +234,9 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
     :func:`~nnsim_hooks.index.load_index` opens).
 
     What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
-    the manifest's fields, dtypes and row shapes (:mod:`.schema`); that every column file
-    holds exactly ``count`` rows; ``index.faiss`` against its record (:mod:`.integrity`).
-    Non-finite feature rows are marked not valid, with a warning. A folder still being
+    the manifest's fields, types and bounds (:mod:`.manifest_fields`); that every column file
+    holds exactly ``count`` rows; ``ids.bin``, ``valid.bin`` and ``index.faiss`` against
+    their records (:mod:`.integrity`). Non-finite feature rows are marked not valid, with a warning. A folder still being
     written is refused, naming the writer; so is a folder of shards not merged yet.
     """
     if not is_store(path) and has_shards(path):
@@ -256,6 +257,7 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
             "interrupted. Run handle.build_index(data, path) again with the same data to finish it"
         )
     columns = open_columns(path, manifest)
+    check_column_checksums(columns, path, manifest)
     if not mmap:
         columns = {k: np.array(v) for k, v in columns.items()}
     columns = drop_nonfinite_rows(columns, path, manifest)
