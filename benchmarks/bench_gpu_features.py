@@ -146,14 +146,14 @@ def parity(device: torch.device, n: int = 16) -> List[Dict]:
     return out
 
 
-def table(rows: List[Dict], checks: List[Dict], device: torch.device, tiny: bool) -> str:
+def table(rows: List[Dict], checks: List[Dict], device: torch.device, tiny: bool, parity_n: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [
         "# Features throughput on a GPU against the plain training step",
         "",
         f"Device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
-        f"cudnn.benchmark on, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, TF32 cudnn "
-        f"{torch.backends.cudnn.allow_tf32}. Command: `python benchmarks/bench_gpu_features.py"
+        f"cudnn.benchmark {torch.backends.cudnn.benchmark}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
+        f"TF32 cudnn {torch.backends.cudnn.allow_tf32}. Command: `python benchmarks/bench_gpu_features.py"
         f"{' --tiny' if tiny else ''} --device {device}`" + (" (a dry run at tiny sizes, not a measurement)" if tiny or device.type != "cuda" else "") + ".",
         "",
         "Plain step: forward, cross-entropy, backward, SGD step (train mode). Features: `handle.features(x)` with "
@@ -165,12 +165,13 @@ def table(rows: List[Dict], checks: List[Dict], device: torch.device, tiny: bool
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['plain_sps']:.0f} | {r['error']} | – | – | – |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['plain_sps']:.4g} | {r['error']} | – | – | – |")
             continue
         ok = "met" if r["ratio"] >= GOAL else "**not met**"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['plain_sps']:.0f} | {r['features_sps']:.0f} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {r['plain_sps']:.4g} | {r['features_sps']:.4g} | "
                      f"{r['ratio']:.2f} | {ok} | {r['plain_gib']:.1f} / {r['features_gib']:.1f} |")
-    lines += ["", "Parity, a timm test_resnet on the GPU against the CPU (16 samples; features with the same sketch seed):", "",
+    lines += ["", f"Parity, a timm test_resnet on the GPU against the CPU ({parity_n} samples; features with the same "
+              "sketch seed):", "",
               "| quantity | max relative difference | within 1e-2 |", "|---|---:|---|"]
     for c in checks:
         lines.append(f"| {c['quantity']} | {c['max_rel_diff']:.1e} | {'yes' if c['ok'] else '**no**'} |")
@@ -195,8 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for timm_name, side, batch in models.values():
         for amp in (False, True):
             rows.append(measure(timm_name, side, batch, device, amp, args.budget))
-    checks = parity(device) if device.type == "cuda" else parity(device, n=4)  # CPU: the code against itself
-    text = table(rows, checks, device, args.tiny)
+    parity_n = 16 if device.type == "cuda" else 4  # on the CPU: the code against itself
+    checks = parity(device, parity_n)
+    text = table(rows, checks, device, args.tiny, parity_n)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

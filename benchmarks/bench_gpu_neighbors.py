@@ -12,9 +12,9 @@ Methods:
   index does;
 - ``faiss-gpu GpuIndexFlatIP``: when the installed FAISS has GPUs (float16 storage).
 
-Where timing every query would take too long, a sample of query blocks is timed and the
-whole step extrapolated linearly in the number of queries (each query costs the same);
-the table says which. Recall@10 is measured on sampled queries against an exact float64
+Query blocks are timed in a random order for up to ``--budget`` seconds per N; when not
+all of them were done, the whole step is extrapolated linearly in the number of queries
+(each query costs the same), and the table says so. Recall@10 is measured on sampled queries against an exact float64
 search over all rows.
 
     python benchmarks/bench_gpu_neighbors.py [--rows 1000000 10000000] [--out benchmarks/results/neighbors_gpu.md]
@@ -58,10 +58,10 @@ def clustered_rows(n: int, d: int, device: torch.device, dtype: torch.dtype, see
     return out
 
 
-def knn_block(rows: torch.Tensor, start: int, stop: int, k: int, tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` neighbours (self excluded) of rows[start:stop]: float16 products per
+def knn_rows(rows: torch.Tensor, ids: torch.Tensor, k: int, tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` neighbours (self excluded) of the rows ``ids``: float16 products per
     tile, k' = 4k candidates per tile, re-scored in float32."""
-    q = rows[start:stop]
+    q = rows[ids]
     wide = 4 * k
     cand_s, cand_i = [], []
     for t0 in range(0, len(rows), tile):
@@ -69,15 +69,14 @@ def knn_block(rows: torch.Tensor, start: int, stop: int, k: int, tile: int) -> T
         s, i = torch.topk(scores, min(wide, scores.shape[1]), dim=1)
         cand_s.append(s)
         cand_i.append(i + t0)
-    ids = torch.cat(cand_i, 1)
+    cands = torch.cat(cand_i, 1)
     s = torch.cat(cand_s, 1).float()
     keep = torch.topk(s, min(wide, s.shape[1]), dim=1).indices
-    ids = torch.gather(ids, 1, keep)
-    exact = torch.einsum("qd,qcd->qc", q.float(), rows[ids].float())  # re-score the candidates in float32
-    self_hit = ids == torch.arange(start, stop, device=rows.device)[:, None]
-    exact = exact.masked_fill(self_hit, float("-inf"))
+    cands = torch.gather(cands, 1, keep)
+    exact = torch.einsum("qd,qcd->qc", q.float(), rows[cands].float())  # re-score the candidates in float32
+    exact = exact.masked_fill(cands == ids[:, None], float("-inf"))
     best = torch.topk(exact, k, dim=1)
-    return best.values, torch.gather(ids, 1, best.indices)
+    return best.values, torch.gather(cands, 1, best.indices)
 
 
 def exact_truth(rows: torch.Tensor, queries: torch.Tensor, k: int, tile: int) -> torch.Tensor:
@@ -100,21 +99,23 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return hits / truth.numel()
 
 
-def run_torch(rows: torch.Tensor, block: int, tile: int, max_blocks: Optional[int], sample: torch.Tensor) -> Dict:
+def run_torch(rows: torch.Tensor, block: int, tile: int, budget_s: float, sample: torch.Tensor) -> Dict:
+    """Query blocks spread over the rows, timed until all are done or ``budget_s`` is spent."""
     n, device = len(rows), rows.device
     starts = list(range(0, n, block))
-    timed_starts = starts if max_blocks is None or max_blocks >= len(starts) else \
-        [starts[i] for i in np.linspace(0, len(starts) - 1, max_blocks).astype(int)]
-    knn_block(rows, 0, min(block, n), K, tile)  # warm-up
+    order = [starts[i] for i in np.random.default_rng(0).permutation(len(starts))]
+    knn_rows(rows, torch.arange(0, min(block, n), device=device), K, tile)  # warm-up
     sync(device)
     t0 = time.perf_counter()
     queries = 0
-    for s in timed_starts:
-        knn_block(rows, s, min(s + block, n), K, tile)
+    for s in order:
+        knn_rows(rows, torch.arange(s, min(s + block, n), device=device), K, tile)
         queries += min(s + block, n) - s
+        if time.perf_counter() - t0 > budget_s:
+            break
     sync(device)
     seconds = time.perf_counter() - t0
-    found = torch.cat([knn_block(rows, int(q), int(q) + 1, K, tile)[1] for q in sample])
+    found = knn_rows(rows, sample, K, tile)[1]
     return {"method": "torch fp16 + re-rank", "queries_timed": queries, "seconds": seconds,
             "total_s": seconds * n / queries, "extrapolated": queries < n, "found": found}
 
@@ -177,8 +178,7 @@ def bench(n: int, d: int, device: torch.device, args) -> List[Dict]:
     sample = torch.randperm(n, device=device, generator=torch.Generator(device=device).manual_seed(1))[: args.recall_queries]
     truth = exact_truth(rows, sample, K, args.tile)
     out = []
-    max_blocks = None if n <= args.full_up_to else args.sample_blocks
-    results = [run_torch(rows, args.block, args.tile, max_blocks, sample)]
+    results = [run_torch(rows, args.block, args.tile, args.budget, sample)]
     if n <= args.pairwise_up_to:
         results.append(run_pairwise(rows, min(n, args.pairwise_queries), sample))
     faiss_result = run_faiss(rows, min(n, args.pairwise_queries), sample) if n <= args.faiss_up_to else None
@@ -226,8 +226,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--block", type=int, default=4096, help="queries per block")
     parser.add_argument("--tile", type=int, default=1 << 20, help="rows per tile of the products")
-    parser.add_argument("--full-up-to", type=int, default=1_000_000, help="time every query up to this N")
-    parser.add_argument("--sample-blocks", type=int, default=24, help="query blocks timed above --full-up-to")
+    parser.add_argument("--budget", type=float, default=45.0,
+                        help="seconds of timed query blocks per N (then the rest is extrapolated)")
     parser.add_argument("--recall-queries", type=int, default=200)
     parser.add_argument("--pairwise-up-to", type=int, default=1_000_000)
     parser.add_argument("--pairwise-queries", type=int, default=4096)

@@ -34,7 +34,7 @@ if [ "$DRY" = 1 ]; then
     RESULTS=${TMPDIR:-/tmp}/nnsim-gpu-dry
     DEVICE=cpu
     FEATURES_ARGS=(--tiny --budget 0.2)
-    NEIGHBORS_ARGS=(--rows 3000 12000 --dim 32 --block 512 --tile 4096 --full-up-to 5000 --sample-blocks 3
+    NEIGHBORS_ARGS=(--rows 3000 12000 --dim 32 --block 512 --tile 4096 --budget 1
                     --recall-queries 50 --pairwise-up-to 5000 --pairwise-queries 500)
     NCCL_ARGS=(--mib 4 --rows 20000)
 fi
@@ -70,7 +70,7 @@ if [ -n "$missing" ]; then
     fi
     SITE=${TMPDIR:-/tmp}/nnsim-gpu-site
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-    export PYTHONPATH="$PYTHONPATH:$SITE"  # after the image's own packages: never shadow its torch or numpy
+    export PYTHONPATH="$PYTHONPATH:$SITE"  # --no-deps: only opacus and faiss land there, never a torch or numpy
     echo "installed from .whl/ into $SITE: $(ls .whl | tr '\n' ' ')"
 fi
 
