@@ -446,3 +446,29 @@ def test_a_bfloat16_model_with_a_generic_layer_runs():
         f = h.features(torch.randn(6, 8).to(torch.bfloat16))
         f = h.features(torch.randn(6, 8).to(torch.bfloat16))  # second batch: the checked split
     assert f.dtype == torch.float32 and torch.isfinite(f).all()
+
+
+def test_labels_of_a_dataset_kept_on_the_device_are_read():
+    from nnsim_hooks.audit.samples import fast_labels
+
+    labels = torch.tensor([0, 2, -1, 1])
+    data = torch.utils.data.TensorDataset(OnDevice(torch.zeros(4, 3)), OnDevice(labels))
+    got = fast_labels(data)
+    assert got is not None and got.tolist()[:2] == [0, 2] and got[3] == 1
+
+
+@pytest.mark.slow
+def test_an_audit_on_the_stand_in_device_gives_the_cpus_table(tmp_path):
+    pytest.importorskip("pandas")
+    x = torch.randn(40, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    data = torch.utils.data.TensorDataset(x, y)
+    on_cpu = nnsim_hooks.audit(model, data, out_dir=tmp_path / "cpu", progress=False, k=5).table
+    with DeviceMode():
+        on_device = nnsim_hooks.audit(model_on_device(copy.deepcopy(model)), data, out_dir=tmp_path / "device",
+                                      progress=False, k=5).table
+    numbers = on_cpu.select_dtypes("number").columns
+    assert len(numbers) > 5 and list(on_device.columns) == list(on_cpu.columns)
+    np.testing.assert_allclose(on_device[numbers].to_numpy(float), on_cpu[numbers].to_numpy(float), rtol=1e-5,
+                               atol=1e-6, equal_nan=True)
