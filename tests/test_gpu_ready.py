@@ -247,7 +247,7 @@ class _GpuFaiss(types.ModuleType):
     """The installed faiss-cpu plus the GPU entry points of faiss-gpu. The 'GPU' indexes
     are CPU clones; every move is recorded in ``moves``."""
 
-    def __init__(self, real, gpus: int, fail: bool = False):
+    def __init__(self, real, gpus: int, fail=False):
         super().__init__("faiss")
         self._real, self._gpus, self._fail = real, gpus, fail
         self.moves = []
@@ -265,10 +265,16 @@ class _GpuFaiss(types.ModuleType):
         shard = False
 
     def GpuParameterSpace(self):  # noqa: N802 - faiss's name
+        if self._fail == "tune":
+            return types.SimpleNamespace(set_index_parameter=self._refuse)
         return self._real.ParameterSpace()
 
+    @staticmethod
+    def _refuse(index, name, value):
+        raise RuntimeError(f"could not set parameter {name}")
+
     def index_cpu_to_gpu(self, resources, device, index):
-        if self._fail:
+        if self._fail is True:
             raise RuntimeError("This index type is not implemented on GPU.")
         assert isinstance(resources, self.StandardGpuResources)
         self.moves.append(("one", device))
@@ -286,7 +292,8 @@ def fake_faiss(monkeypatch, gpus):
     for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
 
-    def install(n: int, fail: bool = False) -> _GpuFaiss:
+    def install(n: int, fail=False) -> _GpuFaiss:
+        """``fail``: True, moving to a GPU raises; "tune", setting a search option on it does."""
         module = _GpuFaiss(real, n, fail)
         monkeypatch.setitem(sys.modules, "faiss", module)
         gpus(n)
@@ -355,6 +362,15 @@ def test_an_index_that_cannot_move_stays_on_cpu_with_a_warning(fake_faiss, rows,
     assert not idx.backend.on_gpu
     assert "stays on CPU" in caplog.text
     np.testing.assert_array_equal(ids, _cpu_answer(rows)[1])
+
+
+def test_an_index_whose_search_options_cannot_be_set_on_gpu_stays_on_cpu(fake_faiss, rows, caplog):
+    fake_faiss(1, fail="tune")
+    with caplog.at_level(logging.WARNING, logger="nnsim_hooks.index.backend"):
+        idx = GradientIndex.from_features(rows, index="ivf", gpu=None)
+        ids = idx.search(rows[:20], 5)[1]
+    assert not idx.backend.on_gpu and "search options" in caplog.text
+    np.testing.assert_array_equal(ids, _cpu_answer(rows, "ivf")[1])
 
 
 def test_faiss_cpu_beside_a_gpu_says_how_to_get_faiss_gpu(monkeypatch, gpus, rows, caplog):

@@ -279,8 +279,14 @@ class FaissIndex:
             self._index, self._gpu_resources = self._cpu, None
             return False
         self.gpus = devices
+        try:
+            self.tune(**{k: v for k, v in self.spec.options.items() if k in SEARCH_OPTIONS})
+        except InputError as exc:  # GpuParameterSpace cannot reach the option through this GPU index
+            logger.warning("the FAISS index on GPU(s) %s does not take its search options (%s); it stays on CPU",
+                           devices, exc)
+            self._index, self._gpu_resources, self.gpus = self._cpu, None, []
+            return False
         logger.info("FAISS %s index on GPU(s) %s%s", self.spec.factory, devices, " (sharded)" if len(devices) > 1 else "")
-        self.tune(**{k: v for k, v in self.spec.options.items() if k in SEARCH_OPTIONS})
         return True
 
     # -- properties -----------------------------------------------------------------------
