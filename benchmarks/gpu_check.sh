@@ -30,7 +30,9 @@ DEVICE=cuda
 FEATURES_ARGS=()
 NEIGHBORS_ARGS=(--rows 1000000 10000000)
 NCCL_ARGS=()
+SLOW=1  # the timeouts below are for a GPU; a dry run on a shared CPU gets 20 times more
 if [ "$DRY" = 1 ]; then
+    SLOW=20
     RESULTS=${TMPDIR:-/tmp}/nnsim-gpu-dry
     DEVICE=cpu
     FEATURES_ARGS=(--tiny --budget 0.2)
@@ -91,16 +93,16 @@ NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 mkdir -p "$RESULTS"
 
 step "features throughput and CPU/GPU parity"
-timeout 240 "$PY" benchmarks/bench_gpu_features.py --device "$DEVICE" "${FEATURES_ARGS[@]}" \
+timeout $((240 * SLOW)) "$PY" benchmarks/bench_gpu_features.py --device "$DEVICE" "${FEATURES_ARGS[@]}" \
     --out "$RESULTS/features_gpu.md"
 
 step "neighbour step at 10^6 and 10^7 rows"
-timeout 270 "$PY" benchmarks/bench_gpu_neighbors.py --device "$DEVICE" "${NEIGHBORS_ARGS[@]}" \
+timeout $((270 * SLOW)) "$PY" benchmarks/bench_gpu_neighbors.py --device "$DEVICE" "${NEIGHBORS_ARGS[@]}" \
     --out "$RESULTS/neighbors_gpu.md"
 
 if [ "$NGPU" -gt 1 ]; then
     step "NCCL with torchrun on $NGPU GPUs"
-    timeout 120 "$PY" -m torch.distributed.run --standalone --nproc-per-node="$NGPU" \
+    timeout $((120 * SLOW)) "$PY" -m torch.distributed.run --standalone --nproc-per-node="$NGPU" \
         benchmarks/bench_gpu_nccl.py "${NCCL_ARGS[@]}" --out "$RESULTS/nccl_gpu.md"
 else
     echo "one GPU: NCCL with torchrun not run (it needs two or more)"
