@@ -95,12 +95,13 @@ def fast_labels(dataset: Any) -> Optional[np.ndarray]:
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         t = dataset.tensors[1]
         if t.dim() == 1 and not t.is_floating_point():
-            return np.where(t.numpy() >= 0, t.numpy(), MISSING).astype(np.int64)
+            t = t.detach().cpu().numpy()  # a dataset may keep its tensors on a GPU
+            return np.where(t >= 0, t, MISSING).astype(np.int64)
         return None
     targets = getattr(dataset, "targets", None)
     if targets is not None and not callable(targets):
         try:
-            arr = np.asarray(targets.numpy() if torch.is_tensor(targets) else targets)
+            arr = np.asarray(targets.detach().cpu().numpy() if torch.is_tensor(targets) else targets)
         except (TypeError, ValueError):
             return None
         if arr.ndim == 1 and len(arr) == len(dataset) and np.issubdtype(arr.dtype, np.integer):

@@ -120,6 +120,9 @@ def _add_audit(sub) -> None:
     opts.add_argument("--decisions", metavar="FILE.csv", default=None,
                       help="apply the decisions exported from an earlier report (path_or_index,decision,new_label: "
                       "relabel, remove or keep) to --data before auditing; recorded in summary.json")
+    opts.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                      help="where the model runs with --data: auto (default) is this rank's GPU under torchrun, "
+                      "else GPU 0 when torch sees one, else the CPU")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
@@ -236,6 +239,7 @@ def _audit_data(args, thresholds) -> Any:
     model = info if isinstance(info, nn.Module) else getattr(info, "model", None)
     if not isinstance(model, nn.Module):
         raise CliError(f"integrations.load_model({args.model!r}) returned {type(info).__name__} without a model")
+    model.to(args.resolved_device)
     # classes= only when given: the seam stays load_dataset(path, model_info) otherwise
     options = _layout_options(args)
     dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}),
@@ -373,7 +377,10 @@ def cmd_audit(args) -> int:
     from ..audit.demo import run_demo
     from ..audit.run import require_audit_extra
 
+    from ..model_device import choose_device
+
     require_audit_extra()
+    args.resolved_device = choose_device(args.device)  # before anything loads: a missing GPU fails first
     thresholds = _thresholds(args.threshold, args)
     if not args.out.strip():
         raise CliError("--out is empty: name the folder the audit writes to (e.g. --out nnsim-audit)")

@@ -139,6 +139,10 @@ class BatchSource:
         self.data = data
         self.batch_size = batch_size
         self.num_workers = num_workers
+        #: pin the batches of the DataLoaders made here (set by callers whose model is on a
+        #: GPU: pinned batches copy to it asynchronously, see to_device); a DataLoader the
+        #: user gave keeps its own pin_memory
+        self.pin_memory = False
 
     def describe(self) -> str:
         return "Tensor" if isinstance(self.data, _Rows) else type(self.data).__name__
@@ -162,12 +166,14 @@ class BatchSource:
         """Batches holding the samples from id ``skip`` on."""
         data = self.data
         if _is_map_dataset(data):
-            yield from self._jump(data, skip, self.batch_size, default_collate, self.num_workers, None, False, False)
+            yield from self._jump(data, skip, self.batch_size, default_collate, self.num_workers, None,
+                                  self.pin_memory, False)
         elif isinstance(data, DataLoader) and self._can_jump(data):
             yield from self._jump(data.dataset, skip, data.batch_size, data.collate_fn, data.num_workers,
                                   data.worker_init_fn, data.pin_memory, data.drop_last)
         elif isinstance(data, IterableDataset):
-            loader = DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
+            loader = DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory)
             yield from self._skip(iter(loader), skip)
         else:
             yield from self._skip(iter(data), skip)
@@ -225,9 +231,10 @@ class BatchSource:
 
 
 def to_device(x: Any, device: torch.device) -> Any:
-    """Move every tensor in ``x`` (tensor, tuple, list, dict) to ``device``."""
+    """Move every tensor in ``x`` (tensor, tuple, list, dict) to ``device``; a pinned
+    tensor without waiting (the copy is ordered before the kernels that read it)."""
     if torch.is_tensor(x):
-        return x.to(device)
+        return x.to(device, non_blocking=x.device.type == "cpu" and torch.device(device).type == "cuda" and x.is_pinned())
     if isinstance(x, dict):
         return {k: to_device(v, device) for k, v in x.items()}
     if isinstance(x, (tuple, list)):

@@ -18,10 +18,11 @@ module on the generic rule is handled whole (:mod:`nnsim_hooks.engine.generic`).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from ..capture.hooks import LayerCall
 from ..capture.targets import CoverageReport, Target
@@ -263,8 +264,11 @@ class Engine:
 
     @torch.no_grad()
     def sketch(self, p: Pass, sketcher: Sketcher) -> torch.Tensor:
-        """Sketched gradients ``[B, d, dim]`` (not normalised)."""
-        dtype, device = p.values.dtype, p.values.device
+        """Sketched gradients ``[B, d, dim]`` (not normalised), in float32 at least: a
+        bfloat16 or float16 model (or autocast) has its captured activations and output
+        gradients cast up before they are multiplied by the sketch matrices, so that the
+        sums over positions and over the ``M`` stage-1 coordinates are not rounded to 8 bits."""
+        dtype, device = sketch_dtype(p.values.dtype), p.values.device
 
         def local_sketches(target: Target):
             sketches = sketcher.param_sketches(list(target.param_names.values()), device, dtype)
@@ -273,15 +277,33 @@ class Engine:
         parts = self._each_unit(
             p,
             fast=lambda target, call, activation, backprops: target.rule.sketch(
-                call.module, activation, backprops, local_sketches(target)),
+                call.module, cast_up(activation, dtype), cast_up(backprops, dtype), local_sketches(target)),
             materialised=lambda target, grads: {
-                k: sketch.project_gradients(grads[k]) for k, sketch in _pick(local_sketches(target), grads).items()
+                k: sketch.project_gradients(cast_up(grads[k], dtype))
+                for k, sketch in _pick(local_sketches(target), grads).items()
             },
         )
         return sketcher.combine(sum_by_parameter(self.passes.plan, parts, check=True), p.batch, p.d, device, dtype)
 
     def close(self) -> None:
         self.passes.close()
+
+
+def sketch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sketches are computed in: the captured one, or float32 when that is a
+    16-bit float (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+def cast_up(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` (a tensor or a nest of them) with its floating tensors of lower precision than
+    ``dtype`` cast to it; the rest unchanged (no copy when nothing is cast)."""
+    def one(t):
+        if torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype and torch.finfo(t.dtype).bits < torch.finfo(dtype).bits:
+            return t.to(dtype)
+        return t
+
+    return tree_map(one, x)
 
 
 def _pick(sketches: Dict, grads: Grads) -> Dict:

@@ -57,6 +57,7 @@ class _Data:
             raise InputError(f"the dataset is empty ({self.source.describe()} of length 0): there is nothing to sum")
         self.handle = handle
         self.device, _ = model_device_dtype(handle.model)
+        self.source.pin_memory = self.device.type == "cuda"
         self.use_targets = handle.wants_targets if use_targets is None else use_targets
         self.count: Optional[int] = None
 

@@ -18,9 +18,16 @@ Only valid rows go into FAISS (an ``IndexIDMap`` over the inner index keeps thei
 so samples without a gradient direction never appear in search results.
 
 GPU: with ``gpu=True`` (or ``None`` and a faiss build with GPUs), the index is copied to
-GPU 0 with ``faiss.index_cpu_to_gpu`` (HNSW stays on CPU). FAISS-GPU has no range search
-and caps k at 2048; :class:`~nnsim_hooks.index.GradientIndex` answers those with exact
-torch code instead. The index is always built and saved on CPU.
+the GPU(s) (:func:`gpu_devices`): under torchrun each rank to its own GPU
+(``LOCAL_RANK``) with ``faiss.index_cpu_to_gpu``; in one process with several GPUs it is
+sharded over all of them (``GpuMultipleClonerOptions.shard``: each GPU holds 1/n of the
+rows, queries go to every shard and the results are merged), so an index n times larger
+than one GPU's memory fits. HNSW stays on CPU. With ``gpu=None``, a faiss-cpu build on a
+machine where torch sees CUDA logs once that the index searches on CPU and how to get
+faiss-gpu. FAISS-GPU has no range search and caps k at 2048;
+:class:`~nnsim_hooks.index.GradientIndex` answers those with exact torch code instead.
+The index is always built and saved on CPU. (No GPU has run this yet: the GPU paths are
+tested against a stand-in faiss module, see tests/test_gpu_ready.py.)
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -169,13 +176,49 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
+def gpu_devices() -> List[int]:
+    """The GPUs a FAISS index goes to: this rank's own one under torchrun (one rank per
+    GPU, ``LOCAL_RANK``), else every GPU FAISS sees (the index is sharded over them)."""
+    from ..model_device import local_rank
+
+    count = _faiss().get_num_gpus()
+    if count < 1:
+        return []
+    rank = local_rank()
+    if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return [rank % count]
+    return list(range(count))
+
+
+_TOLD_CPU_ONLY = False
+
+
+def note_cpu_only_faiss() -> None:
+    """Say once, when torch sees a GPU and FAISS does not, that searches run on CPU and
+    how to change that (faiss-cpu is the default dependency)."""
+    global _TOLD_CPU_ONLY
+    if _TOLD_CPU_ONLY:
+        return
+    import torch
+
+    if torch.cuda.is_available() and not gpu_available():
+        _TOLD_CPU_ONLY = True
+        logger.warning(
+            "torch sees %d GPU(s) but this FAISS build has no GPU support: the index searches on CPU. For GPU "
+            "search: pip uninstall -y faiss-cpu && pip install faiss-gpu (or conda's faiss-gpu)",
+            torch.cuda.device_count(),
+        )
+
+
 class FaissIndex:
     """A FAISS index of unit rows keyed by sample id; inner product = cosine."""
 
     def __init__(self, index, spec: IndexSpec, dim: int):
         self._cpu = index
         self._index = index
-        self._gpu_resources = None
+        self._gpu_resources = None  # kept alive while the one-GPU index uses it
+        #: the GPUs the index is on (empty: CPU)
+        self.gpus: List[int] = []
         self.spec = spec
         self.dim = dim
         self.tune(**{k: v for k, v in spec.options.items() if k in SEARCH_OPTIONS})
@@ -225,29 +268,45 @@ class FaissIndex:
         bar.close()
         return cls(index, spec, dim)
 
-    def to_gpu(self) -> bool:
-        """Move the index to GPU 0 if FAISS has GPUs; return whether it moved."""
+    def to_gpu(self, devices: Optional[Sequence[int]] = None) -> bool:
+        """Move the index to ``devices`` (default :func:`gpu_devices`: one GPU per torchrun
+        rank, else all, sharded) if FAISS has GPUs; return whether it moved."""
         faiss = _faiss()
         if not gpu_available():
             return False
         if self.spec.kind == "hnsw":
             logger.info("FAISS has no GPU HNSW; the index stays on CPU")
             return False
+        devices = list(gpu_devices() if devices is None else devices)
         try:
-            self._gpu_resources = faiss.StandardGpuResources()
-            self._index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu)
-        except RuntimeError as exc:  # an index type without a GPU version
-            logger.warning("could not move the FAISS index to GPU (%s); it stays on CPU", str(exc).splitlines()[0])
+            if len(devices) == 1:
+                self._gpu_resources = faiss.StandardGpuResources()
+                self._index = faiss.index_cpu_to_gpu(self._gpu_resources, devices[0], self._cpu)
+            else:
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = True  # 1/n of the rows per GPU: memory, not only speed, scales
+                self._index = faiss.index_cpu_to_gpus_list(self._cpu, co=options, gpus=devices)
+        except (RuntimeError, MemoryError) as exc:  # a type without a GPU version, or out of GPU memory
+            logger.warning("could not move the FAISS index to GPU(s) %s (%s); it stays on CPU", devices,
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             self._index, self._gpu_resources = self._cpu, None
             return False
-        self.tune(**{k: v for k, v in self.spec.options.items() if k in SEARCH_OPTIONS})
+        self.gpus = devices
+        try:
+            self.tune(**{k: v for k, v in self.spec.options.items() if k in SEARCH_OPTIONS})
+        except InputError as exc:  # GpuParameterSpace cannot reach the option through this GPU index
+            logger.warning("the FAISS index on GPU(s) %s does not take its search options (%s); it stays on CPU",
+                           devices, exc)
+            self._index, self._gpu_resources, self.gpus = self._cpu, None, []
+            return False
+        logger.info("FAISS %s index on GPU(s) %s%s", self.spec.factory, devices, " (sharded)" if len(devices) > 1 else "")
         return True
 
     # -- properties -----------------------------------------------------------------------
 
     @property
     def on_gpu(self) -> bool:
-        return self._gpu_resources is not None
+        return bool(self.gpus)
 
     @property
     def ntotal(self) -> int:

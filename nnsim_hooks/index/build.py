@@ -177,6 +177,7 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
     from tqdm.auto import tqdm
 
     device, _ = model_device_dtype(handle.model)
+    source.pin_memory = device.type == "cuda"
     where = f"The index folder '{store.path}'" if store.on_disk else "The in-memory index"
     first = True
     next_number = None  # number of the batch being loaded, once one has been seen

@@ -13,7 +13,7 @@ import torch
 from . import pairwise
 from ..atomic import write_json_atomic
 from ..errors import StoreError
-from .backend import FaissIndex, gpu_available, make_spec
+from .backend import FaissIndex, gpu_available, make_spec, note_cpu_only_faiss
 from .arguments import as_float32_rows, check_finite_queries, check_k, defined_rows, exclusion_table, first_k_not_excluded
 from .folder.index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
 from .folder.integrity import read_index_file
@@ -58,12 +58,18 @@ class FaissSearch:
     def _move_to_gpu(self) -> None:
         if self._gpu is not False and gpu_available():
             self._backend.to_gpu()
+        elif self._gpu is None:
+            note_cpu_only_faiss()
 
     @property
     def _device(self) -> torch.device:
-        """Where exact torch fallbacks run: the GPU when the FAISS index is there."""
+        """Where exact torch fallbacks run: this process's GPU when the FAISS index is on GPU."""
         on_gpu = self._backend is not None and self._backend.on_gpu
-        return torch.device("cuda") if on_gpu and torch.cuda.is_available() else torch.device("cpu")
+        if not (on_gpu and torch.cuda.is_available()):
+            return torch.device("cpu")
+        from ..model_device import choose_device
+
+        return choose_device("auto")
 
     def tune(self, **options: int) -> "FaissSearch":
         """Change search-time options: ``nprobe=`` (IVF), ``ef_search=`` (HNSW)."""

@@ -29,11 +29,15 @@ def same_class_pairs(
     uniformly would), then two different samples of that class uniformly. Pairs are
     drawn independently (with replacement across pairs).
 
-    Returns two ``int64`` tensors ``[n_pairs]`` (indices into ``labels``).
+    Returns two ``int64`` tensors ``[n_pairs]`` (indices into ``labels``), on the labels'
+    device. The draws are made on the CPU (``generator`` is a CPU generator), so the same
+    generator gives the same pairs whether the labels are on a GPU or not.
     """
     labels = torch.as_tensor(labels)
     if labels.dim() != 1 or labels.is_floating_point():
         raise InputError(f"labels must be a 1-D tensor of class indices, got {labels.dtype} {tuple(labels.shape)}")
+    device = labels.device
+    labels = labels.detach().cpu()
     if n_pairs < 1:
         raise InputError(f"n_pairs must be at least 1, got {n_pairs}")
     classes, counts = torch.unique(labels, return_counts=True)
@@ -51,7 +55,7 @@ def same_class_pairs(
         members = (labels == classes[c]).nonzero().flatten()
         two = torch.randperm(len(members), generator=generator)[:2]
         first[k], second[k] = members[two[0]], members[two[1]]
-    return first, second
+    return first.to(device), second.to(device)
 
 
 def augmentation_pairs(

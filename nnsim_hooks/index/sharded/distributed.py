@@ -64,12 +64,11 @@ class Context:
 
     @property
     def device(self):
-        """Where this rank computes: its own GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
-        import torch
+        """Where this rank computes: its own GPU (``cuda:LOCAL_RANK``, one rank per GPU) when
+        CUDA is there, else the CPU (see :func:`nnsim_hooks.model_device.choose_device`)."""
+        from ...model_device import choose_device
 
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
-        return torch.device("cpu")
+        return choose_device("auto", rank=self.rank)
 
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.world}"
@@ -124,7 +123,10 @@ def init_from_env(timeout_s: Optional[float] = None) -> bool:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        from ...model_device import choose_device
+
+        # NCCL: one rank per GPU, cuda:LOCAL_RANK
+        torch.cuda.set_device(choose_device("auto", rank=int(os.environ.get("RANK", "0"))))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s or wait_timeout()))
     return True
 
