@@ -21,7 +21,8 @@ from ...errors import DataError, InputError, StoreError
 from ...atomic import store_errors, write_json_atomic
 from ..backend import FaissIndex, IndexSpec, make_spec
 from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
-from .integrity import drop_nonfinite_rows, index_file_record
+from .integrity import (MAX_LISTED_ROWS, check_columns, checksum_record, drop_nonfinite_rows, index_file_record,
+                        nonfinite_rows)
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
 from .schema import COLUMNS, is_store_owned
@@ -59,16 +60,20 @@ def save_index(index, path: PathLike, *, overwrite: bool = False) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        sums = {}
         for name in COLUMNS:
             col = index.column(name)
             if col is None:
                 continue
-            write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
+            file = ColumnSpec(name, col.dtype.name, col.shape[1:]).file
+            sums[file] = write_column(tmp / file, col)
+        bad = nonfinite_rows(index.features).tolist()
         index_file = None
         if not index.spec.exact:
             index.backend.write(tmp / INDEX_FILE)
             index_file = index_file_record(tmp / INDEX_FILE, index.backend)
-        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file)
+        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file,
+                        checksums=checksum_record(sums), nonfinite_rows=bad[:MAX_LISTED_ROWS], nonfinite_count=len(bad))
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
@@ -251,7 +256,22 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
             "interrupted. Run handle.build_index(data, path) again with the same data to finish it"
         )
     columns = open_columns(path, manifest)
+    checked = check_columns(columns, path, manifest, {n: ColumnSpec.from_dict(n, c).file
+                                                      for n, c in manifest["columns"].items()})
     if not mmap:
-        columns = {k: np.array(v) for k, v in columns.items()}
-    columns = drop_nonfinite_rows(columns, path, manifest)
+        columns = {k: np.array(v) for k, v in (checked or columns).items()}
+    elif checked is not None:
+        columns = checked
+    if checked is not None:  # block checksums: non-finite rows were recorded when written, nothing is scanned
+        return drop_nonfinite_rows(columns, path, manifest, bad=_recorded_nonfinite(manifest, columns)), manifest
+    columns = drop_nonfinite_rows(columns, path, manifest)  # a folder written before checksums: scanned
     return columns, manifest
+
+
+def _recorded_nonfinite(manifest: Dict[str, Any], columns: Dict[str, np.ndarray]) -> np.ndarray:
+    """The non-finite feature rows the writer recorded (scanned when it listed only the first ones)."""
+    listed = manifest.get("nonfinite_rows") or []
+    count = manifest.get("nonfinite_count")
+    if not isinstance(count, int) or count > len(listed):  # not recorded, or not all listed
+        return nonfinite_rows(columns["features"])
+    return np.asarray(listed, dtype=np.int64)
