@@ -46,9 +46,13 @@ EXACT_UP_TO = 20_000
 #: Held-out rows searched exactly: half tune nprobe, half measure the recall.
 SAMPLE_ROWS = 500
 #: nprobe values tried, smallest first.
-NPROBE_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-#: Partition search is used only when it costs less than this share of the exact search.
-PARTITION_WORTH = 0.6
+NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
+#: Partition search is used only when it scores less than this share of all pairs (its
+#: gathers and merges cost more per pair than the exact search's).
+PARTITION_WORTH = 0.3
+#: Nearest centres of every row kept from the tuning pass (a chosen nprobe up to this
+#: reuses them instead of a second pass).
+KEPT_PROBES = 16
 KMEANS_ITERATIONS = 8
 KMEANS_POINTS_PER_LIST = 40
 #: The smallest block of rows the step works on.
@@ -187,24 +191,28 @@ def probe_lists(rows: _Rows, centres: torch.Tensor, nprobe: int, block: int, bar
     return out
 
 
-def tune_nprobe(rows: _Rows, centres: torch.Tensor, sample: np.ndarray, k: int, block: int, steps: List[int],
-                bar=None):
-    """For the rows at ``sample``: their exact top-``k`` scores ``[S, k]`` and, for each
-    ``nprobe`` of ``steps``, their top-``k`` scores when searching only that many lists.
-    Also every row's list (its nearest centre)."""
+def tune_nprobe(rows: _Rows, centres: torch.Tensor, sample: np.ndarray, tune: np.ndarray, k: int, block: int,
+                steps: List[int], bar=None):
+    """For the rows at ``sample``: their exact top-``k`` scores ``[S, k]`` and, for the
+    ``tune`` ones among them (positions in ``sample``) and each ``nprobe`` of ``steps``,
+    their top-``k`` scores when searching only that many lists. Also the nearest
+    :data:`KEPT_PROBES` centres of every row (nearest first: its list)."""
     q = rows.take(sample)
+    tune_t = torch.from_numpy(tune)
     own = torch.from_numpy(sample)
-    rank = torch.empty((len(q), len(centres)), dtype=torch.int64)
-    order = torch.argsort(q @ centres.T, dim=1, descending=True)
-    rank.scatter_(1, order, torch.arange(len(centres)).expand(len(q), -1).contiguous())
+    qt = q[tune_t]
+    rank = torch.empty((len(qt), len(centres)), dtype=torch.int64)
+    order = torch.argsort(qt @ centres.T, dim=1, descending=True)
+    rank.scatter_(1, order, torch.arange(len(centres)).expand(len(qt), -1).contiguous())
     exact = torch.full((len(q), k), _NEG)
-    approx = {p: torch.full((len(q), k), _NEG) for p in steps}
+    approx = {p: torch.full((len(qt), k), _NEG) for p in steps}
     dummy = torch.full((len(q), k), -1, dtype=torch.int64)
-    lists = np.empty(len(rows), dtype=np.int32)
+    kept = min(KEPT_PROBES, len(centres))
+    probes = np.empty((len(rows), kept), dtype=np.int32)
     for start in range(0, len(rows), block):
         end = min(len(rows), start + block)
         db = rows.span(start, end)
-        lists[start:end] = (db @ centres.T).argmax(1).numpy()
+        probes[start:end] = torch.topk(db @ centres.T, kept, dim=1).indices.numpy()
         s = q @ db.T
         inside = (own >= start) & (own < end)
         if bool(inside.any()):
@@ -212,12 +220,13 @@ def tune_nprobe(rows: _Rows, centres: torch.Tensor, sample: np.ndarray, k: int, 
             s[r, own[r] - start] = _NEG
         cols = torch.arange(start, end)
         exact, _ = _merge(exact, dummy, s, cols, k)
-        r = rank[:, torch.from_numpy(lists[start:end]).long()]
+        r = rank[:, torch.from_numpy(probes[start:end, 0]).long()]
+        st = s[tune_t]
         for p in steps:
-            approx[p], _ = _merge(approx[p], dummy, s.masked_fill(r >= p, _NEG), cols, k)
+            approx[p], _ = _merge(approx[p], dummy[: len(qt)], st.masked_fill(r >= p, _NEG), cols, k)
         if bar is not None:
             bar.update(end - start)
-    return exact, approx, lists
+    return exact, approx, probes
 
 
 def recall_of(found: torch.Tensor, exact: torch.Tensor) -> float:
@@ -398,13 +407,14 @@ def _make_plan(rows: _Rows, k: int, recall: float, exact: Optional[bool], block:
     rng = np.random.default_rng(seed + 1)
     sample = np.sort(rng.choice(n, size=min(n, SAMPLE_ROWS), replace=False))
     steps = [p for p in NPROBE_STEPS if p < nlist]
+    tune, measure = np.arange(0, len(sample), 2), np.arange(1, len(sample), 2)
     bar = tqdm(total=n, desc="neighbours: measuring recall", unit="row", disable=not progress, leave=False)
     t = time.time()
-    exact_s, approx, lists = tune_nprobe(rows, centres, sample, k, block, steps, bar)
+    exact_s, approx, probes = tune_nprobe(rows, centres, sample, tune, k, block, steps, bar)
     bar.close()
+    lists = probes[:, 0]
     plan.seconds["tuning"] = round(time.time() - t, 2)
-    tune, measure = np.arange(0, len(sample), 2), np.arange(1, len(sample), 2)
-    plan.tuning = {str(p): round(recall_of(approx[p][tune], exact_s[tune]), 4) for p in steps}
+    plan.tuning = {str(p): round(recall_of(approx[p], exact_s[tune]), 4) for p in steps}
     chosen = next((p for p in steps if plan.tuning[str(p)] >= recall), None)
     sizes = np.bincount(lists, minlength=nlist)
     if chosen is not None:
@@ -413,7 +423,7 @@ def _make_plan(rows: _Rows, k: int, recall: float, exact: Optional[bool], block:
         if cost < PARTITION_WORTH * float(n) * n:
             plan.method, plan.nlist, plan.nprobe = "partition", nlist, chosen
             sample_exact = {"rows": sample[measure].tolist(), "scores": exact_s[measure].tolist()}
-            return plan, centres, lists, sample_exact
+            return plan, centres, probes if chosen <= probes.shape[1] else lists, sample_exact
     logger.info("the partition needs nprobe %s of %d lists for recall %.2f: searching exactly", chosen, nlist, recall)
     return plan, None, None, None
 
@@ -424,9 +434,13 @@ def _partition_search(rows: _Rows, centres, lists, plan: NeighborPlan, state: _S
     from tqdm.auto import tqdm
 
     n, nprobe, nlist = len(rows), plan.nprobe, plan.nlist
-    bar = tqdm(total=n, desc="neighbours: lists", unit="row", disable=not progress, leave=False)
-    probes = probe_lists(rows, centres, nprobe, block, bar)
-    bar.close()
+    if lists.ndim == 2 and lists.shape[1] >= nprobe:  # the tuning pass kept them
+        probes, lists = np.ascontiguousarray(lists[:, :nprobe]), lists[:, 0]
+    else:
+        lists = lists[:, 0] if lists.ndim == 2 else lists
+        bar = tqdm(total=n, desc="neighbours: nearest lists", unit="row", disable=not progress, leave=False)
+        probes = probe_lists(rows, centres, nprobe, block, bar)
+        bar.close()
     flat = probes.ravel()
     order = np.argsort(flat, kind="stable")
     askers = (order // nprobe).astype(np.int64)  # rows, grouped by the list they probe, ascending
