@@ -17,7 +17,7 @@ from ..index.sharded import distributed as dist_
 from .analysis import analyse
 from .batch_memory import MemoryBudget, fit_batch_size, parse_memory
 from .samples import AuditView, check_dataset, check_input, find_unreadable, resolve_labels
-from .output_folder import prepare_out_dir
+from .output_folder import NEIGHBOR_STATE, prepare_out_dir
 from .output_choice import (
     DEFAULT_K,
     DEFAULT_SKETCH_DIM,
@@ -28,18 +28,11 @@ from .output_choice import (
     label_free_output,
 )
 from .result import AuditResult
-from .stored import NEIGHBOR_STATE
+from .run_arguments import require_audit_extra, usable_k  # noqa: F401 (re-exported)
 from .sample_names import resolve_class_names, resolve_paths
 from .thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
-
-
-def require_audit_extra() -> None:
-    """The audit's optional dependencies, with one message naming the extra."""
-    from ..optional import require_all
-
-    require_all(("pandas", "matplotlib", "sklearn", "scipy", "PIL"), "the audit", "audit")
 
 
 def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
@@ -75,25 +68,6 @@ def _pass(handle, view: AuditView, b: int) -> None:
     with warnings.catch_warnings():  # the index build warns about these samples once, in order
         warnings.simplefilter("ignore")
         handle.extract(inputs)
-
-
-def usable_k(k: int, n_valid: int) -> int:
-    """``k`` clamped to the number of neighbours a sample can have (``n_valid - 1``), with a
-    warning: a larger k pads every row with missing neighbours, which shifts the label
-    vote, the outlier scores and every threshold derived from them. (Below two samples
-    nobody has neighbours and every score is NaN anyway: k becomes 1, silently.)"""
-    most = max(1, n_valid - 1)
-    if k > most and n_valid >= 2:
-        import warnings
-
-        warnings.warn(
-            f"nnsim_hooks.audit: k={k} is more than the {most} neighbours a sample can have ({n_valid} samples with a "
-            f"gradient); using k={most}. Pass a smaller --k for small datasets",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return most
-    return min(k, most)
 
 
 def audit(

@@ -14,8 +14,6 @@ from .output_choice import DEFAULT_K, DENOISING_INDEX
 
 logger = logging.getLogger(__name__)
 
-#: Where the neighbour step keeps its progress inside the output folder (removed when done).
-NEIGHBOR_STATE = ".neighbors-progress"
 
 
 def index_folders(path: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
@@ -58,8 +56,8 @@ def audit_index(
     from ..index.all_neighbors import check_recall
     from .analysis import analyse
     from .batch_memory import parse_memory
-    from .output_folder import prepare_out_dir
-    from .run import require_audit_extra, usable_k
+    from .output_folder import NEIGHBOR_STATE, prepare_out_dir
+    from .run_arguments import require_audit_extra, usable_k
     from .thresholds import Thresholds
 
     started = time.time()
