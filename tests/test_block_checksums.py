@@ -105,6 +105,8 @@ def test_a_changed_block_is_refused_when_touched_only(big, tmp_path, never_scan)
         idx.features[[5, 2 * PER_BLOCK + 20]]
     with pytest.raises(StoreError, match="block 2"):
         idx.density()  # a whole pass touches it too
+    with pytest.raises(StoreError, match="block 2"):
+        load_index(copy, mmap=False)  # read whole: checked whole
 
 
 @pytest.mark.parametrize("name, row_bytes", [("ids.bin", 8), ("valid.bin", 1)])

@@ -258,7 +258,10 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
     columns = open_columns(path, manifest)
     checked = check_columns(columns, path, manifest, {n: ColumnSpec.from_dict(n, c).file
                                                       for n, c in manifest["columns"].items()})
-    if not mmap:
+    if not mmap:  # read whole: every block is checked first
+        for col in (checked or {}).values():
+            if getattr(col, "_checker", None) is not None:
+                col._checker.check_all()
         columns = {k: np.array(v) for k, v in (checked or columns).items()}
     elif checked is not None:
         columns = checked
