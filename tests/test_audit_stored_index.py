@@ -88,3 +88,16 @@ def test_large_index_is_searched_approximately_with_its_recall_measured(tmp_path
     sims = result.table[[f"similarity_{j}" for j in range(1, 11)]].to_numpy(dtype=float)
     found = float((sims >= kth[:, None] - 1e-5).mean())
     assert found >= 0.85 and abs(found - plan["recall_measured"]) < 0.06
+
+
+def test_dry_run_estimates_follow_the_operation_counts():
+    from nnsim_hooks.audit.cost_estimate import ASSUMED_NPROBE, audit_steps
+
+    rate = 1e10
+    steps = {name: sec for name, sec, _ in audit_steps(10**6, 1024, 10, 0.95, 1024, rate, rate)}
+    nlist = 1000
+    search = 2.0 * 10**6 * (ASSUMED_NPROBE + 1) * (10**6 / nlist) * 1024 / rate * 1.3
+    assert steps["neighbours: partition search"] == pytest.approx(search)
+    assert steps["effective neighbours (N_eff)"] == pytest.approx(4 * 10**6 * 1024**2 / rate)
+    exact = {name: sec for name, sec, _ in audit_steps(10**6, 1024, 10, 1.0, 1024, rate, rate)}
+    assert exact["neighbours (exact)"] == pytest.approx(2.0 * 10**12 * 1024 / rate)

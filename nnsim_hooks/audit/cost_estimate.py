@@ -42,9 +42,9 @@ def audit_steps(n: int, d: int, k: int, recall: float, d_paper: int, f32: float,
         ("effective neighbours (N_eff)", 2 * (2 * n * d_paper**2) / f64, "second moment and quadratic forms, O(N D^2)"),
         ("consistency", 2 * n * d_paper * 16 / f64 + n * d_paper * 4 / 2e9, "one pass"),
     ]
-    exact = 2.0 * n * n * d / f32
+    exact = 2.0 * n * n * d  # FLOP
     if recall >= 1 or n <= EXACT_UP_TO:
-        steps.append(("neighbours (exact)", exact, f"N^2 D; {n * k * 12 / 1e6:.0f} MB of lists"))
+        steps.append(("neighbours (exact)", exact / f32, f"N^2 D; {n * k * 12 / 1e6:.0f} MB of lists"))
     else:
         nlist = max(2, int(round(math.sqrt(n))))
         plan = 2.0 * (KMEANS_ITERATIONS * KMEANS_POINTS_PER_LIST * nlist * nlist * d + (SAMPLE_ROWS + nlist) * n * d)
@@ -52,7 +52,7 @@ def audit_steps(n: int, d: int, k: int, recall: float, d_paper: int, f32: float,
         steps.append(("neighbours: k-means, recall sample", plan / f32, f"{nlist} lists, {SAMPLE_ROWS} exact queries"))
         steps.append(("neighbours: partition search", min(search, exact) / f32 * 1.3,
                       f"at nprobe {ASSUMED_NPROBE} (measured at run time for recall {recall}); exact would take "
-                      f"{_time(exact)}"))
+                      f"{_time(exact / f32)}"))
     steps.append(("tables and report", n * 2e-5, ""))
     return steps
 
