@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from ..errors import DataError
+from ..index.all_neighbors import DEFAULT_RECALL, all_neighbors, check_recall
 from . import checks
 from .checks.arrays import usable_neighbors
 from .checks.check import CLASS, FLAG, FLOAT, GROUP, CheckInputs, check_registry
@@ -34,6 +35,10 @@ def analyse(
     paths: Optional[Sequence[Optional[str]]] = None,
     class_names: Optional[Sequence[str]] = None,
     non_finite: Optional[Sequence[int]] = None,
+    recall: float = DEFAULT_RECALL,
+    exact_neighbors: Optional[bool] = None,
+    max_memory: Optional[int] = None,
+    neighbor_state=None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
@@ -48,6 +53,12 @@ def analyse(
     the samples themselves. ``paths`` (one per dataset position, None where a sample has
     no file) fill the table's ``path`` column; ``class_names`` (index = class) its
     ``<class column>_name`` columns (see :mod:`nnsim_hooks.audit.sample_names`).
+
+    The neighbour lists come from :func:`nnsim_hooks.index.all_neighbors.all_neighbors`:
+    exact for small N or ``exact_neighbors=True`` (or ``recall=1``), else a partition search
+    whose ``nprobe`` reaches the target ``recall`` (at k) on held-out exact queries; the
+    summary's ``"neighbors"`` records the method and the recall measured. ``max_memory``
+    (bytes) bounds one block of that search; ``neighbor_state`` (a folder) makes it resumable.
 
     The checks are those of :data:`nnsim_hooks.audit.checks.CHECKS`, run in order.
     """
@@ -83,7 +94,9 @@ def analyse(
         if density.shape != (n,):
             raise DataError(f"density has shape {list(density.shape)} but the index holds {n} samples")
 
-    ids, sims = _neighbours(index, n, k, progress)
+    check_recall(recall)
+    ids, sims, plan = _neighbours(index, n, k, progress, recall=recall, exact=exact_neighbors, max_memory=max_memory,
+                                  state_dir=neighbor_state)
     inputs = CheckInputs(labels=labels, predictions=predictions, probabilities=probs, num_classes=num_classes,
                          ids=ids, sims=sims, index=index, paper_index=paper, exact_density=density, thresholds=limits,
                          positions=positions, dataset=dataset)
@@ -127,6 +140,7 @@ def analyse(
     result = AuditResult.build(table, index=index, thresholds=limits, k=k, num_classes=num_classes, info=inputs.info)
     result.class_names = names
     result.summary["class_names"] = names  # AuditResult.load gives them back
+    result.summary["neighbors"] = plan
     result.denoise_index = denoise_index
     return result
 
@@ -139,15 +153,18 @@ def _classes(values, n: int) -> np.ndarray:
     return np.where(values >= 0, values, -1)
 
 
-def _neighbours(index, n: int, k: int, progress: bool):
-    """``(ids, sims)`` ``[N, k]`` in index rows, -1 / NaN where there is no neighbour."""
+def _neighbours(index, n: int, k: int, progress: bool, **options):
+    """``(ids, sims, plan)``: ``[N, k]`` in index rows, -1 / NaN where there is no neighbour,
+    and how they were searched (with the recall measured)."""
     if n >= 2:
-        sims, ids = index.neighbors(k, progress=progress)
+        sims, ids, plan = all_neighbors(index.features, index.valid, k, progress=progress, **options)
         sims = sims.astype(np.float64)
+        plan = plan.to_dict()
     else:
         sims, ids = np.full((n, k), np.nan), np.full((n, k), -1, dtype=np.int64)
+        plan = {"method": "exact", "k": k, "rows": n, "recall_measured": 1.0}
     ok = usable_neighbors(ids, sims)
-    return np.where(ok, ids, -1), np.where(ok, sims, np.nan)
+    return np.where(ok, ids, -1), np.where(ok, sims, np.nan), plan
 
 
 class _Writer:

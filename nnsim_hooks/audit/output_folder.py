@@ -40,6 +40,8 @@ MARKER = "nnsim-audit.json"
 OUTPUT_FILES = (MARKER, "report.html", "table.csv", "table.parquet", "summary.json", "per_class.csv", "knn_graph.npz")
 #: The index folders it builds there (emptied of the index store's own files only).
 INDEX_FOLDERS = ("index", "index-denoising")
+#: Where the neighbour step keeps its progress (removed when the audit is saved).
+NEIGHBOR_STATE = ".neighbors-progress"
 #: Files in subfolders: the demo's trained model.
 NESTED_FILES = ("demo/model.pt",)
 

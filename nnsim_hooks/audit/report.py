@@ -177,6 +177,17 @@ def _header_line(s: Dict[str, Any], when: str) -> str:
             f"Density and effective neighbours (N_eff): by {_e(paper)}.")
 
 
+def _neighbors(plan) -> str:
+    """How the neighbour lists were searched, with the recall measured."""
+    if not plan:
+        return ""
+    if plan.get("method") == "partition":
+        return (f"Neighbours were searched approximately (nprobe {_e(plan.get('nprobe'))} of {_e(plan.get('nlist'))} "
+                f"lists): recall@{_e(plan.get('k'))} {_e(plan.get('recall_measured'))}, measured on "
+                f"{_e(plan.get('recall_sample'))} held-out exact queries (target {_e(plan.get('recall_target'))}).")
+    return "Neighbours were searched exactly."
+
+
 def render(result) -> str:
     """The whole page for an :class:`~nnsim_hooks.audit.AuditResult`."""
     s = result.summary
@@ -199,7 +210,7 @@ def render(result) -> str:
         warning_banner(warnings_of(s)),
         f"<section><h2>Summary</h2><p class='lead'>Similarity = cosine between the network's label-free "
         f"gradients (Charpiat et al., NeurIPS 2019): two samples are similar when training on one moves the "
-        f"network's output on the other.</p>{_cards(s)}</section>",
+        f"network's output on the other. {_neighbors(s.get('neighbors'))}</p>{_cards(s)}</section>",
         note,
         _headline(s),
         _class_table(result, names),

@@ -212,11 +212,13 @@ class AuditResult:
 
         return render(self)
 
-    def save(self, out_dir: Union[str, Path], *, overwrite: bool = False, _finish: bool = False) -> Path:
+    def save(self, out_dir: Union[str, Path], *, overwrite: bool = False, _finish: bool = False,
+             copy_index: bool = True) -> Path:
         """Write the folder described in the module docstring; returns its path.
 
         An existing folder is refused unless it is empty, or holds an audit and
-        ``overwrite=True`` (see :mod:`nnsim_hooks.audit.output_folder`)."""
+        ``overwrite=True`` (see :mod:`nnsim_hooks.audit.output_folder`). ``copy_index=False``
+        leaves the index folders where they are (an audit of a stored index refers to them)."""
         from scipy.sparse import save_npz
 
         out = Path(out_dir)
@@ -226,9 +228,9 @@ class AuditResult:
                 and Path(self.index.path).resolve() == (out / "index").resolve()
             if not same_run:
                 prepare_out_dir(out, {"saved_result": True}, overwrite=overwrite)
-        if self.index is not None:
+        if self.index is not None and copy_index:
             self.index.save(out / "index", overwrite=True)
-        if self.denoise_index is not None:
+        if self.denoise_index is not None and copy_index:
             self.denoise_index.save(out / "index-denoising", overwrite=True)
         table = self.table
         write_text_atomic(out / "table.csv", table.to_csv())

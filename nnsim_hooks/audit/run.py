@@ -17,7 +17,7 @@ from ..index.sharded import distributed as dist_
 from .analysis import analyse
 from .batch_memory import MemoryBudget, fit_batch_size, parse_memory
 from .samples import AuditView, check_dataset, check_input, find_skipped, resolve_labels
-from .output_folder import prepare_out_dir
+from .output_folder import NEIGHBOR_STATE, prepare_out_dir
 from .output_choice import (
     DEFAULT_K,
     DEFAULT_SKETCH_DIM,
@@ -28,17 +28,11 @@ from .output_choice import (
     label_free_output,
 )
 from .result import AuditResult
+from .run_arguments import require_audit_extra, usable_k  # noqa: F401 (re-exported)
 from .sample_names import resolve_class_names, resolve_paths
 from .thresholds import Thresholds
 
 logger = logging.getLogger(__name__)
-
-
-def require_audit_extra() -> None:
-    """The audit's optional dependencies, with one message naming the extra."""
-    from ..optional import require_all
-
-    require_all(("pandas", "matplotlib", "sklearn", "scipy", "PIL"), "the audit", "audit")
 
 
 def _probe(model: nn.Module, view: AuditView) -> torch.Tensor:
@@ -76,29 +70,13 @@ def _pass(handle, view: AuditView, b: int) -> None:
         handle.extract(inputs)
 
 
-def usable_k(k: int, n_valid: int) -> int:
-    """``k`` clamped to the number of neighbours a sample can have (``n_valid - 1``), with a
-    warning: a larger k pads every row with missing neighbours, which shifts the label
-    vote, the outlier scores and every threshold derived from them. (Below two samples
-    nobody has neighbours and every score is NaN anyway: k becomes 1, silently.)"""
-    most = max(1, n_valid - 1)
-    if k > most and n_valid >= 2:
-        import warnings
-
-        warnings.warn(
-            f"nnsim_hooks.audit: k={k} is more than the {most} neighbours a sample can have ({n_valid} samples with a "
-            f"gradient); using k={most}. Pass a smaller --k for small datasets",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return most
-    return min(k, most)
-
-
 def audit(
-    model: nn.Module,
-    dataset,
+    model: Optional[nn.Module] = None,
+    dataset=None,
     *,
+    index: Union[None, str, Path] = None,
+    recall: float = 0.95,
+    exact_neighbors: Optional[bool] = None,
     labels: Optional[Sequence] = None,
     output: Union[None, str, Callable] = None,
     sketch_dim: Optional[int] = None,
@@ -199,6 +177,16 @@ def audit(
             root (``source`` or ``root``); none for other datasets (the table's index,
             ``sample``, names every row by its dataset position).
 
+        index: a finished index folder (or an earlier audit's output folder) to audit
+            instead of ``model`` and ``dataset``: nothing is extracted again (see
+            :func:`nnsim_hooks.audit.stored.audit_index`; ``k``, ``out_dir``,
+            ``thresholds``, ``class_names``, ``max_memory``, ``progress``, ``overwrite``,
+            ``save`` apply).
+        recall: the neighbour step's target recall@k, in (0, 1]: large indexes are searched
+            approximately with the partition's ``nprobe`` chosen to reach it on held-out exact
+            queries (the summary's ``"neighbors"`` gives the recall measured); 1 searches exactly.
+        exact_neighbors: True: exact neighbour search at any size; None: chosen by size.
+
     Returns:
         an :class:`AuditResult` (saved to ``out_dir`` already when one was given).
 
@@ -213,6 +201,17 @@ def audit(
     """
     from .. import attach
 
+    if index is not None:
+        if model is not None or dataset is not None:
+            raise InputError("give index= (a stored index to audit) or a model and a dataset, not both")
+        from .stored import audit_index
+
+        return audit_index(index, out_dir=out_dir, k=k, recall=recall, exact_neighbors=exact_neighbors,
+                           max_memory=max_memory, thresholds=thresholds, progress=progress, overwrite=overwrite,
+                           save=save, class_names=class_names)
+    from ..index.all_neighbors import check_recall
+
+    check_recall(recall)
     started = time.time()
     require_audit_extra()
     if not isinstance(model, nn.Module):
@@ -322,6 +321,10 @@ def audit(
         paths=sample_paths,
         class_names=names,
         non_finite=non_finite,
+        recall=recall,
+        exact_neighbors=exact_neighbors,
+        # resumable in blocks; under torchrun every rank searches alone (no shared progress file)
+        neighbor_state=None if out_path is None or ctx is not None else out_path / NEIGHBOR_STATE,
     )
     result.dataset = dataset
     result.thumbnail = thumbnail
@@ -342,4 +345,8 @@ def audit(
         result.summary["decisions"] = decision_record
     if out_path is not None and save:
         dist_.on_main(ctx, "saving the audit", lambda: result.save(out_path, _finish=True))
+        if ctx is None:
+            import shutil
+
+            shutil.rmtree(out_path / NEIGHBOR_STATE, ignore_errors=True)
     return result

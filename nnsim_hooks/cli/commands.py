@@ -123,6 +123,17 @@ def _add_audit(sub) -> None:
     opts.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
                       help="where the model runs with --data: auto (default) is this rank's GPU under torchrun, "
                       "else GPU 0 when torch sees one, else the CPU")
+    stored = a.add_argument_group("a stored index (no model, no data)")
+    stored.add_argument("--index", default=None, metavar="PATH",
+                        help="audit this finished index folder (or an earlier audit's --out folder) without running "
+                             "the model again")
+    stored.add_argument("--dry-run", action="store_true",
+                        help="with --index: print what each step will cost for its N and D, and stop")
+    opts.add_argument("--recall", type=float, default=0.95,
+                      help="target recall@k of the neighbour search, in (0, 1]: large indexes are searched "
+                           "approximately, tuned to reach it on held-out exact queries (default %(default)s; 1: exact)")
+    opts.add_argument("--exact-neighbors", action="store_true", help="exact neighbour search whatever N (slow at "
+                      "millions of samples)")
     opts.add_argument("--no-progress", action="store_true", help="no progress bars")
     opts.add_argument("-v", "--verbose", action="store_true", help="log what happens")
 
@@ -332,6 +343,17 @@ def _input_size(integrations, info, args):
     return with_size(info, size, flag)
 
 
+def neighbor_line(plan: Optional[Dict[str, Any]]) -> str:
+    """How the neighbour lists were searched, and the recall measured."""
+    if not plan:
+        return "  neighbours        (not recorded)"
+    if plan.get("method") == "partition":
+        return (f"  neighbours        approximate (nprobe {plan.get('nprobe')} of {plan.get('nlist')} lists): recall@"
+                f"{plan.get('k')} {plan.get('recall_measured')} measured on {plan.get('recall_sample')} held-out exact "
+                f"queries (target {plan.get('recall_target')})")
+    return f"  neighbours        exact search (recall 1)"
+
+
 def format_summary(result, out: Path) -> str:
     """The few lines printed at the end of ``nnsim audit``: the run, the warnings (before the counts they
     qualify), each check's lines, the skipped samples."""
@@ -348,6 +370,7 @@ def format_summary(result, out: Path) -> str:
     ]
     lines += warning_lines(warnings_of(s))  # before the counts: they say how far to trust them
     lines += [line for check in CHECKS for line in check.summary_lines(s)]
+    lines.append(neighbor_line(s.get("neighbors")))
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
     if s.get("non_finite"):
@@ -393,6 +416,10 @@ def cmd_audit(args) -> int:
                                           ("--id-column", args.id_column),
                                           ("--image-size", args.image_size), ("--spatial-size", args.spatial_size))
                  if given]
+    if args.index is not None:
+        return _audit_index(args, thresholds, demo_only)
+    if args.dry_run:
+        raise CliError("--dry-run needs --index PATH (the stored index whose N and D the estimate uses)")
     if args.data is None:
         if demo_only:
             raise CliError(f"{', '.join(demo_only)} given without --data: pass --data PATH too, or drop them to run the demo")
@@ -401,6 +428,31 @@ def cmd_audit(args) -> int:
                           overwrite=args.overwrite, progress=not args.no_progress)
     else:
         result = _audit_data(args, thresholds)
+    print(format_summary(result, out))
+    return 0
+
+
+def _audit_index(args, thresholds, model_flags: List[str]) -> int:
+    """``nnsim audit --index PATH``: the checks on a stored index, or (``--dry-run``) their estimated cost."""
+    from ..audit.stored import audit_index, index_folders
+
+    given = [f for f in model_flags if f != "--classes"] + (["--data"] if args.data else [])
+    if given:
+        raise CliError(f"--index audits a stored index: {', '.join(given)} would not be used; drop them")
+    if args.dry_run:
+        from ..audit.cost_estimate import estimate_audit
+
+        from ..index.all_neighbors import check_recall
+
+        check_recall(args.recall)
+        main_index, denoise = index_folders(args.index)
+        print(estimate_audit(main_index, denoise, k=args.k, recall=1.0 if args.exact_neighbors else args.recall))
+        return 0
+    out = Path(args.out)
+    result = audit_index(args.index, out_dir=out, k=args.k, recall=args.recall,
+                         exact_neighbors=True if args.exact_neighbors else None, max_memory=args.max_memory,
+                         thresholds=thresholds, progress=not args.no_progress, overwrite=args.overwrite,
+                         class_names=_classes(args.classes))
     print(format_summary(result, out))
     return 0
 

@@ -79,9 +79,13 @@ class Denoising(Check):
             consistency = np.asarray(paper.consistency(), dtype=np.float64)
         except DataError:  # an index without stored outputs
             consistency = np.full(len(paper), np.nan)
+        # one O(N D^2) pass: denoising_factor() would compute N_eff again
+        n_eff = np.asarray(paper.effective_neighbors(), dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            factor = 1.0 / n_eff
         return {
-            "effective_neighbors": np.asarray(paper.effective_neighbors(), dtype=np.float64),
-            "denoising_factor": np.asarray(paper.denoising_factor(), dtype=np.float64),
+            "effective_neighbors": n_eff,
+            "denoising_factor": factor,
             "consistency": consistency,
         }
 

@@ -1,4 +1,15 @@
-"""Checks that what an index folder holds is what its manifest says, at load time.
+"""Checks that what an index folder holds is what its manifest says.
+
+- Block checksums: every column file is cut into blocks of :data:`CHECKSUM_BLOCK` bytes
+  whose CRC-32s the writer records in the manifest as it commits rows
+  (``manifest["checksums"]``; the last block's is a running value, so appending never reads
+  back). A reader checks what it touches: the small columns (ids, valid, norms, labels...)
+  whole at load, ``features.bin`` block by block the first time a block is read
+  (:class:`CheckedRows`), so loading a million rows reads none of them. A block that does
+  not match is a :class:`~nnsim_hooks.errors.StoreError` naming the file and the rows.
+  Feature rows that were not finite when written are recorded then
+  (``manifest["nonfinite_rows"]``). Folders written before checksums existed are checked
+  as follows.
 
 - Feature rows that are not finite (a NaN written by another program, a bit flip) would
   make every sum over the index NaN (``density()`` for everyone). They are found block by
@@ -21,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -34,6 +47,12 @@ logger = logging.getLogger(__name__)
 
 # Bytes of feature rows scanned at once for non-finite values.
 SCAN_BYTES = 64 << 20
+#: Bytes per checksummed block of a column file.
+CHECKSUM_BLOCK = 16 << 20
+#: Column files up to this size are checked whole when an index is loaded.
+CHECK_WHOLE_BYTES = 256 << 20
+#: Non-finite rows listed in the manifest at most (more: the first ones, and the count).
+MAX_LISTED_ROWS = 10_000
 _HASH_CHUNK = 8 << 20
 
 
@@ -46,11 +65,13 @@ def nonfinite_rows(features: np.ndarray, block_bytes: int = SCAN_BYTES) -> np.nd
     return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
 
 
-def drop_nonfinite_rows(columns: Dict[str, np.ndarray], folder: Path, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:
+def drop_nonfinite_rows(columns: Dict[str, np.ndarray], folder: Path, manifest: Dict[str, Any],
+                        bad: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """``columns`` with non-finite feature rows zeroed and marked not valid (see the module
-    docstring); the same dict when every row is finite."""
+    docstring); the same dict when every row is finite. ``bad``: the rows, when known
+    (recorded at write time); else the features are scanned."""
     features = columns["features"]
-    bad = nonfinite_rows(features)
+    bad = nonfinite_rows(features) if bad is None else np.asarray(bad, dtype=np.int64)
     if not len(bad):
         return columns
     ids = np.asarray(columns["ids"])[bad[:10]].tolist()
@@ -66,6 +87,9 @@ def drop_nonfinite_rows(columns: Dict[str, np.ndarray], folder: Path, manifest: 
     if isinstance(features, np.memmap):
         # copy-on-write: only the pages of the zeroed rows are copied, the file stays as it is
         fixed = np.memmap(Path(folder) / "features.bin", dtype=features.dtype, mode="c", shape=features.shape)
+        if isinstance(features, CheckedRows):
+            fixed = fixed.view(CheckedRows)
+            fixed._checker = features._checker
     else:
         fixed = np.array(features)
     fixed[bad] = 0.0
@@ -160,3 +184,165 @@ def read_index_file(file: Path, spec, dim: int, n_valid: int, record: Optional[D
     if backend.ntotal != n_valid:
         raise _refuse(file, f"it holds {backend.ntotal} vectors, the index has {n_valid} valid samples")
     return backend
+
+
+# -- block checksums ------------------------------------------------------------------------
+
+
+class BlockSums:
+    """CRC-32s of the :data:`CHECKSUM_BLOCK`-byte blocks of one file, fed the bytes as they
+    are written (the last block's value is running: appending continues it)."""
+
+    def __init__(self, crcs=(), size: int = 0):
+        self.crcs = [int(c) for c in crcs]
+        self.size = int(size)
+
+    def feed(self, data) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            used = self.size % CHECKSUM_BLOCK
+            if used == 0:
+                self.crcs.append(0)
+            take = min(len(view) - pos, CHECKSUM_BLOCK - used)
+            self.crcs[-1] = zlib.crc32(view[pos : pos + take], self.crcs[-1])
+            pos += take
+            self.size += take
+
+    def record(self) -> Dict[str, Any]:
+        return {"bytes": self.size, "crc32": list(self.crcs)}
+
+    @classmethod
+    def of_file(cls, file: Path, size: int) -> "BlockSums":
+        """The sums of the first ``size`` bytes of ``file`` (a folder written before checksums)."""
+        sums = cls()
+        with store_errors("reading", file), open(file, "rb") as f:
+            while sums.size < size:
+                chunk = f.read(min(CHECKSUM_BLOCK, size - sums.size))
+                if not chunk:
+                    break
+                sums.feed(chunk)
+        return sums
+
+
+def checksum_record(files: Dict[str, BlockSums]) -> Dict[str, Any]:
+    """The manifest's ``checksums`` entry."""
+    return {"algorithm": "crc32", "block_bytes": CHECKSUM_BLOCK, "files": {f: s.record() for f, s in files.items()}}
+
+
+def recorded_sums(manifest: Dict[str, Any], file: str, size: int) -> Optional[List[int]]:
+    """The recorded CRC-32s of ``file``, if the manifest has them for exactly ``size`` bytes."""
+    record = manifest.get("checksums")
+    if not isinstance(record, dict) or record.get("algorithm") != "crc32" or record.get("block_bytes") != CHECKSUM_BLOCK:
+        return None
+    entry = (record.get("files") or {}).get(file)
+    if not isinstance(entry, dict) or entry.get("bytes") != size or not isinstance(entry.get("crc32"), list):
+        return None
+    crcs = entry["crc32"]
+    if len(crcs) != -(-size // CHECKSUM_BLOCK) or not all(isinstance(c, int) for c in crcs):
+        return None
+    return crcs
+
+
+class BlockChecker:
+    """Verifies the blocks of one file against their recorded CRC-32s, each at most once."""
+
+    def __init__(self, file: Path, crcs: List[int], size: int, row_bytes: int):
+        self.file, self.crcs, self.size, self.row_bytes = Path(file), crcs, size, max(1, row_bytes)
+        self.checked = np.zeros(len(crcs), dtype=bool)
+
+    def check_bytes(self, start: int, end: int) -> None:
+        first, last = start // CHECKSUM_BLOCK, (max(end, start + 1) - 1) // CHECKSUM_BLOCK
+        todo = [b for b in range(first, min(last, len(self.crcs) - 1) + 1) if not self.checked[b]]
+        if not todo:
+            return
+        with store_errors("reading", self.file):
+            fd = os.open(self.file, os.O_RDONLY)
+            try:
+                for b in todo:
+                    lo = b * CHECKSUM_BLOCK
+                    data = os.pread(fd, min(CHECKSUM_BLOCK, self.size - lo), lo)
+                    if zlib.crc32(data) != self.crcs[b]:
+                        rows = (lo // self.row_bytes, (lo + len(data) - 1) // self.row_bytes)
+                        raise StoreError(
+                            f"'{self.file}' was changed after it was written: block {b} (bytes {lo}..{lo + len(data) - 1},"
+                            f" rows {rows[0]}..{rows[1]}) does not match the CRC-32 the manifest records. The folder "
+                            "is corrupt (disk error, or edited by another program); rebuild the index"
+                        )
+                    self.checked[b] = True
+            finally:
+                os.close(fd)
+
+    def check_rows(self, start: int, end: int) -> None:
+        self.check_bytes(start * self.row_bytes, end * self.row_bytes)
+
+    def check_all(self) -> None:
+        self.check_bytes(0, self.size)
+
+
+def _row_range(key, n: int):
+    """``(lo, hi)`` rows that ``array[key]`` reads, or None when it cannot be told cheaply."""
+    if isinstance(key, tuple):
+        key = key[0] if key else slice(None)
+    if isinstance(key, (int, np.integer)):
+        i = int(key) + (n if key < 0 else 0)
+        return i, i + 1
+    if isinstance(key, slice):
+        start, stop, step = key.indices(n)
+        if step < 0:
+            start, stop = stop + 1, start + 1
+        return (start, stop) if stop > start else (start, start)
+    if key is Ellipsis or key is None:
+        return 0, n
+    idx = np.asarray(key)
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx)
+    if idx.size == 0:
+        return 0, 0
+    if np.issubdtype(idx.dtype, np.integer):
+        idx = np.where(idx < 0, idx + n, idx)
+        return int(idx.min()), int(idx.max()) + 1
+    return 0, n
+
+
+class CheckedRows(np.memmap):
+    """A read-only memmap of a column whose blocks are verified the first time rows of them
+    are read by indexing (``rows[a:b]``, ``rows[ids]``)."""
+
+    _checker: Optional[BlockChecker] = None
+
+    def __array_finalize__(self, obj) -> None:
+        super().__array_finalize__(obj)
+        self._checker = None  # a view: its rows were checked when it was cut out
+
+    def __getitem__(self, key):
+        checker = self._checker
+        if checker is not None:
+            span = _row_range(key, len(self))
+            if span is not None and span[1] > span[0]:
+                checker.check_rows(*span)
+        return super().__getitem__(key)
+
+
+def check_columns(columns: Dict[str, np.ndarray], folder: Path, manifest: Dict[str, Any],
+                  file_of: Dict[str, str]) -> Optional[Dict[str, np.ndarray]]:
+    """The columns with their checksums verified as they are read: small files now, large
+    ones block by block on first access. None when the manifest has no checksums for
+    every file (a folder written before them)."""
+    out = {}
+    for name, col in columns.items():
+        file = file_of[name]
+        size = int(col.nbytes)
+        crcs = recorded_sums(manifest, file, size)
+        if crcs is None:
+            return None
+        row_bytes = int(col[:1].nbytes) if len(col) else 1
+        checker = BlockChecker(Path(folder) / file, crcs, size, row_bytes)
+        if size <= CHECK_WHOLE_BYTES or not isinstance(col, np.memmap):
+            checker.check_all()
+            out[name] = col
+        else:
+            checked = col.view(CheckedRows)
+            checked._checker = checker
+            out[name] = checked
+    return out

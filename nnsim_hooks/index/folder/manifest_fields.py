@@ -118,10 +118,34 @@ def check_manifest(manifest: Dict[str, Any], path: Any) -> None:
     _check_dataset(manifest.get("dataset"), check)
     _check_shard(manifest.get("shard"), check)
     _check_shards(manifest.get("shards"), check)
-    for name, value in (manifest.get("checksums") or {}).items():
-        if name not in ("ids", "valid"):
-            raise bad(f'"checksums" records the unknown column {check.short(name)} (only ids and valid)')
-        check.sha256(value, f"checksums.{name}")
+    _check_checksums(manifest.get("checksums"), check)
+    listed = manifest.get("nonfinite_rows")
+    if listed is not None and (not isinstance(listed, list) or len(listed) > MAX_ROWS
+                               or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in listed)):
+        raise bad(f'"nonfinite_rows" must be a list of row numbers, got {check.short(listed)}')
+    if manifest.get("nonfinite_count") is not None:
+        check.integer(manifest["nonfinite_count"], "nonfinite_count", 0, MAX_ROWS, "a non-negative integer")
+
+
+def _check_checksums(record: Any, check: "_Checker") -> None:
+    """The block checksums of the column files (:mod:`.integrity`): typed, so that a reader
+    can trust what it compares against."""
+    if record is None:
+        return
+    check.optional_text(record.get("algorithm"), "checksums.algorithm", 16)
+    if record.get("block_bytes") is not None:
+        check.integer(record["block_bytes"], "checksums.block_bytes", 1, 2 ** 40, "a positive integer")
+    files = record.get("files")
+    check.optional_object(files, "checksums.files")
+    for name, entry in (files or {}).items():
+        check.optional_object(entry, f"checksums.files.{check.short(name)}")
+        if entry is None:
+            continue
+        check.integer(entry.get("bytes"), f"checksums.files.{name}.bytes", 0, 2 ** 50, "a non-negative integer")
+        crcs = entry.get("crc32")
+        if not isinstance(crcs, list) or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2 ** 32
+                                                 for c in crcs):
+            raise check.bad(f'"checksums.files.{check.short(name)}.crc32" must be a list of 32-bit integers')
 
 
 class _Checker:

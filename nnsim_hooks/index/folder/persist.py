@@ -23,7 +23,7 @@ from ...safe_files import (is_link, make_folder, make_temporary_folder, move_fol
 from ..backend import FaissIndex, IndexSpec, make_spec
 from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
 from .index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
-from .integrity import check_column_checksums, column_checksums, drop_nonfinite_rows
+from .integrity import MAX_LISTED_ROWS, check_columns, checksum_record, drop_nonfinite_rows, nonfinite_rows
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
 from .schema import COLUMNS, is_store_owned
@@ -65,14 +65,17 @@ def save_index(index, path: PathLike, *, overwrite: bool = False) -> Path:
     make_folder(path.parent, own=False)
     tmp = make_temporary_folder(path.parent, path.name)
     try:
+        sums = {}
         for name in COLUMNS:
             col = index.column(name)
             if col is None:
                 continue
-            write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
+            file = ColumnSpec(name, col.dtype.name, col.shape[1:]).file
+            sums[file] = write_column(tmp / file, col)
+        bad = nonfinite_rows(index.features).tolist()
         index_file = None if index.spec.exact else write_index_file(tmp, index.backend)
         manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file,
-                        checksums=column_checksums({n: index.column(n) for n in ("ids", "valid")}))
+                        checksums=checksum_record(sums), nonfinite_rows=bad[:MAX_LISTED_ROWS], nonfinite_count=len(bad))
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
@@ -223,7 +226,7 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
         backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
         if store.path is not None:
             index_file = write_index_file(store.path, backend)  # under a new name: the old one stays valid
-    store.commit(index=spec.to_dict(), complete=True, index_file=index_file, checksums=column_checksums(arrays))
+    store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
     if store.path is not None:
         remove_other_index_files(store.path, store.manifest)  # after the commit: a kill leaves old or new
     return backend
@@ -257,8 +260,25 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
             "interrupted. Run handle.build_index(data, path) again with the same data to finish it"
         )
     columns = open_columns(path, manifest)
-    check_column_checksums(columns, path, manifest)
-    if not mmap:
-        columns = {k: np.array(v) for k, v in columns.items()}
-    columns = drop_nonfinite_rows(columns, path, manifest)
+    checked = check_columns(columns, path, manifest, {n: ColumnSpec.from_dict(n, c).file
+                                                      for n, c in manifest["columns"].items()})
+    if not mmap:  # read whole: every block is checked first
+        for col in (checked or {}).values():
+            if getattr(col, "_checker", None) is not None:
+                col._checker.check_all()
+        columns = {k: np.array(v) for k, v in (checked or columns).items()}
+    elif checked is not None:
+        columns = checked
+    if checked is not None:  # block checksums: non-finite rows were recorded when written, nothing is scanned
+        return drop_nonfinite_rows(columns, path, manifest, bad=_recorded_nonfinite(manifest, columns)), manifest
+    columns = drop_nonfinite_rows(columns, path, manifest)  # a folder written before checksums: scanned
     return columns, manifest
+
+
+def _recorded_nonfinite(manifest: Dict[str, Any], columns: Dict[str, np.ndarray]) -> np.ndarray:
+    """The non-finite feature rows the writer recorded (scanned when it listed only the first ones)."""
+    listed = manifest.get("nonfinite_rows") or []
+    count = manifest.get("nonfinite_count")
+    if not isinstance(count, int) or count > len(listed):  # not recorded, or not all listed
+        return nonfinite_rows(columns["features"])
+    return np.asarray(listed, dtype=np.int64)

@@ -43,6 +43,7 @@ from ...errors import StoreError
 from ...atomic import describe_os_error, store_errors, write_all, write_atomic, write_json_atomic
 from ...safe_files import cut, make_folder, open_for_append, remove_owned
 from .clearing import check_clearable, clear_folder, remove_shards, remove_store_files
+from .integrity import MAX_LISTED_ROWS, BlockSums, checksum_record, recorded_sums
 from .manifest import now, read_manifest
 from .schema import COLUMNS, INDEX_FILE, LOCK_FILE, MANIFEST, column_file, is_store_file, is_store_owned, is_store_temporary
 from .shard_folders import SHARDS_DIR, has_shards
@@ -132,6 +133,8 @@ class Store:
             name: ColumnSpec.from_dict(name, spec) for name, spec in manifest.get("columns", {}).items()
         }
         self._fds: Dict[str, int] = {}
+        self._sums: Dict[str, BlockSums] = {}  # block checksums of the files, as appended
+        self._nonfinite: List[int] = []  # feature rows appended that were not finite
         self._pending = 0  # rows appended since the last commit
         self._memory: Dict[str, List[np.ndarray]] = {name: [] for name in self.columns}
 
@@ -217,7 +220,11 @@ class Store:
         name = None
         try:
             for name, a in arrays.items():
+                self._checksums(name).feed(a)
                 write_all(self._fd(name), memoryview(a).cast("B"))
+            if "features" in arrays:
+                bad = ~np.isfinite(arrays["features"].reshape(n, -1)).all(1)
+                self._nonfinite += (self.count + self._pending + np.flatnonzero(bad)).tolist()
         except OSError as exc:
             self._discard_uncommitted()
             raise StoreError(
@@ -233,6 +240,13 @@ class Store:
         manifest = dict(self.manifest, **updates)
         manifest["count"] = self.count + pending
         manifest["updated"] = now()
+        if self.on_disk and self._sums:
+            manifest["checksums"] = checksum_record({self.columns[k].file: v for k, v in self._sums.items()})
+            listed = list(self.manifest.get("nonfinite_rows") or []) + self._nonfinite
+            before = self.manifest.get("nonfinite_count", 0 if self.count == 0 else None)
+            manifest["nonfinite_rows"] = listed[:MAX_LISTED_ROWS]
+            # None: rows committed by a version that did not record them (the reader scans)
+            manifest["nonfinite_count"] = None if before is None else int(before) + len(self._nonfinite)
         if self.on_disk:
             try:
                 for fd in self._fds.values():
@@ -247,10 +261,27 @@ class Store:
                 ) from exc
         self.manifest = manifest
         self._pending = 0
+        self._nonfinite = []
+
+    def _checksums(self, name: str) -> BlockSums:
+        """The running block checksums of a column's file: continued from the manifest's
+        record of the committed bytes (or, for a folder written without them, read once)."""
+        if name not in self._sums:
+            spec = self.columns[name]
+            size = self.count * spec.row_bytes
+            crcs = recorded_sums(self.manifest, spec.file, size)
+            if crcs is not None:
+                self._sums[name] = BlockSums(crcs, size)
+            elif size == 0:
+                self._sums[name] = BlockSums()
+            else:
+                self._sums[name] = BlockSums.of_file(self.path / spec.file, size)
+        return self._sums[name]
 
     def _discard_uncommitted(self) -> None:
         """Best effort: cut the files back to the committed rows (resuming does it anyway)."""
         self._pending = 0
+        self._sums, self._nonfinite = {}, []
         self.close()
         try:
             self._truncate_to_count()
@@ -313,13 +344,18 @@ def open_columns(folder: Path, manifest: Dict[str, Any], *, exact: bool = True) 
     return out
 
 
-def write_column(path: Path, array: np.ndarray) -> None:
-    """Write a whole column to ``path`` atomically, in chunks (works for memmaps larger than RAM)."""
+def write_column(path: Path, array: np.ndarray) -> BlockSums:
+    """Write a whole column to ``path`` atomically, in chunks (works for memmaps larger than
+    RAM); returns the file's block checksums."""
     rows_per_chunk = max(1, _CHUNK_BYTES // max(1, array[:1].nbytes))
+    sums = BlockSums()
 
     def write(fd: int) -> None:
+        sums.__init__()  # a retried write starts over
         for start in range(0, len(array), rows_per_chunk):
             chunk = np.ascontiguousarray(array[start : start + rows_per_chunk])
+            sums.feed(chunk)
             write_all(fd, memoryview(chunk).cast("B"))
 
     write_atomic(path, write)
+    return sums

@@ -30,6 +30,7 @@ import numpy as np
 
 from ...errors import IndexMismatchError, InputError, StoreError
 from ...atomic import write_all, write_atomic, write_json_atomic
+from ..folder.integrity import MAX_LISTED_ROWS, BlockSums, checksum_record
 from ..folder.manifest import MANIFEST, fingerprint_differences, now, read_manifest
 from ..folder.shard_folders import SHARDS_DIR, has_shards, list_shards, shard_folder, shard_name  # noqa: F401 (re-exported)
 from ..folder.clearing import remove_shards  # noqa: F401 (re-exported)
@@ -180,14 +181,20 @@ def check_shards(path: Path) -> Tuple[int, int, List[Dict[str, Any]]]:
 # -- merging ----------------------------------------------------------------------------
 
 
-def _write_concatenated(file: Path, parts: List[np.ndarray]) -> None:
+def _write_concatenated(file: Path, parts: List[np.ndarray]) -> BlockSums:
+    sums = BlockSums()
+
     def write(fd: int) -> None:
+        sums.__init__()  # a retried write starts over
         for part in parts:
             rows = max(1, _CHUNK_BYTES // max(1, part[:1].nbytes))
             for start in range(0, len(part), rows):
-                write_all(fd, memoryview(np.ascontiguousarray(part[start : start + rows])).cast("B"))
+                chunk = np.ascontiguousarray(part[start : start + rows])
+                sums.feed(chunk)
+                write_all(fd, memoryview(chunk).cast("B"))
 
     write_atomic(file, write)
+    return sums
 
 
 def write_merged(path: Path) -> Dict[str, Any]:
@@ -198,10 +205,16 @@ def write_merged(path: Path) -> Dict[str, Any]:
     filled = [(i, m) for i, m in enumerate(manifests) if int(m["count"]) > 0]
     reference = filled[0][1]
     columns = {i: open_columns(shard_folder(path, i, n), m) for i, m in filled}
-    for name, spec in reference["columns"].items():
-        _write_concatenated(path / spec["file"], [columns[i][name] for i, _ in filled])
+    sums = {spec["file"]: _write_concatenated(path / spec["file"], [columns[i][name] for i, _ in filled])
+            for name, spec in reference["columns"].items()}
     info = reference["shard"]
     manifest = {k: v for k, v in reference.items() if k != "shard"}
+    # the shards' non-finite rows (recorded when written), at their merged positions
+    offsets = np.cumsum([0] + [int(m["count"]) for _, m in filled])
+    bad = [int(o) + r for (_, m), o in zip(filled, offsets) for r in (m.get("nonfinite_rows") or [])]
+    manifest.update(checksums=checksum_record(sums), nonfinite_rows=bad[:MAX_LISTED_ROWS],
+                    nonfinite_count=None if any(m.get("nonfinite_count") is None for _, m in filled)
+                    else sum(int(m["nonfinite_count"]) for _, m in filled))
     # The whole dataset's record (data_fingerprint): its length, the first share's first sample
     # and the last share's last one, so that a later one-process build with this data reuses it.
     first, last = (filled[0][1].get("dataset") or {}), (filled[-1][1].get("dataset") or {})
