@@ -346,7 +346,7 @@ def audit(
     if out_path is not None and save:
         dist_.on_main(ctx, "saving the audit", lambda: result.save(out_path, _finish=True))
         if ctx is None:
-            import shutil
+            from ..index.all_neighbors import remove_state
 
-            shutil.rmtree(out_path / NEIGHBOR_STATE, ignore_errors=True)
+            remove_state(out_path / NEIGHBOR_STATE)
     return result

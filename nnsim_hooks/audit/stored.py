@@ -4,7 +4,6 @@ folder, with no model and no data (the features are read where they are stored).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -86,7 +85,9 @@ def audit_index(
     result.summary.update({"index_path": str(main.resolve()), "seconds": round(time.time() - started, 2)})
     if out is not None and save:
         result.save(out, _finish=True, copy_index=False)
-        shutil.rmtree(state, ignore_errors=True)
+        from ..index.all_neighbors import remove_state
+
+        remove_state(state)
     return result
 
 

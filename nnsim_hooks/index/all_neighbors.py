@@ -36,7 +36,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..atomic import write_bytes_atomic, write_text_atomic
 from ..errors import InputError, StoreError
+from ..safe_files import is_link, make_folder, remove_empty_folder, remove_file, remove_owned
 
 logger = logging.getLogger(__name__)
 
@@ -266,10 +268,37 @@ class _State:
     def save(self, every: float, force: bool = False) -> None:
         if self.folder is None or not (force or time.time() - self.saved_at >= every):
             return
-        tmp = self.folder / ".progress.tmp.npz"
-        np.savez(tmp, best_s=self.best_s.numpy(), best_i=self.best_i.numpy(), done=np.int64(self.done))
-        os.replace(tmp, self.folder / "progress.npz")
+        write_bytes_atomic(self.folder / "progress.npz", _npz(best_s=self.best_s.numpy(), best_i=self.best_i.numpy(),
+                                                              done=np.int64(self.done)))
         self.saved_at = time.time()
+
+
+#: the files of the neighbour step's progress folder (all of them the step's own)
+STATE_FILES = ("progress.npz", "plan.json", "centres.npy", "lists.npy")
+
+
+def remove_state(folder: Path) -> None:
+    """Delete the progress folder of a finished neighbour step (its own files only, never through a link)."""
+    if not folder.is_dir() or is_link(folder):
+        return
+    remove_owned(folder, lambda name: name in STATE_FILES or name.startswith("."), skip_links=True)
+    remove_empty_folder(folder)
+
+
+def _npy(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def _plan_file(folder: Path) -> Path:
@@ -296,15 +325,13 @@ def _save_plan(folder: Optional[Path], key, plan: NeighborPlan, centres, lists, 
     if folder is None:
         return
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in ("progress.npz",):
-            (folder / f).unlink(missing_ok=True)
+        make_folder(folder)
+        remove_file(folder / "progress.npz")
         if centres is not None:
-            np.save(folder / "centres.npy", centres.numpy())
-            np.save(folder / "lists.npy", lists)
-        tmp = folder / ".plan.tmp.json"
-        tmp.write_text(json.dumps({"key": key, "plan": plan.to_dict(), "sample_exact": sample_exact}))
-        os.replace(tmp, _plan_file(folder))
+            write_bytes_atomic(folder / "centres.npy", _npy(centres.numpy()))
+            write_bytes_atomic(folder / "lists.npy", _npy(lists))
+        write_text_atomic(_plan_file(folder), json.dumps({"key": key, "plan": plan.to_dict(),
+                                                          "sample_exact": sample_exact}))
     except OSError as exc:
         raise StoreError(f"cannot write the neighbour step's progress to '{folder}': {exc}") from exc
 

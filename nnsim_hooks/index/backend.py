@@ -33,6 +33,7 @@ tested against a stand-in faiss module, see tests/test_gpu_ready.py.)
 from __future__ import annotations
 
 import logging
+import os
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

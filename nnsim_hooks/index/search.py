@@ -145,6 +145,8 @@ class FaissSearch:
         if self.spec.exact and self._backend is None and (self._gpu is False or not gpu_available()):
             # flat on CPU: torch products over the memory-mapped rows, faster than FAISS's flat scan
             # and without copying every feature into FAISS memory
+            if self._gpu is None:
+                note_cpu_only_faiss()
             return pairwise.topk(self.features, self.valid, q, k, device=torch.device("cpu"))
         backend = self.backend
         if backend.max_k is not None and k > backend.max_k:
