@@ -183,6 +183,6 @@ class FileDataset(Dataset):
 
     def __repr__(self) -> str:
         labelled = sum(1 for v in self.labels if v >= 0)
-        return (f"FileDataset({self.layout} '{self.source}', {len(self)} samples, {labelled} labelled, "
+        return (f"{type(self).__name__}({self.layout} '{self.source}', {len(self)} samples, {labelled} labelled, "
                 f"{len(self.classes)} classes, {self.data_config.describe()})")
 

@@ -37,8 +37,14 @@ def file_picture(path: str, kind: str, spatial_dims: int, size: int = DEFAULT_SI
         volume = load_volume(path)
         return from_channels_first(volume, volume.ndim - 1, size)
     if kind == "array":
-        array = np.load(path, allow_pickle=False)
-        if array.ndim == 3 and spatial_dims == 3:
-            return fit(to_uint8(central_slice(array)), size)
-        return from_channels_first(array, spatial_dims, size)
+        return array_picture(np.load(path, allow_pickle=False), spatial_dims, size)
     raise DataError(unknown_extension(path))
+
+
+def array_picture(array: np.ndarray, spatial_dims: int, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """uint8 picture of an array (``.npy``, a dataset column): the image, or the central
+    slice of a volume with or without its channel axis."""
+    array = np.asarray(array)
+    if array.ndim == 3 and spatial_dims == 3:
+        return fit(to_uint8(central_slice(array)), size)
+    return from_channels_first(array, spatial_dims, size)

@@ -140,7 +140,11 @@ class ImageReader:
         self._split: Optional[Tuple[Callable, Callable]] = None
 
     def __call__(self, path: str) -> torch.Tensor:
-        converted = convert_image(open_image(path), self.channels)
+        return self.read_image(open_image(path))
+
+    def read_image(self, image) -> torch.Tensor:
+        """A decoded PIL image (from a file, a dataset's column, a tar member) as the model's input."""
+        converted = convert_image(image, self.channels)
         if not isinstance(converted, np.ndarray):
             return self.transform(converted).float()
         from PIL import Image

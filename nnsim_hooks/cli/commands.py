@@ -1,7 +1,8 @@
 """The ``nnsim`` command line.
 
     nnsim audit --out DIR                 # the embedded default: digits, planted noise, a CNN
-    nnsim audit --data PATH --model SPEC --out DIR   # ImageFolder, folder of files, list.csv, datalist.json
+    nnsim audit --data PATH --model SPEC --out DIR   # ImageFolder, folder of files, list.csv, datalist.json,
+                                                     # a Hugging Face dataset folder, shards-{000..003}.tar
 
 Exit codes: 0 done, 1 an error (the message says what and how to fix it), 2 bad
 arguments, 130 interrupted (run the same command again to resume).
@@ -69,6 +70,16 @@ def _add_audit(sub) -> None:
     data.add_argument("--classes", default=None, metavar="NAME,NAME,...",
                       help="class names in index order (comma-separated): CSV/datalist labels may then be these "
                       "names or integer indices; ImageFolder folders get these indices")
+    data.add_argument("--image-column", default=None, metavar="NAME",
+                      help="Hugging Face datasets: the image column; WebDataset: the image member's extension "
+                      "(png, jpg, npy). Default: the one image column or member")
+    data.add_argument("--label-column", default=None, metavar="NAME",
+                      help="Hugging Face datasets: the label column; WebDataset: the label member (default: the "
+                      "ClassLabel column, label, or cls; none: unlabelled)")
+    data.add_argument("--split", default=None, help="Hugging Face DatasetDict: the split to audit (default: train)")
+    data.add_argument("--id-column", default=None, metavar="NAME",
+                      help="Hugging Face datasets: the column that names each sample in the table (default: a "
+                      "path/file_name/id column of distinct values, else the row index)")
     data.add_argument("--model", help="timm:NAME, torchvision:NAME, monai:NAME or package.module:function")
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
@@ -160,6 +171,8 @@ def _data_help() -> str:
 def _check_data_path(data: str) -> None:
     layouts = _layouts()
     path = Path(data)
+    if layouts.layout_of(data) is not None:  # a pattern of shards need not exist as a path
+        return
     if not path.exists():
         raise CliError(f"--data {data}: no such folder or file (expected {layouts.expected()})")
     if layouts.layout_of(str(path)) is None:
@@ -209,12 +222,17 @@ def _audit_data(args, thresholds) -> Any:
     if not isinstance(model, nn.Module):
         raise CliError(f"integrations.load_model({args.model!r}) returned {type(info).__name__} without a model")
     # classes= only when given: the seam stays load_dataset(path, model_info) otherwise
-    dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}))
+    options = _layout_options(args)
+    dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}),
+                                        **options)
+    if not _sized(args):  # data too small for the network: say which --spatial-size resizes them
+        _check_data_size(integrations, info, dataset)
     # A model without class logits (segmentation...) comes with a suggested label-free reduction.
     suggested = getattr(info, "output", None)
     output = args.output if args.output is not None or not callable(suggested) else suggested
     config = {
-        "data": str(Path(args.data).resolve()),
+        # a pattern of shards or fiftyone:NAME is no path: kept as given
+        "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
         "model": args.model,
         "model_kwargs": kwargs,
         "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
@@ -228,6 +246,7 @@ def _audit_data(args, thresholds) -> Any:
     }
     if classes is not None:  # only then: runs without --classes keep the configuration they resume with
         config["classes"] = classes
+    config.update(options)  # the same: recorded only when given
     if args.decisions is not None:
         from ..audit.decisions import fingerprint
 
@@ -249,6 +268,30 @@ def _audit_data(args, thresholds) -> Any:
         decisions=args.decisions,
         max_memory=args.max_memory,
     )
+
+
+#: the CLI flags that are layout options (Hugging Face datasets, WebDataset shards)
+LAYOUT_FLAGS = ("image_column", "label_column", "split", "id_column")
+
+
+def _layout_options(args) -> dict:
+    """The layout options given on the command line, checked against --data's layout."""
+    options = {name: getattr(args, name) for name in LAYOUT_FLAGS if getattr(args, name, None) is not None}
+    layout = _layouts().layout_of(args.data)
+    ignored = [name for name in options if layout is None or name not in layout.options]
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        raise CliError(f"{flags}: not read by {layout.name if layout else 'this'} data ({args.data}); "
+                       f"they are for Hugging Face datasets and WebDataset shards")
+    return options
+
+
+def _check_data_size(integrations, info, dataset) -> None:
+    check = getattr(integrations, "check_data_size", None)
+    first = dataset.check() if callable(getattr(dataset, "check", None)) else None
+    if check is None or first is None or not hasattr(info, "data_config"):
+        return
+    check(info, tuple(dataset[first][0].shape))
 
 
 def _sized(args) -> bool:
@@ -319,6 +362,9 @@ def cmd_audit(args) -> int:
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                           ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
                                           ("--classes", args.classes), ("--decisions", args.decisions),
+                                          ("--image-column", args.image_column),
+                                          ("--label-column", args.label_column), ("--split", args.split),
+                                          ("--id-column", args.id_column),
                                           ("--image-size", args.image_size), ("--spatial-size", args.spatial_size))
                  if given]
     if args.data is None:
