@@ -35,6 +35,7 @@ def test_map_shows_the_shapes_moved_by_the_truth():
         assert abs(np.corrcoef(moved[:, axis], noise[:, axis])[0, 1]) < 0.15
 
 
+@pytest.mark.slow  # about 3 s of CPU
 def test_kernel_blocks_agree_with_the_library():
     """Blocks that do not divide N, against matrix_denoising_factor (all Jacobians at once)
     and Handle.consistency (two passes of parameter-sized sums): independent paths."""
