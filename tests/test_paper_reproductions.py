@@ -43,10 +43,11 @@ def test_circle_toy_density_drops_where_the_target_curves(tmp_path):
     assert r1["rho"]["soft"] < -0.4
 
 
-def test_registration_writes_accuracy_and_denoising(tmp_path):
+def test_registration_writes_accuracy_denoising_and_the_check(tmp_path):
     results = registration.main(["--small", "--out", str(tmp_path)])
     text = outputs_exist(tmp_path, "registration")
-    assert "τ (px)" in text
+    assert "τ (px)" in text and "Residual / spread" in text
+    assert results["params"] > 10 * 2 * results["n"]  # far more parameters than N·d, as the paper's U-Net
     for values in results["accuracy"].values():
         assert np.all(np.diff(values) >= 0) and 0 <= values[0] and values[-1] <= 1
     # Matrix Cauchy-Schwarz, (sum_j K_ij)(sum_j K_ij)^T <= N sum_j K_ij K_ij^T: the factor is at
@@ -54,6 +55,12 @@ def test_registration_writes_accuracy_and_denoising(tmp_path):
     trace = results["trace"]
     assert np.all(np.isfinite(trace)) and np.all(trace >= (1 - 1e-9) / len(trace))
     assert all(v >= 0 for v in results["measured"].values())
+    # the verdict is the ratio of the medians against the limit, and the report says it
+    premise = results["premise"]
+    ratio = np.median(results["residual"]) / np.median(results["spread"])
+    assert premise["residual_to_spread"] == pytest.approx(ratio)
+    assert premise["holds"] == (ratio <= premise["limit"])
+    assert ("is **valid**" in text) == premise["holds"] and ("is **not valid**" in text) == (not premise["holds"])
 
 
 def test_matrix_denoising_index_path_agrees_and_differs_from_scalar(tmp_path):

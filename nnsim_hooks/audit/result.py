@@ -20,7 +20,7 @@ root; empty without files), ``label``, ``label_name``, ``prediction``, ``predict
 then each check's columns in the order of :data:`nnsim_hooks.audit.checks.CHECKS` (built in:
 ``label_issue_score``, ``is_label_issue``, ``suggested_label``, ``suggested_label_name``;
 ``duplicate_group`` (-1: none), ``duplicate_representative``; ``density``, ``knn_similarity``, ``is_outlier``;
-``effective_neighbors``, ``denoising_factor``, ``consistency``), then ``gradient_norm``,
+``effective_neighbors``, ``denoising_factor``, ``consistency``, ``prediction_spread``), then ``gradient_norm``,
 ``neighbor_1..k`` (dataset positions, -1: none) and ``similarity_1..k``.
 
 ``summary.json`` and ``per_class.csv`` likewise hold the core counts and each check's
