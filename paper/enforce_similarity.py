@@ -269,7 +269,7 @@ def figure(points: List[int], acc, path: Path, title: str, paper: bool) -> None:
     plt.close(fig)
 
 
-def report(results: dict, out: Path, started: float, argv) -> Path:
+def report(results: dict, out: Path, started: float, argv, note: str = "") -> Path:
     """Tables, figure and JSON from ``results`` (the settings and every seed's curves)."""
     settings, runs = results["settings"], results["runs"]
     arms = settings["arms"]
@@ -295,7 +295,7 @@ def report(results: dict, out: Path, started: float, argv) -> Path:
     curve_rows = [[n] + [cell(acc[a], n) for a in arms] + [dcell(diff[a], n) for a in term_arms] for n in points]
     verdicts = [f"- `{a}` ({FORMULA[a]}): {verdict(points, *diff[a])}." for a in term_arms]
     n_runs = len(runs)
-    sections = [
+    sections = ([note, ""] if note else []) + [
         f"## Test accuracy (%), mean over {n_runs} paired seeds ± 95% t-interval", "",
         table(head, rows), "",
         "## Paired difference with `none` (percentage points, ± 95% t-interval)", "",
@@ -389,8 +389,10 @@ def main(argv=None) -> dict:
     if args.report_only:
         if not runs:
             p.error(f"--report-only: {saved} holds no seeds run with these settings")
+        note = (f"**Rendered with --report-only from the {len(runs)} seeds (of {settings['runs']} asked for) that "
+                f"{saved.name} held**: the wall time below is the rendering's, not the training's.")
         settings["runs"] = len(runs)
-        md = report({"settings": settings, "runs": runs}, args.out, started, argv)
+        md = report({"settings": settings, "runs": runs}, args.out, started, argv, note)
         print(md.read_text())
         return {"settings": settings, "runs": runs}
     todo = [s for s in seeds if s not in {r["seed"] for r in runs}]
