@@ -9,8 +9,9 @@
 The core never imports this package, and importing it imports neither timm nor MONAI:
 each adapter loads its library when it is first used, and says which extra to install
 (``pip install 'nnsim_hooks[timm]'``, ``'nnsim_hooks[monai]'``) when it is missing.
-Dataset layouts (folder, CSV, MONAI datalist) are a registry, one module each, in
-:mod:`.layouts`. timm's fast layer rules are registered by :func:`register_timm_rules`, which
+Dataset layouts (folder, CSV, MONAI datalist, Hugging Face datasets, WebDataset shards,
+FiftyOne datasets) are a registry, one module each, in :mod:`.layouts`;
+:func:`export_to_fiftyone` writes an audit's columns into a FiftyOne dataset's fields. timm's fast layer rules are registered by :func:`register_timm_rules`, which
 ``load_model("timm:...")`` and ``import nnsim_hooks.integrations.timm`` call.
 """
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 from .checkpoints import load_checkpoint
 from .config import DataConfig, LoadedModel
 from .datasets import FileDataset, load_dataset
-from .input_size import with_input_size
+from .input_size import check_data_size, with_input_size
+from .layouts.fiftyone_dataset import export_to_fiftyone
 from .models import infer_data_config, load_model, parse_model_kwargs
 from .dense_outputs import foreground_sum, per_class, region_sum
 from nnsim_hooks.audit.thumbnails import thumbnail_of
@@ -28,6 +30,8 @@ __all__ = [
     "load_model",
     "load_dataset",
     "with_input_size",
+    "check_data_size",
+    "export_to_fiftyone",
     "LoadedModel",
     "DataConfig",
     "FileDataset",

@@ -80,11 +80,12 @@ class FileDataset(Dataset):
         ``loader`` convention; audits call it to find unreadable files, reports draw it):
         a decoded PIL image for 8-bit 2-D images, a uint8 picture of 16-bit, 32-bit and
         float ones (stretched: a report's 8-bit conversion would clip them), the uint8
-        central slice of a volume."""
+        central slice of a volume. A file holding NaN or Inf values is a
+        :class:`~nnsim_hooks.errors.NonFiniteInputError` (audits skip and count it)."""
         kind = kind_of(path)
         if kind == "image":
             image = open_image(path)
-            return image_picture(image, size=1 << 16) if image.mode in HIGH_BIT_MODES else image
+            return image_picture(image, size=1 << 16, path=path) if image.mode in HIGH_BIT_MODES else image
         if kind in ("volume", "array"):
             return file_picture(path, kind, self.data_config.spatial_dims, size=1 << 16)
         raise DataError(unknown_extension(path))
@@ -183,6 +184,6 @@ class FileDataset(Dataset):
 
     def __repr__(self) -> str:
         labelled = sum(1 for v in self.labels if v >= 0)
-        return (f"FileDataset({self.layout} '{self.source}', {len(self)} samples, {labelled} labelled, "
+        return (f"{type(self).__name__}({self.layout} '{self.source}', {len(self)} samples, {labelled} labelled, "
                 f"{len(self.classes)} classes, {self.data_config.describe()})")
 

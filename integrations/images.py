@@ -104,12 +104,17 @@ def image_transform(config: DataConfig, loaded: Optional[LoadedModel] = None) ->
 
 class ScaleIntensity:
     """Min-max to [0, 1] per sample, as MONAI's ``ScaleIntensity`` (what ``intensity="scale"``
-    means for volumes too); a constant image becomes zeros, as MONAI's does."""
+    means for volumes too); a constant image becomes zeros, as MONAI's does. The minimum
+    and maximum are those of the finite values: one NaN or Inf voxel stays where it is
+    (audits skip such files) instead of making every other value NaN."""
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        low, high = tensor.min(), tensor.max()
+        finite = tensor[torch.isfinite(tensor)]
+        if finite.numel() == 0:  # empty, or nothing finite: nothing to scale by
+            return tensor.clone()
+        low, high = finite.min(), finite.max()
         if high <= low:
-            return torch.zeros_like(tensor)
+            return torch.where(torch.isfinite(tensor), torch.zeros_like(tensor), tensor)
         return (tensor - low) / (high - low)
 
     def __repr__(self) -> str:
@@ -140,7 +145,11 @@ class ImageReader:
         self._split: Optional[Tuple[Callable, Callable]] = None
 
     def __call__(self, path: str) -> torch.Tensor:
-        converted = convert_image(open_image(path), self.channels)
+        return self.read_image(open_image(path))
+
+    def read_image(self, image) -> torch.Tensor:
+        """A decoded PIL image (from a file, a dataset's column, a tar member) as the model's input."""
+        converted = convert_image(image, self.channels)
         if not isinstance(converted, np.ndarray):
             return self.transform(converted).float()
         from PIL import Image

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: The largest side tried when looking for the smallest size a model accepts.
 LARGEST_TRIED = 512
+#: the same for volumes when checking the data's own size (a 512³ forward pass would not fit in memory)
+LARGEST_3D = 128
 
 Size = Union[int, Sequence[int]]
 
@@ -91,14 +93,15 @@ def accepts(model: nn.Module, channels: int, size: Tuple[int, ...]) -> Optional[
     return None
 
 
-def smallest_accepted(model: nn.Module, channels: int, spatial_dims: int, above: int) -> Optional[int]:
+def smallest_accepted(model: nn.Module, channels: int, spatial_dims: int, above: int,
+                      largest: int = LARGEST_TRIED) -> Optional[int]:
     """The smallest side (the same on every axis) above ``above`` that ``model`` accepts,
-    or None up to :data:`LARGEST_TRIED`: doubling, then bisecting (models refuse inputs
-    that are too small, not too large)."""
+    or None up to ``largest``: doubling, then bisecting (models refuse inputs that are
+    too small, not too large)."""
     low, high = above, None
     side = max(1, above)
-    while side < LARGEST_TRIED:
-        side = min(2 * side, LARGEST_TRIED)
+    while side < largest:
+        side = min(2 * side, largest)
         if accepts(model, channels, (side,) * spatial_dims) is None:
             high = side
             break
@@ -166,3 +169,25 @@ def with_input_size(loaded: LoadedModel, size: Union[str, Size], flag: str = "in
                                                       crop_pct=1.0))
     logger.info("inputs resized to %s for %s", "x".join(map(str, sides)), loaded.spec)
     return replace(loaded, data_config=data_config)
+
+
+def check_data_size(loaded: LoadedModel, shape: Sequence[int]) -> None:
+    """Samples of ``shape`` (``[C, *spatial]``, read at their own size) that ``loaded``'s
+    model refuses because they are too small (a 3-D DenseNet121 needs about 32³): an
+    InputError naming the smallest size it accepts and the flag that resizes the data to
+    it. Nothing when the model takes them, or when no larger size helps either (then it
+    is not a size problem, and the audit's own checks explain it)."""
+    channels, sides = int(shape[0]), tuple(int(s) for s in shape[1:])
+    why = accepts(loaded.model, channels, sides)
+    if why is None:
+        return
+    # a bounded search: a 3-D network at 512³ would not fit in memory, and a model that
+    # refuses much larger inputs too has another problem, explained by the audit's own checks
+    largest = min(LARGEST_TRIED if len(sides) < 3 else LARGEST_3D, max(64, 4 * max(sides)))
+    smallest = smallest_accepted(loaded.model, channels, len(sides), max(sides), largest)
+    if smallest is None:
+        return
+    flag = "--image-size" if len(sides) == 2 else "--spatial-size"
+    raise InputError(f"the samples are {'x'.join(map(str, sides))}, smaller than {loaded.spec} accepts ({why}); the "
+                     f"smallest it accepts is {'x'.join([str(smallest)] * len(sides))}: give {flag} {smallest} "
+                     f"(or more) to resize them")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from nnsim_hooks.errors import DataError
 
@@ -58,6 +58,11 @@ class Layout:
         list_samples: ``(path, classes, **options) -> Listing``, listed files checked to
             exist (``classes``: class names in index order, or None).
         suffixes: file suffixes it reads (none for a folder).
+        opens: for layouts whose samples are not files (a Hugging Face dataset,
+            WebDataset shards): ``(source, loaded, config, classes, **options) -> Dataset``,
+            used by ``load_dataset`` instead of :attr:`list_samples`.
+        patterns: whether ``recognises`` also takes paths that name several files (a brace
+            pattern such as ``shards-{000..009}.tar``) and so need not exist themselves.
     """
 
     name: str
@@ -67,3 +72,5 @@ class Layout:
     list_samples: Callable[..., Listing]
     options: Tuple[str, ...] = ()
     suffixes: Tuple[str, ...] = ()
+    opens: Optional[Callable[..., Any]] = None
+    patterns: bool = False

@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Dict, Optional, Union
 
@@ -118,6 +119,10 @@ def load_model(
     )
 
 
+# package.module and function names of a ``package.module:function`` spec
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
 def _name(name: str, spec: str) -> str:
     if not name:
         raise InputError(f"model spec '{spec}' names no model after the colon")
@@ -145,6 +150,10 @@ def _import(module_name: str, spec: str):
 
 
 def _load_callable(module_name: str, attr: str, spec: str, *, model_kwargs, checkpoint, num_classes) -> LoadedModel:
+    for part, what in ((module_name, "a module (package.module)"), (attr, "a function (name or Class.name)")):
+        if not _DOTTED.match(part):
+            raise InputError(f"model spec '{spec}': {part!r} is not {what}; write package.module:function, e.g. "
+                             "mymodels:build_net, or timm:NAME, torchvision:NAME, monai:NAME")
     module = _import(module_name, spec)
     fn = module
     for part in attr.split("."):

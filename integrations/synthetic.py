@@ -12,22 +12,33 @@ where nothing can be downloaded.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnsim_hooks.atomic import write_bytes_atomic, write_json_atomic
 from nnsim_hooks.optional import require
+from nnsim_hooks.safe_files import make_folder
 
 
 def _write_json(path: str, content: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, content)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Every file goes through nnsim_hooks.safe_files: atomic, never through a link."""
+    write_bytes_atomic(path, data)
+
+
+def _nifti_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
+    """A ``.nii.gz`` file's bytes (nibabel writes a path itself; we write the bytes)."""
+    import gzip
+
+    import nibabel as nib
+
+    return gzip.compress(nib.Nifti1Image(volume, affine).to_bytes(), mtime=0)
 
 
 def make_image_folder(
@@ -50,7 +61,7 @@ def make_image_folder(
     paths = []
     for k, name in enumerate(classes):
         folder = os.path.join(root, name)
-        os.makedirs(folder, exist_ok=True)
+        make_folder(folder, own=False)
         colour = np.array([(70 * k + 60) % 256, (130 * k + 200) % 256, (40 * k + 100) % 256], dtype=np.float64)
         for i in range(per_class):
             image = rng.normal(40, 20, (h, w, 3))
@@ -62,13 +73,15 @@ def make_image_folder(
             array = np.clip(image, 0, 255).astype(np.uint8)
             pil = Image.fromarray(array).convert("L") if grey else Image.fromarray(array)
             path = os.path.join(folder, f"{name}_{i:03d}.png")
-            pil.save(path)
+            buf = io.BytesIO()
+            pil.save(buf, format="PNG")
+            _write_bytes(path, buf.getvalue())
             paths.append(path)
     for j in range(duplicates):
         source = paths[0]
         target = os.path.join(os.path.dirname(source), f"duplicate_{j:03d}.png")
-        with open(source, "rb") as src, open(target, "wb") as dst:
-            dst.write(src.read())
+        with open(source, "rb") as src:
+            _write_bytes(target, src.read())
         paths.append(target)
     return paths
 
@@ -90,17 +103,16 @@ def make_nifti_folder(
     """Write NIfTI volumes in ImageFolder layout, ``root/<class>/case_XXX.nii.gz`` (the
     blob of :func:`make_nifti_datalist`). Returns the written paths."""
     require("nibabel", "writing NIfTI volumes")
-    import nibabel as nib
 
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float64)
     paths = []
     for label, name in enumerate(classes):
-        os.makedirs(os.path.join(root, name), exist_ok=True)
+        make_folder(os.path.join(root, name), own=False)
         for i in range(per_class):
             volume, _ = _blob_volume(rng, grid, shape, label, len(classes))
             path = os.path.join(root, name, f"case_{i:03d}.nii.gz")
-            nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.5, 2.0, 1.0])), path)
+            _write_bytes(path, _nifti_bytes(volume, np.diag([1.5, 1.5, 2.0, 1.0])))
             paths.append(path)
     return paths
 
@@ -119,11 +131,10 @@ def make_nifti_datalist(
     ``{"training": [{"image": ..., "label": k}]}`` with paths relative to ``root``.
     ``with_masks`` adds ``"mask"`` entries with the blob's segmentation."""
     require("nibabel", "writing NIfTI volumes")
-    import nibabel as nib
 
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, "volumes")
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder, own=False)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float64)
     items: List[Dict[str, Any]] = []
     affine = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -131,11 +142,11 @@ def make_nifti_datalist(
         label = i % classes
         volume, blob = _blob_volume(rng, grid, shape, label, classes)
         image = os.path.join("volumes", f"case_{i:03d}.nii.gz")
-        nib.save(nib.Nifti1Image(volume, affine), os.path.join(root, image))
+        _write_bytes(os.path.join(root, image), _nifti_bytes(volume, affine))
         item: Dict[str, Any] = {"image": image, "label": label}
         if with_masks:
             mask = os.path.join("volumes", f"case_{i:03d}_mask.nii.gz")
-            nib.save(nib.Nifti1Image((blob > 0.5).astype(np.uint8), affine), os.path.join(root, mask))
+            _write_bytes(os.path.join(root, mask), _nifti_bytes((blob > 0.5).astype(np.uint8), affine))
             item["mask"] = mask
         items.append(item)
     path = os.path.join(root, name)
@@ -165,8 +176,8 @@ def make_bundle(
         "_target_": "DenseNet121", "spatial_dims": 3, "in_channels": input_channels,
         "out_channels": output_channels, "init_features": 8, "growth_rate": 4, "block_config": [1, 1],
     }
-    os.makedirs(os.path.join(root, "configs"), exist_ok=True)
-    os.makedirs(os.path.join(root, "models"), exist_ok=True)
+    make_folder(os.path.join(root, "configs"), own=False)
+    make_folder(os.path.join(root, "models"), own=False)
     inference = {
         "imports": ["$import torch"],
         "bundle_root": ".",
@@ -200,7 +211,7 @@ def make_bundle(
         torch.manual_seed(seed)
         parser = ConfigParser({"network_def": network_def})
         net = parser.get_parsed_content("network_def")
-        tmp = os.path.join(root, "models", "model.pt.tmp")
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, os.path.join(root, "models", "model.pt"))
+        buf = io.BytesIO()
+        torch.save(net.state_dict(), buf)
+        _write_bytes(os.path.join(root, "models", "model.pt"), buf.getvalue())
     return root

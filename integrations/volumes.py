@@ -41,7 +41,9 @@ class VolumeReader:
         config = self.config
         steps = []
         if config.intensity == "scale":
-            steps.append(MT.ScaleIntensity())
+            from .images import ScaleIntensity  # MONAI's min-max, over the finite voxels only
+
+            steps.append(ScaleIntensity())
         elif config.intensity == "normalize" and config.mean is not None:
             steps.append(MT.NormalizeIntensity(subtrahend=config.mean, divisor=config.std, channel_wise=True))
         if config.spatial_size is not None:
@@ -60,7 +62,13 @@ class VolumeReader:
 def read_array(path: str, config: DataConfig) -> torch.Tensor:
     """A ``.npy`` array as it is (a channel axis added when it has none), resized when
     the model fixes a size."""
-    array = np.load(path, allow_pickle=False)
+    return array_tensor(np.load(path, allow_pickle=False), config)
+
+
+def array_tensor(array, config: DataConfig) -> torch.Tensor:
+    """An array (a ``.npy`` file's, a dataset column's) as it is, a channel axis added
+    when it has none, resized (linear interpolation) when the model fixes a size: this is
+    how ``--spatial-size`` brings small volumes up to what a 3-D network needs."""
     tensor = torch.as_tensor(np.asarray(array, dtype=np.float32))
     if tensor.dim() == config.spatial_dims:
         tensor = tensor[None]

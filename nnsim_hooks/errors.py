@@ -52,6 +52,11 @@ class DataError(NnsimError, ValueError):
     """A dataset, label file or image that cannot be used as given."""
 
 
+class NonFiniteInputError(DataError):
+    """A sample's input holds NaN or Inf values; the message names the file. Audits skip
+    and count such samples, as they do unreadable files."""
+
+
 class DistributedError(NnsimError, RuntimeError):
     """Ranks of a torch.distributed job that did not all reach a step, or failed one."""
 

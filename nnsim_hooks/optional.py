@@ -24,6 +24,10 @@ EXTRAS = {
     "sklearn": "audit",
     "scipy": "audit",
     "PIL": "audit",
+    "datasets": "hf",
+    "webdataset": "webdataset",
+    "braceexpand": "webdataset",
+    "fiftyone": "fiftyone",
 }
 
 #: the name pip knows a library by, where it differs from its import name

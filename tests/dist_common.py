@@ -26,6 +26,12 @@ def dataset() -> TensorDataset:
     return TensorDataset(torch.randn(N, 1, 8, 8, generator=g), torch.randint(0, 3, (N,), generator=g))
 
 
+def other_dataset() -> TensorDataset:
+    """Another dataset of the same length and shapes (the samples in reverse order)."""
+    x, y = dataset().tensors
+    return TensorDataset(x.flip(0).contiguous(), y.flip(0).contiguous())
+
+
 def npy_folder(root: Path, n: int = AUDIT_N) -> Path:
     """The first ``n`` samples as an ImageFolder of .npy arrays (one sub-folder per class)."""
     x, y = dataset().tensors

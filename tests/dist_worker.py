@@ -103,6 +103,7 @@ def scenario_main(root: Path, rank: int) -> None:
     if rank == 0:
         lock.release()
     seen["world"] = expect_error(lambda: build(root, "world3"))
+    seen["otherdata"] = expect_error(lambda: build(root, "otherdata"))  # a finished index of other data, same length
     seen["iterable"] = expect_error(lambda: build(root, "iterable", data=[dataset().tensors]))
     one = build(root, "one", data=Subset(dataset(), range(1)))  # rank 1's share is empty
     seen["one_sample_ids"] = np.asarray(one.ids).tolist()

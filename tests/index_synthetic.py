@@ -43,3 +43,21 @@ def kernel(rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(1, keepdims=True))
     return (z / z.sum(1, keepdims=True)).astype(np.float32)
+
+
+def faiss_file(folder):
+    """The FAISS file the manifest of an index folder commits (named by its contents), or None."""
+    import json
+    from pathlib import Path
+
+    from nnsim_hooks.index.folder.index_file import index_file_path
+
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    return index_file_path(Path(folder), manifest) if manifest.get("index_file") else None
+
+
+def faiss_files(folder):
+    """The names of every FAISS file in ``folder`` (committed or not)."""
+    from pathlib import Path
+
+    return sorted(p.name for p in Path(folder).glob("index*.faiss"))

@@ -158,7 +158,7 @@ def test_every_saved_file_is_durable_and_has_the_usual_permissions(small, tmp_pa
     of a temporary file)."""
     import os
 
-    import nnsim_hooks.atomic as atomic
+    import nnsim_hooks.safe_files as atomic  # every file is written there
 
     synced = []
     real_sync = atomic.fsync_dir

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 import nnsim_hooks
-from index_synthetic import clustered_rows, softmax
+from index_synthetic import clustered_rows, faiss_file, softmax
 from nnsim_hooks.errors import IndexMismatchError, InputError, StoreError
 from nnsim_hooks.index import GradientIndex, load_index
 
@@ -154,14 +154,15 @@ def test_faiss_file_of_another_build_is_refused(tmp_path):
     GradientIndex.from_features(rows[:30], path=tmp_path / "c", index="hnsw")
     record = json.loads((a / "manifest.json").read_text())["index_file"]
     assert record["count"] == N and record["dim"] == D and len(record["sha256"]) == 64
-    shutil.copy(tmp_path / "b" / "index.faiss", a / "index.faiss")
+    mine = faiss_file(a)
+    shutil.copy(faiss_file(tmp_path / "b"), mine)
     idx = load_index(a)  # the size matches: the SHA-256 is checked when the file is read
-    with pytest.raises(StoreError, match=r"index.faiss' does not belong to this index: its SHA-256"):
+    with pytest.raises(StoreError, match=r"\.faiss' does not belong to this index: its SHA-256"):
         idx.search(rows[:2], 3)
-    shutil.copy(tmp_path / "c" / "index.faiss", a / "index.faiss")
-    with pytest.raises(StoreError, match=r"index.faiss' does not belong to this index: it has \d+ bytes"):
+    shutil.copy(faiss_file(tmp_path / "c"), mine)
+    with pytest.raises(StoreError, match=r"\.faiss' does not belong to this index: it has \d+ bytes"):
         load_index(a)
-    (a / "index.faiss").unlink()  # what the message advises: rebuilt from the stored features
+    mine.unlink()  # what the message advises: rebuilt from the stored features
     _, ids = load_index(a).search(rows[:2], 1)
     assert ids[:, 0].tolist() == [0, 1]
 

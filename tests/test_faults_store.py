@@ -170,7 +170,7 @@ def test_ctrl_c_while_overwrite_removes_the_old_index(xy, reference, tmp_path, m
     real = os.unlink
 
     def unlink(path, *a, **k):
-        if str(path).endswith("index.faiss"):
+        if str(path).endswith(".faiss"):
             raise KeyboardInterrupt
         return real(path, *a, **k)
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 import nnsim_hooks
 from nnsim_hooks.errors import DataError, ExtractionError, IndexMismatchError, StoreError
+from index_synthetic import faiss_file, faiss_files
 
 N, IN, CLASSES, BS, DIM = 90, 6, 3, 16, 32
 
@@ -289,7 +290,7 @@ def test_finished_index_is_returned_without_extracting(handle, xy, tmp_path):
     x, y = xy
     handle.build_index(TensorDataset(x, y), tmp_path / "ix", progress=False)
     idx = handle.build_index(Items(x, y, fail_at=set(range(N))), tmp_path / "ix", index="hnsw", progress=False)
-    assert idx.kind == "hnsw" and (tmp_path / "ix" / "index.faiss").exists()
+    assert idx.kind == "hnsw" and faiss_file(tmp_path / "ix").exists()
     with pytest.raises(IndexMismatchError, match="holds 90 samples but the data has 50"):
         handle.build_index(TensorDataset(x[:50], y[:50]), tmp_path / "ix", progress=False)
 
@@ -374,15 +375,14 @@ def test_disk_full_while_writing_the_faiss_index(handle, xy, tmp_path, monkeypat
 
     x, y = xy
 
-    def no_space(index, path):
-        Path(path).write_bytes(b"partial")
+    def no_space(index, writer):  # the temporary file exists already (ours, created with O_EXCL)
         raise RuntimeError("Error in faiss::FileIOWriter: write error: No space left on device")
 
     with monkeypatch.context() as m:
         m.setattr(faiss, "write_index", no_space)
         with pytest.raises(StoreError, match="FAISS index"):
             handle.build_index(TensorDataset(x, y), tmp_path / "ix", index="hnsw", progress=False)
-    assert not (tmp_path / "ix" / "index.faiss").exists() and not list((tmp_path / "ix").glob(".*"))
+    assert not faiss_files(tmp_path / "ix") and not list((tmp_path / "ix").glob(".*"))
     assert not _manifest(tmp_path / "ix")["complete"]
     idx = handle.build_index(Items(x, y, fail_at=set(range(N))), tmp_path / "ix", index="hnsw", progress=False)
     assert idx.kind == "hnsw" and len(idx) == N  # features were kept: no re-extraction

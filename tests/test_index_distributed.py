@@ -25,7 +25,7 @@ from nnsim_hooks.index.sharded.shards import merge_shards, shard_range
 from nnsim_hooks.index.sharded.queries import ShardedQueries
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import BATCH, DIM, N, cli_audit, dataset, make_cnn, npy_folder  # noqa: E402
+from dist_common import BATCH, DIM, N, cli_audit, dataset, make_cnn, npy_folder, other_dataset  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +66,7 @@ def launched(tmp_path_factory):
     """Both launches, and the state of the folder the killed rank left."""
     root = tmp_path_factory.mktemp("torchrun")
     build(root / "world3", shard=(0, 3))  # a folder of another world size, for the refusal
+    build(root / "otherdata", data=other_dataset())  # a finished index of other data of the same length
     npy_folder(root / "npy")  # data for nnsim audit --data
     killed = torchrun("kill", root)
     assert killed.returncode != 0, killed.stdout + killed.stderr
@@ -158,6 +159,7 @@ def test_torchrun_sharded_queries_equal_one_process(launched):
     ("seed", "IndexMismatchError", ["fingerprint.sketch.seed: rank 0 has 0, rank 1 has 1"]),
     ("locked", "StoreError", ["rank 1", "test: another writer", "two writers"]),
     ("world", "IndexMismatchError", ["3 processes", "this build has 2"]),
+    ("otherdata", "IndexMismatchError", ["a finished index of other data than this", "first sample (id 0)"]),
     ("iterable", "DataError", ["known length"]),
 ])
 def test_torchrun_refusals_reach_every_rank(launched, case, cls, words):

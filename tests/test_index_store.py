@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from index_synthetic import clustered_rows, softmax
+from index_synthetic import clustered_rows, faiss_file, faiss_files, softmax
 from nnsim_hooks import load_index
 from nnsim_hooks.errors import IndexMismatchError, InputError, StoreError
 from nnsim_hooks.index import GradientIndex
@@ -120,12 +120,12 @@ def test_corrupt_folders_are_store_errors(idx, tmp_path):
 def test_from_features_into_a_folder(tmp_path):
     rows = clustered_rows(50, D, seed=1)
     idx = GradientIndex.from_features(rows, path=tmp_path / "ix", index="hnsw")
-    assert idx.path == tmp_path / "ix" and (tmp_path / "ix" / "index.faiss").exists()
+    assert idx.path == tmp_path / "ix" and faiss_files(tmp_path / "ix") == [faiss_file(tmp_path / "ix").name]
     with pytest.raises(StoreError, match="overwrite=True"):
         GradientIndex.from_features(rows, path=tmp_path / "ix")
     again = GradientIndex.from_features(rows[:20], path=tmp_path / "ix", overwrite=True)
     assert len(load_index(tmp_path / "ix")) == 20 and again.kind == "flat"
-    assert not (tmp_path / "ix" / "index.faiss").exists()
+    assert not faiss_files(tmp_path / "ix")
 
 
 def test_fingerprint_differences_say_what_differs():

@@ -143,3 +143,48 @@ def test_a_model_of_one_fixed_size_says_so():
     with pytest.raises(InputError, match=r"--image-size 48x48: torchvision:vit takes only inputs of 32x32"):
         with_input_size(loaded, 48, "--image-size")
     assert with_input_size(loaded, 32, "--image-size").data_config.spatial_size == (32, 32)
+
+
+DENSENET_32 = dict(TINY_DENSENET, block_config=[1, 1, 1, 1])  # four poolings: DenseNet121's minimum of about 32³
+
+
+@pytest.mark.slow
+def test_cli_spatial_size_brings_small_volumes_up_to_what_a_3d_network_needs(tmp_path, capsys):
+    pytest.importorskip("monai")
+    pytest.importorskip("nibabel")
+    from nnsim_hooks.integrations.synthetic import make_nifti_folder
+    from nnsim_hooks.integrations.volumes import load_volume
+
+    data = tmp_path / "volumes"
+    paths = make_nifti_folder(str(data), per_class=3, shape=(16, 16, 16))
+    args = ["--data", data, "--model", "monai:DenseNet121", "--model-kwargs", json.dumps(DENSENET_32),
+            "--num-classes", 2, *FAST[:-2], "--batch-size", 4]
+    assert nnsim(*args, "--out", tmp_path / "a") == 1
+    err = capsys.readouterr().err
+    smallest = int(err.rsplit("give --spatial-size ", 1)[1].split()[0])
+    assert "the samples are 16x16x16, smaller than monai:DenseNet121 accepts" in err and 17 <= smallest <= 32
+    assert nnsim(*args, "--spatial-size", 32, "--out", tmp_path / "b") == 0, capsys.readouterr().err
+    marker = json.loads((tmp_path / "b" / "nnsim-audit.json").read_text())
+    assert marker["config"]["input_size"] == [32, 32, 32]
+    # what the network saw: the volume scaled to [0, 1] (MONAI's ScaleIntensity) and resized trilinearly
+    loaded = with_input_size(load_model("monai:DenseNet121", model_kwargs=DENSENET_32), 32, "--spatial-size")
+    raw = torch.as_tensor(np.asarray(load_volume(paths[0]), dtype=np.float32))
+    scaled = (raw - raw.min()) / (raw.max() - raw.min())
+    expected = torch.nn.functional.interpolate(scaled[None], size=(32, 32, 32), mode="trilinear")[0]
+    assert torch.allclose(load_dataset(str(data), loaded)[0][0], expected, atol=1e-5)
+
+
+def test_data_too_small_for_the_network_name_the_size_that_works():
+    from nnsim_hooks.integrations import DataConfig, LoadedModel, check_data_size
+
+    def loaded(model):
+        return LoadedModel(model=model, data_config=DataConfig(channels=1), source="callable", name="net")
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    check_data_size(loaded(conv), (1, 8, 8))  # big enough: nothing to say
+    with pytest.raises(InputError, match=r"the samples are 5x5, smaller than .* the smallest it accepts is 8x8: "
+                                         r"give --image-size 8 \(or more\)"):
+        check_data_size(loaded(conv), (1, 5, 5))
+    # a model that takes one size only is not a size problem here: the audit's own checks explain it
+    fixed = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2))
+    check_data_size(loaded(fixed), (1, 32, 32))

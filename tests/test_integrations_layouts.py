@@ -14,8 +14,9 @@ from nnsim_hooks.errors import DataError
 from nnsim_hooks.integrations import layouts, load_dataset
 from nnsim_hooks.integrations.listing import Layout, Listing, check_exist
 
-EXPECTED = ("a folder (one sub-folder of images per class, or the files themselves), a .csv of path,label or a "
-            ".json MONAI datalist")
+EXPECTED = ("a Hugging Face dataset folder (save_to_disk), a folder (one sub-folder of images per class, or the "
+            "files themselves), a .csv of path,label, a .json MONAI datalist, WebDataset .tar shards (a file or a "
+            "brace pattern) or a FiftyOne dataset (fiftyone:NAME)")
 
 
 def _touch(folder, names):
@@ -40,13 +41,18 @@ LST = Layout(name="lst", recognises=lambda p: p.endswith(".lst"), what="a .lst o
 
 
 def test_the_registry_words_the_layouts_as_before():
-    assert [layout.name for layout in layouts.LAYOUTS] == ["folder", "csv", "datalist"]
+    assert [layout.name for layout in layouts.LAYOUTS] == ["hf", "folder", "csv", "datalist", "webdataset",
+                                                           "fiftyone"]
     assert layouts.expected() == EXPECTED
     assert layouts.data_help() == (
-        "ImageFolder (one sub-folder per class), a folder of files, a CSV of path,label (.csv) or a MONAI datalist "
-        "JSON (.json); images, NIfTI/MHA/NRRD volumes or .npy arrays")
-    assert layouts.layout_options() == {o: layouts.LAYOUTS[2] for o in ("section", "image_key", "label_key",
-                                                                         "mask_key")}
+        "a Hugging Face dataset saved with save_to_disk (--image-column, --label-column), ImageFolder (one sub-folder "
+        "per class), a folder of files, a CSV of path,label (.csv), a MONAI datalist JSON (.json), WebDataset tar "
+        "shards (shards-{000..003}.tar) or a FiftyOne dataset (fiftyone:NAME); images, NIfTI/MHA/NRRD volumes or "
+        ".npy arrays")
+    options = layouts.layout_options()
+    assert {o: options[o].name for o in options} == {
+        **{o: "datalist" for o in ("section", "image_key", "label_key", "mask_key")},
+        **{o: "hf" for o in ("image_column", "label_column", "split", "id_column")}}
 
 
 def test_each_layout_is_recognised_by_its_path(tmp_path):
@@ -71,9 +77,10 @@ def test_messages_name_every_layout(tmp_path):
             "(", r"\(").replace(")", r"\)")):
         layouts.list_samples(str(tmp_path / "nope"))
     (tmp_path / "x.txt").write_text("")
-    with pytest.raises(DataError, match=r"is neither a folder .*, a \.csv of path,label nor a \.json MONAI datalist"):
+    with pytest.raises(DataError, match=r"is neither a Hugging Face .*, a \.csv of path,label, a \.json MONAI datalist, "
+                                        r"WebDataset .* nor a FiftyOne dataset"):
         layouts.list_samples(str(tmp_path / "x.txt"))
-    with pytest.raises(cli.CliError, match=r"a \.txt file is not a data layout \(expected a folder"):
+    with pytest.raises(cli.CliError, match=r"a \.txt file is not a data layout \(expected a Hugging Face"):
         cli._check_data_path(str(tmp_path / "x.txt"))
 
 
@@ -87,7 +94,7 @@ def test_a_new_layout_is_one_entry(tmp_path, monkeypatch):
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["audit"].format_help()
     assert "a list of file label lines (.lst)" in " ".join(help_text.split())
     (tmp_path / "x.txt").write_text("")
-    with pytest.raises(cli.CliError, match=r"\.json MONAI datalist or a \.lst of 'file label' lines"):
+    with pytest.raises(cli.CliError, match=r"a FiftyOne dataset \(fiftyone:NAME\) or a \.lst of 'file label' lines"):
         cli._check_data_path(str(tmp_path / "x.txt"))
     with pytest.raises(DataError, match="1 of the 1 files listed in list"):
         (tmp_path / "bad.lst").write_text("missing.png 0\n")

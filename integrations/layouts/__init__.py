@@ -15,13 +15,16 @@ from typing import Dict, List, Optional, Sequence
 from nnsim_hooks.errors import DataError
 
 from ..listing import Layout, Listing
-from . import csv_file, data_folder, datalist
+from . import csv_file, data_folder, datalist, fiftyone_dataset, hf_datasets, webdataset_shards
 
-#: every layout, in the order a path is tried
+#: every layout, in the order a path is tried (a saved Hugging Face dataset is a folder too)
 LAYOUTS: List[Layout] = [
+    hf_datasets.LAYOUT,
     data_folder.LAYOUT,
     csv_file.LAYOUT,
     datalist.LAYOUT,
+    webdataset_shards.LAYOUT,
+    fiftyone_dataset.LAYOUT,
 ]
 
 #: what the files of every layout may be (read by :mod:`nnsim_hooks.integrations.images` and ``.volumes``)
@@ -43,8 +46,29 @@ def data_help() -> str:
 
 
 def layout_of(path: str) -> Optional[Layout]:
-    """The first layout that recognises the existing ``path``, or None."""
-    return next((layout for layout in LAYOUTS if layout.recognises(path)), None)
+    """The first layout that recognises ``path`` (an existing path, or a pattern of files
+    for a layout that reads :attr:`~Layout.patterns`), or None."""
+    exists = os.path.exists(path)
+    return next((layout for layout in LAYOUTS if (exists or layout.patterns) and layout.recognises(path)), None)
+
+
+def check_options(path: str, options) -> None:
+    """Unknown layout options are refused, naming the ones the layouts take."""
+    known = layout_options()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise DataError(f"unknown layout option(s) {unknown} for '{path}'; the layouts take {sorted(known)} "
+                        f"({', '.join(f'{o}: {known[o].name}' for o in sorted(known))})")
+
+
+def find_layout(path: str) -> Layout:
+    """The layout of ``path``; a DataError saying what was expected when none reads it."""
+    layout = layout_of(path)
+    if layout is not None:
+        return layout
+    if not os.path.exists(path):
+        raise DataError(f"data path '{path}' does not exist; expected {expected()}")
+    raise DataError(f"data path '{path}' is neither {_either([x.what for x in LAYOUTS], 'nor')}")
 
 
 def layout_options() -> Dict[str, Layout]:
@@ -58,16 +82,8 @@ def list_samples(path: str, *, classes: Optional[Sequence[str]] = None, **option
     ``options``: layout options (see each layout's ``LAYOUT.options``, e.g. the datalist's
     ``section``); those of other layouts than ``path``'s are ignored, unknown ones refused."""
     path = os.fspath(path)
-    known = layout_options()
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise DataError(f"unknown layout option(s) {unknown} for '{path}'; the layouts take {sorted(known)} "
-                        f"({', '.join(f'{o}: {known[o].name}' for o in sorted(known))})")
-    if not os.path.exists(path):
-        raise DataError(f"data path '{path}' does not exist; expected {expected()}")
-    layout = layout_of(path)
-    if layout is None:
-        raise DataError(f"data path '{path}' is neither {_either([x.what for x in LAYOUTS], 'nor')}")
+    check_options(path, options)
+    layout = find_layout(path)
     listing = layout.list_samples(path, classes, **{k: v for k, v in options.items() if k in layout.options})
     if not listing.paths:
         raise DataError(f"no samples found in '{path}'")

@@ -51,8 +51,7 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None) -> Listing:
     header = [c.strip().lower() for c in first]
     path_col, label_col = 0, 1 if len(first) > 1 else None
     if any(h in PATH_COLUMNS for h in header):
-        path_col = next(i for i, h in enumerate(header) if h in PATH_COLUMNS)
-        label_col = next((i for i, h in enumerate(header) if h in LABEL_COLUMNS), None)
+        path_col, label_col = _header_columns(path, first, header)
         rows = rows[1:]
     elif not is_data_file(first[0].strip()) and not os.path.exists(os.path.join(base, first[0].strip())):
         raise DataError(
@@ -68,6 +67,20 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None) -> Listing:
         places.append(f"line {line}")
     labels, names = parse_labels(raw, places, f"CSV '{path}'", classes)
     return Listing(paths, labels, names, layout="csv")
+
+
+def _header_columns(path: str, first: List[str], header: List[str]) -> tuple:
+    """The path and label columns a header names; two candidates for either is ambiguous
+    (``path,path,label`` would otherwise silently use the first)."""
+    found = []
+    for names, what in ((PATH_COLUMNS, "path"), (LABEL_COLUMNS, "label")):
+        columns = [i for i, h in enumerate(header) if h in names]
+        if len(columns) > 1:
+            named = ", ".join(f"'{first[i].strip()}' (column {i + 1})" for i in columns)
+            raise DataError(f"CSV '{path}': the header {first} has {len(columns)} {what} columns: {named}. Keep one "
+                            f"(or rename the others), so that it is clear which one holds the {what}s")
+        found.append(columns[0] if columns else None)
+    return found[0], found[1]
 
 
 def list_csv(path: str, classes: Optional[Sequence[str]] = None) -> Listing:

@@ -10,16 +10,9 @@ from nnsim_hooks.errors import DataError
 
 from ..files import IMAGE_EXTENSIONS, SHOW, VOLUME_EXTENSIONS, is_data_file
 from ..listing import Layout, Listing
+from ..walk import Walk
 
 logger = logging.getLogger(__name__)
-
-
-def _files_under(folder: str) -> List[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_data_file(f)]
-    return found
 
 
 def _class_indices(class_dirs: List[str], classes: Optional[Sequence[str]], root: str) -> List[int]:
@@ -45,12 +38,15 @@ def read_folder(root: str, classes: Optional[Sequence[str]] = None) -> Listing:
     if class_dirs:
         indices = _class_indices(class_dirs, classes, root)
         paths, labels, empty = [], [], []
+        # shared by the class folders: a folder or file linked into two classes is listed once
+        walk = Walk([root] + [os.path.join(root, name) for name in class_dirs])
         for name, index in zip(class_dirs, indices):
-            found = _files_under(os.path.join(root, name))
+            found = walk.files_under(os.path.join(root, name), is_data_file)
             if not found:
                 empty.append(name)
             paths += found
             labels += [index] * len(found)
+        walk.warn(root)
         if empty:
             logger.warning("ImageFolder %s: class folders without image files: %s", root, empty[:SHOW])
         if files:

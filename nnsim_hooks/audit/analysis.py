@@ -33,11 +33,13 @@ def analyse(
     dataset=None,
     paths: Optional[Sequence[Optional[str]]] = None,
     class_names: Optional[Sequence[str]] = None,
+    non_finite: Optional[Sequence[int]] = None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
     ``positions[i]`` is the dataset position of the index's sample ``i`` (default: the
-    same); ``n_total`` the dataset's length (rows not in the index are unreadable).
+    same); ``n_total`` the dataset's length (rows not in the index were skipped: unreadable,
+    or, for the dataset positions in ``non_finite``, holding NaN or Inf values).
     ``denoise_index`` (same samples, another output) gives the density, N_eff and
     consistency columns instead of ``index``. ``density`` (``[N]``, e.g. the exact
     :meth:`~nnsim_hooks.Handle.density` of the same samples) replaces the sketched one; the
@@ -95,6 +97,7 @@ def analyse(
     # One row per dataset sample; unreadable ones keep NaN / missing values.
     table = pd.DataFrame(index=pd.Index(np.arange(n_total), name="sample"))
     table["readable"] = np.isin(np.arange(n_total), positions)
+    table["finite"] = ~np.isin(np.arange(n_total), np.asarray(non_finite if non_finite is not None else [], np.int64))
     table["valid"] = False
     table.loc[positions, "valid"] = np.asarray(index.valid, dtype=bool)
     table["path"] = path_column(paths, n_total)

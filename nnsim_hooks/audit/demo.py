@@ -217,7 +217,8 @@ def _load_or_train(folder, data: NoisyDigits, epochs: int, seed: int, progress: 
     import io as _io
     from pathlib import Path
 
-    from ..atomic import store_errors, write_bytes_atomic
+    from ..atomic import write_bytes_atomic
+    from ..safe_files import make_folder
 
     model = small_cnn(seed=seed)
     path = Path(folder) / "demo" / "model.pt"
@@ -229,8 +230,7 @@ def _load_or_train(folder, data: NoisyDigits, epochs: int, seed: int, progress: 
     history = train(model, data.images, data.noisy_labels, epochs=epochs, seed=seed, progress=progress)
     buf = _io.BytesIO()
     torch.save(model.state_dict(), buf)
-    with store_errors("creating the folder", path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)  # never through a link
     write_bytes_atomic(path, buf.getvalue())
     return model, history
 

@@ -13,7 +13,12 @@ before anything else and updated when the audit finishes:
   gradient index inside it continues where it stopped (Ctrl-C, crash);
 - an unfinished audit of another configuration is refused unless ``overwrite=True``
   (or unless it stored nothing yet: a run that failed early is simply replaced);
-- a non-empty folder without the marker is never touched: choose another folder.
+- a non-empty folder without the marker is never touched: choose another folder;
+- a link where the audit keeps its own files or folders (``index/``, ``demo/``,
+  ``table.csv``...) is refused, never written or deleted through; the folder given as
+  ``out_dir`` may itself be a link;
+- temporary files a killed audit left (``.table.csv.<random>.tmp``) are deleted by the
+  next run in the folder.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Dict, Optional
 
 from ..errors import StoreError
 from ..atomic import store_errors, write_json_atomic
+from ..safe_files import make_folder, refuse_link, remove_empty_folder, remove_file, remove_owned
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,7 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
     with store_errors("reading the output folder", folder):
         entries = list(folder.iterdir()) if folder.exists() else []
     if entries:
+        refuse_nested_links(folder)
         marker = read_marker(folder)
         if marker is None:
             raise StoreError(
@@ -91,6 +98,7 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
         running = marker.get("state") == "running"
         if running and same and not overwrite:
             logger.info("resuming the unfinished audit in %s", folder)
+            remove_temporaries(folder)
             return True
         if running and not _holds_work(folder):
             overwrite = True  # a run that failed before storing anything: nothing to lose
@@ -101,8 +109,8 @@ def prepare_out_dir(folder, config: Dict[str, Any], overwrite: bool = False) -> 
                 "or choose another folder"
             )
         remove_outputs(folder)
-    with store_errors("creating the output folder", folder):
-        folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, own=False)  # the folder the user named may be a link; nothing inside it may
+    remove_temporaries(folder)
     write_json(folder / MARKER, {"state": "running", "config": clean_json(config)})
     return False
 
@@ -118,35 +126,62 @@ def _holds_work(folder: Path) -> bool:
         return (folder / "index").exists()
 
 
+def _nested(folder: Path):
+    """Every path inside ``folder`` the audit writes or deletes (files and folders)."""
+    folder = Path(folder)
+    yield from (folder / name for name in INDEX_FOLDERS + OUTPUT_FILES)
+    yield folder / "demo"
+    yield from (folder / name for name in NESTED_FILES)
+
+
+def refuse_nested_links(folder: Path) -> None:
+    """A link where the audit keeps its own files or folders (``index/``, ``demo/``,
+    ``table.csv``...) is refused: nothing is written or deleted through it."""
+    for path in _nested(folder):
+        refuse_link(path)
+
+
+def _is_output_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp") and any(
+        name.startswith(f".{Path(f).name}.") for f in OUTPUT_FILES + NESTED_FILES)
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files a killed audit left (``.table.csv.<random>.tmp``...)."""
+    folder = Path(folder)
+    for where in (folder, folder / "demo"):
+        if where.is_dir():
+            remove_owned(where, _is_output_temporary, skip_links=True)
+
+
 def remove_outputs(folder: Path) -> None:
-    """Delete the audit's own files in ``folder`` (nothing else; see the module docstring)."""
+    """Delete the audit's own files in ``folder`` (nothing else; see the module docstring).
+    Every check that could refuse runs first, so that a refusal deletes nothing."""
+    from ..index.folder.clearing import check_clearable, clear_folder
     from ..index.folder.lock import LOCK_FILE, describe_holder
-    from ..index.folder.store import remove_store_files
 
     folder = Path(folder)
-    with store_errors("deleting the old audit in", folder):
-        for name in INDEX_FOLDERS:
-            path = folder / name
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-            elif path.is_dir():
-                writer = describe_holder(path)
-                if writer is not None:
-                    raise StoreError(f"'{path}' is being written by {writer}; wait for it to finish, or stop it")
-                remove_store_files(path)
-                (path / LOCK_FILE).unlink(missing_ok=True)
-                _remove_if_empty(path)
-        for name in OUTPUT_FILES + NESTED_FILES:
-            path = folder / name
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-        _remove_if_empty(folder / "demo")
+    refuse_nested_links(folder)
+    indexes = [folder / name for name in INDEX_FOLDERS if (folder / name).exists()]
+    for path in indexes:
+        if not path.is_dir():
+            raise StoreError(f"'{path}' is a file where the audit keeps an index folder; move it away first")
+        writer = describe_holder(path)
+        if writer is not None:
+            raise StoreError(f"'{path}' is being written by {writer}; wait for it to finish, or stop it")
+        check_clearable(path)
+    for path in indexes:
+        clear_folder(path)
+        remove_owned(path, lambda name: name == LOCK_FILE)
+        _remove_if_empty(path)
+    for name in OUTPUT_FILES + NESTED_FILES:
+        remove_file(folder / name)
+    remove_temporaries(folder)
+    _remove_if_empty(folder / "demo")
 
 
 def _remove_if_empty(path: Path) -> None:
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-    elif path.is_dir():
+    if path.is_dir() and not remove_empty_folder(path):
         logger.warning("kept %s: it holds files the audit did not write (%s)", path,
                        ", ".join(sorted(p.name for p in path.iterdir())[:5]))
 

@@ -12,7 +12,8 @@ Saved folder layout (``AuditResult.save(dir)``)::
                        neighbours use another output (output="full", the default up to 16 classes)
     nnsim-audit.json   the folder's marker (state, configuration)
 
-Table columns: the index ``sample`` (the dataset position), ``readable``, ``valid`` (the
+Table columns: the index ``sample`` (the dataset position), ``readable``, ``finite`` (False:
+the file holds NaN or Inf values, and was skipped like an unreadable one), ``valid`` (the
 sample has a gradient direction), ``path`` (the sample's file relative to the dataset's
 root; empty without files), ``label``, ``label_name``, ``prediction``, ``prediction_name``
 (nullable ints and the class names beside them), ``label_probability``, ``confidence``,
@@ -94,12 +95,16 @@ class AuditResult:
     def _summary(self, num_classes: Optional[int]) -> Dict[str, Any]:
         t = self.table
         labels, preds = class_column(t, "label"), class_column(t, "prediction")
-        unreadable = np.flatnonzero(~t["readable"].to_numpy(dtype=bool))
+        finite = t["finite"].to_numpy(dtype=bool) if "finite" in t else np.ones(len(t), bool)
+        unreadable = np.flatnonzero(~t["readable"].to_numpy(dtype=bool) & finite)
+        non_finite = np.flatnonzero(~finite)
         summary = {
             "samples": len(t),
             "readable": int(t["readable"].sum()),
             "unreadable": len(unreadable),
             "unreadable_samples": unreadable[:1000].tolist(),
+            "non_finite": len(non_finite),
+            "non_finite_samples": non_finite[:1000].tolist(),
             "valid": int(t["valid"].sum()),
             "labelled": int((labels >= 0).sum()),
             "missing_labels": int(((labels < 0) & t["readable"].to_numpy(dtype=bool)).sum()),

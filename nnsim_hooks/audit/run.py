@@ -16,7 +16,7 @@ from ..errors import DataError, InputError, ModelError
 from ..index.sharded import distributed as dist_
 from .analysis import analyse
 from .batch_memory import MemoryBudget, fit_batch_size, parse_memory
-from .samples import AuditView, check_dataset, check_input, find_unreadable, resolve_labels
+from .samples import AuditView, check_dataset, check_input, find_skipped, resolve_labels
 from .output_folder import prepare_out_dir
 from .output_choice import (
     DEFAULT_K,
@@ -253,12 +253,11 @@ def audit(
         # under torchrun only rank 0 writes the audit's files; the ranks share the index build
         dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 
-    unreadable = find_unreadable(dataset, progress=progress)
-    if unreadable is None:
-        unreadable = np.zeros(0, dtype=np.int64)
-    positions = np.setdiff1d(np.arange(n_total), unreadable)
+    unreadable, non_finite = find_skipped(dataset, progress=progress) or (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    positions = np.setdiff1d(np.arange(n_total), np.union1d(unreadable, non_finite))
     if len(positions) == 0:
-        raise DataError(f"none of the {n_total} files of the dataset could be read; nothing to audit")
+        raise DataError(f"none of the {n_total} files of the dataset could be read ({len(non_finite)} hold NaN or Inf "
+                        "values); nothing to audit")
     view = AuditView(dataset, user_labels, positions)
 
     was_training = model.training
@@ -322,6 +321,7 @@ def audit(
         dataset=dataset,
         paths=sample_paths,
         class_names=names,
+        non_finite=non_finite,
     )
     result.dataset = dataset
     result.thumbnail = thumbnail

@@ -8,7 +8,9 @@ the table can be read on another machine. Each class column (``label``,
 column right after it with the class's name.
 
 Paths come from ``audit(paths=...)``, else from the dataset: ``paths`` (the
-integrations' :class:`~nnsim_hooks.integrations.FileDataset`), or ``samples``
+integrations' :class:`~nnsim_hooks.integrations.FileDataset`; for records, not files, a
+Hugging Face dataset's id or row index and a WebDataset's ``shard.tar/key``, shown as they
+are), or ``samples``
 (torchvision's ``ImageFolder``/``DatasetFolder``), through ``Subset``s. Class names come
 from ``audit(class_names=...)``, else the dataset's ``classes``; without any, the name
 is the class index written out (``"3"``).
@@ -55,10 +57,12 @@ def dataset_root(dataset: Any) -> Optional[str]:
 
     if isinstance(dataset, Subset):
         return dataset_root(dataset.dataset)
+    if getattr(dataset, "names_are_files", True) is False:  # records (HF rows, tar members): names as they are
+        return None
     for attribute in ("source", "root"):
         value = getattr(dataset, attribute, None)
-        if isinstance(value, (str, os.PathLike)) and os.fspath(value):
-            value = os.fspath(value)
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value) and os.path.exists(os.fspath(value)):
+            value = os.fspath(value)  # (a source that is no path, fiftyone:NAME, keeps the paths absolute)
             return value if os.path.isdir(value) else os.path.dirname(value) or "."
     return None
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
-from ..errors import DataError, InputError
+from ..errors import DataError, InputError, NonFiniteInputError
 
 logger = logging.getLogger(__name__)
 
@@ -189,38 +189,50 @@ def _file_list(dataset: Any) -> Optional[Tuple[List[str], Any]]:
 
 
 def find_unreadable(dataset: Any, progress: bool = False, workers: int = 4) -> Optional[np.ndarray]:
-    """Positions of files that the dataset's loader cannot read (None when the dataset
-    is not file-backed). Reads every file once."""
+    """Positions of files that the dataset's loader cannot read or that hold NaN or Inf
+    values (None when the dataset is not file-backed); see :func:`find_skipped`."""
+    skipped = find_skipped(dataset, progress, workers)
+    return None if skipped is None else np.union1d(*skipped)
+
+
+def find_skipped(dataset: Any, progress: bool = False,
+                 workers: int = 4) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(unreadable, non_finite)``: positions of files that the dataset's loader cannot
+    read, and of files it reads but whose values are NaN or Inf (the loader raises
+    :class:`~nnsim_hooks.errors.NonFiniteInputError`: a gradient of them is undefined).
+    None when the dataset is not file-backed. Reads every file once; logs each skipped file."""
     files = _file_list(dataset)
     if files is None:
         return None
     paths, loader = files
 
-    def readable(path: str) -> bool:
+    def status(path: str) -> str:
         try:
             image = loader(path)
             if hasattr(image, "load"):
                 image.load()
-            return True
+            return "ok"
+        except NonFiniteInputError:
+            return "non-finite"
         except Exception:  # noqa: BLE001 - any decoding failure means "unreadable"
-            return False
+            return "unreadable"
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(paths), desc="check files", unit="file", leave=False)
-    bad = []
+    bad: Dict[str, list] = {"unreadable": [], "non-finite": []}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, ok in enumerate(pool.map(readable, paths)):
-            if not ok:
-                bad.append(i)
-                logger.warning("skipping unreadable file %s", paths[i])
+        for i, found in enumerate(pool.map(status, paths)):
+            if found != "ok":
+                bad[found].append(i)
+                logger.warning("skipping %s file %s", found, paths[i])
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return np.asarray(bad, dtype=np.int64)
+    return np.asarray(bad["unreadable"], dtype=np.int64), np.asarray(bad["non-finite"], dtype=np.int64)
 
 
 def sample_path(dataset: Any, position: int) -> Optional[str]:

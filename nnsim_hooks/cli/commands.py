@@ -1,10 +1,12 @@
 """The ``nnsim`` command line.
 
     nnsim audit --out DIR                 # the embedded default: digits, planted noise, a CNN
-    nnsim audit --data PATH --model SPEC --out DIR   # ImageFolder, folder of files, list.csv, datalist.json
+    nnsim audit --data PATH --model SPEC --out DIR   # ImageFolder, folder of files, list.csv, datalist.json,
+                                                     # a Hugging Face dataset folder, shards-{000..003}.tar
 
 Exit codes: 0 done, 1 an error (the message says what and how to fix it), 2 bad
-arguments, 130 interrupted (run the same command again to resume).
+arguments, 130 interrupted (run the same command again to resume). An error is one line
+(no Python traceback); ``--debug`` prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ def _thresholds(items: Optional[List[str]], args=None) -> Optional[Dict[str, Any
         name, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--threshold {item!r}: expected NAME=VALUE, e.g. --threshold label_issue=0.6")
+        if not value.strip():
+            raise CliError(f"--threshold {item!r}: no value after '='; write NAME=VALUE (a number), or NAME=none for "
+                           "a threshold that can be turned off")
         try:
-            number = None if value.strip().lower() in ("none", "") else float(value)
+            number = None if value.strip().lower() == "none" else float(value)
         except ValueError as exc:
             raise CliError(f"--threshold {item!r}: {value!r} is not a number") from exc
         if name.strip() in out and out[name.strip()] != number:
@@ -69,6 +74,16 @@ def _add_audit(sub) -> None:
     data.add_argument("--classes", default=None, metavar="NAME,NAME,...",
                       help="class names in index order (comma-separated): CSV/datalist labels may then be these "
                       "names or integer indices; ImageFolder folders get these indices")
+    data.add_argument("--image-column", default=None, metavar="NAME",
+                      help="Hugging Face datasets: the image column; WebDataset: the image member's extension "
+                      "(png, jpg, npy). Default: the one image column or member")
+    data.add_argument("--label-column", default=None, metavar="NAME",
+                      help="Hugging Face datasets: the label column; WebDataset: the label member (default: the "
+                      "ClassLabel column, label, or cls; none: unlabelled)")
+    data.add_argument("--split", default=None, help="Hugging Face DatasetDict: the split to audit (default: train)")
+    data.add_argument("--id-column", default=None, metavar="NAME",
+                      help="Hugging Face datasets: the column that names each sample in the table (default: a "
+                      "path/file_name/id column of distinct values, else the row index)")
     data.add_argument("--model", help="timm:NAME, torchvision:NAME, monai:NAME or package.module:function")
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
@@ -122,7 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    _add_debug_flag(parser, False)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--debug`` on ``parser`` and every subcommand's parser (before or after the subcommand)."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, print the Python traceback too (for bug reports)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_flag(child, argparse.SUPPRESS)
 
 
 def _load_integrations():
@@ -160,6 +186,8 @@ def _data_help() -> str:
 def _check_data_path(data: str) -> None:
     layouts = _layouts()
     path = Path(data)
+    if layouts.layout_of(data) is not None:  # a pattern of shards need not exist as a path
+        return
     if not path.exists():
         raise CliError(f"--data {data}: no such folder or file (expected {layouts.expected()})")
     if layouts.layout_of(str(path)) is None:
@@ -209,12 +237,17 @@ def _audit_data(args, thresholds) -> Any:
     if not isinstance(model, nn.Module):
         raise CliError(f"integrations.load_model({args.model!r}) returned {type(info).__name__} without a model")
     # classes= only when given: the seam stays load_dataset(path, model_info) otherwise
-    dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}))
+    options = _layout_options(args)
+    dataset = integrations.load_dataset(args.data, info, **({"classes": classes} if classes is not None else {}),
+                                        **options)
+    if not _sized(args):  # data too small for the network: say which --spatial-size resizes them
+        _check_data_size(integrations, info, dataset)
     # A model without class logits (segmentation...) comes with a suggested label-free reduction.
     suggested = getattr(info, "output", None)
     output = args.output if args.output is not None or not callable(suggested) else suggested
     config = {
-        "data": str(Path(args.data).resolve()),
+        # a pattern of shards or fiftyone:NAME is no path: kept as given
+        "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
         "model": args.model,
         "model_kwargs": kwargs,
         "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
@@ -228,6 +261,7 @@ def _audit_data(args, thresholds) -> Any:
     }
     if classes is not None:  # only then: runs without --classes keep the configuration they resume with
         config["classes"] = classes
+    config.update(options)  # the same: recorded only when given
     if args.decisions is not None:
         from ..audit.decisions import fingerprint
 
@@ -249,6 +283,30 @@ def _audit_data(args, thresholds) -> Any:
         decisions=args.decisions,
         max_memory=args.max_memory,
     )
+
+
+#: the CLI flags that are layout options (Hugging Face datasets, WebDataset shards)
+LAYOUT_FLAGS = ("image_column", "label_column", "split", "id_column")
+
+
+def _layout_options(args) -> dict:
+    """The layout options given on the command line, checked against --data's layout."""
+    options = {name: getattr(args, name) for name in LAYOUT_FLAGS if getattr(args, name, None) is not None}
+    layout = _layouts().layout_of(args.data)
+    ignored = [name for name in options if layout is None or name not in layout.options]
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        raise CliError(f"{flags}: not read by {layout.name if layout else 'this'} data ({args.data}); "
+                       f"they are for Hugging Face datasets and WebDataset shards")
+    return options
+
+
+def _check_data_size(integrations, info, dataset) -> None:
+    check = getattr(integrations, "check_data_size", None)
+    first = dataset.check() if callable(getattr(dataset, "check", None)) else None
+    if check is None or first is None or not hasattr(info, "data_config"):
+        return
+    check(info, tuple(dataset[first][0].shape))
 
 
 def _sized(args) -> bool:
@@ -288,6 +346,8 @@ def format_summary(result, out: Path) -> str:
     lines += [line for check in CHECKS for line in check.summary_lines(s)]
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
+    if s.get("non_finite"):
+        lines.append(f"  NaN or Inf        {s['non_finite']:,} files skipped (listed in summary.json)")
     if s.get("missing_labels"):
         lines.append(f"  missing labels    {s['missing_labels']:,} samples (not scored)")
     decided = s.get("decisions")
@@ -315,10 +375,15 @@ def cmd_audit(args) -> int:
 
     require_audit_extra()
     thresholds = _thresholds(args.threshold, args)
+    if not args.out.strip():
+        raise CliError("--out is empty: name the folder the audit writes to (e.g. --out nnsim-audit)")
     out = Path(args.out)
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                           ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
                                           ("--classes", args.classes), ("--decisions", args.decisions),
+                                          ("--image-column", args.image_column),
+                                          ("--label-column", args.label_column), ("--split", args.split),
+                                          ("--id-column", args.id_column),
                                           ("--image-size", args.image_size), ("--spatial-size", args.spatial_size))
                  if given]
     if args.data is None:
@@ -348,9 +413,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\ninterrupted: what was computed is kept in {getattr(args, 'out', '.')}; run the same command again "
               "to resume", file=sys.stderr)
         return 130
-    except (NnsimError, InputError, ImportError) as exc:
-        print(f"nnsim: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        print(error_line(exc), file=sys.stderr)
         return 1
+
+
+def error_line(exc: Exception) -> str:
+    """What ``nnsim`` prints for an error: our own errors (and OS errors: a missing file, a
+    full disk) say what and how to fix it; anything else is a bug, reported as one."""
+    if isinstance(exc, (NnsimError, InputError, ImportError, OSError)):
+        return f"nnsim: error: {exc}"
+    return (f"nnsim: error: {type(exc).__name__}: {exc}\nThis is unexpected (a bug in nnsim_hooks or in your model "
+            "code): run the same command with --debug to see where it happened, and report it")
 
 
 if __name__ == "__main__":  # pragma: no cover

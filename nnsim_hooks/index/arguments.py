@@ -48,6 +48,26 @@ def as_float32_rows(x, dim: Optional[int], what: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def check_finite_queries(q: np.ndarray, what: str = "queries") -> np.ndarray:
+    """``q`` unchanged, unless a row holds an infinity or a NaN among finite values: a
+    similarity with it is undefined, and FAISS would answer NaN scores with ids -1 as if
+    nothing were stored. A row that is entirely NaN is the package's own mark of a sample
+    without a gradient direction (:meth:`nnsim_hooks.Handle.features`) and, like a zero
+    row, gets no results."""
+    finite = np.isfinite(q)
+    corrupt = ~finite.all(1) & ~np.isnan(q).all(1)
+    if corrupt.any():
+        rows = np.flatnonzero(corrupt)
+        r = int(rows[0])
+        c = int(np.flatnonzero(~finite[r])[0])
+        raise InputError(
+            f"{what} rows {rows[:10].tolist()}{'...' if len(rows) > 10 else ''} hold NaN or Inf values (row {r}, "
+            f"column {c} is {q[r, c]}): their similarities are undefined. Fix or drop those rows; a row that is "
+            "entirely NaN (a sample without a gradient direction, from handle.features) or zero gets no results"
+        )
+    return q
+
+
 def defined_rows(x: np.ndarray) -> np.ndarray:
     """Rows that are finite and not all zero (a sample without a gradient direction is NaN or zero)."""
     finite = np.isfinite(x).all(1)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -35,13 +34,13 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError, StoreError
-from ..atomic import fsync_dir, store_errors
+from ..safe_files import rename_into_place, write_faiss_index
 
 logger = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "sq8", "ivf_sq8")
 # Options each kind understands (search-time ones can be changed later with tune()).
-_OPTIONS = {
+OPTIONS_BY_KIND = {
     "flat": set(),
     "ivf": {"nlist", "nprobe", "train_size", "niter"},
     "hnsw": {"M", "ef_construction", "ef_search"},
@@ -80,9 +79,9 @@ def make_spec(index: str, n_valid: int, options: Optional[Dict[str, Any]] = None
         raise InputError(f"index must be one of {INDEX_KINDS} or a FAISS factory string, got {index!r}")
     options = dict(options or {})
     kind = index.lower() if index.lower() in INDEX_KINDS else "factory"
-    unknown = set(options) - _OPTIONS[kind]
+    unknown = set(options) - OPTIONS_BY_KIND[kind]
     if unknown:
-        allowed = sorted(_OPTIONS[kind]) or "none"
+        allowed = sorted(OPTIONS_BY_KIND[kind]) or "none"
         raise InputError(f"index='{index}' does not take option(s) {sorted(unknown)}; it takes: {allowed}")
     for name, value in options.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -159,6 +158,12 @@ def _warn_two_builds() -> None:
         )
 
 
+def _faiss_reason(exc: Exception) -> str:
+    """The human part of a FAISS C++ error ("Error in void faiss::... failed: Number of ...")."""
+    text = " ".join(str(exc).split())
+    return text.rpartition("failed: ")[2] if "failed: " in text else text[-300:]
+
+
 def gpu_available() -> bool:
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
@@ -199,7 +204,15 @@ class FaissIndex:
             rng = np.random.default_rng(0)
             rows = np.sort(rng.choice(valid_ids, size=size, replace=False)) if size < len(valid_ids) else valid_ids
             logger.info("training FAISS %s on %d vectors", spec.factory, len(rows))
-            inner.train(np.ascontiguousarray(features[rows], dtype=np.float32))
+            try:
+                inner.train(np.ascontiguousarray(features[rows], dtype=np.float32))
+            except RuntimeError as exc:  # e.g. more IVF lists or PQ centroids than training rows
+                raise InputError(
+                    f"FAISS cannot train the index '{spec.factory}' on the {len(rows)} valid rows available "
+                    f"({_faiss_reason(exc)}): an IVF index needs at least as many rows as lists, "
+                    f"PQ and SQ codes need enough rows per centroid. Use fewer lists (a smaller number after IVF), "
+                    f"index='flat', or more data"
+                ) from exc
         index = faiss.IndexIDMap(inner)
         from tqdm.auto import tqdm
 
@@ -281,28 +294,17 @@ class FaissIndex:
 
     # -- files ----------------------------------------------------------------------------
 
+    @property
+    def cpu_index(self):
+        """The FAISS index on the CPU (what is written to files)."""
+        return self._cpu
+
     def write(self, path: Path) -> None:
-        """Write the (CPU) index to ``path`` atomically."""
-        faiss = _faiss()
+        """Write the (CPU) index to ``path`` atomically (never through a link; index folders
+        use :func:`nnsim_hooks.index.folder.index_file.write_index_file` instead, which
+        names the file by its contents)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with store_errors("writing", path):
-                try:
-                    faiss.write_index(self._cpu, str(tmp))
-                except RuntimeError as exc:  # FAISS reports failed writes (disk full) as RuntimeError
-                    raise StoreError(
-                        f"writing the FAISS index '{path}' failed: {str(exc).splitlines()[0]} (disk full?)"
-                    ) from exc
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                fsync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+        rename_into_place(write_faiss_index(self._cpu, path.parent, path.name), path)
 
     @classmethod
     def read(cls, path: Path, spec: IndexSpec, dim: int) -> "FaissIndex":

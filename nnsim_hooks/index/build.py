@@ -13,10 +13,12 @@ from ..errors import DataError, ExtractionError, IndexMismatchError, InputError,
 from ..engine.outputs import CLASSIFIER_OUTPUTS
 from ..data.batch_source import Batch, BatchSource, to_device
 from ..model_device import model_device_dtype
-from .folder.data_fingerprint import data_differences, data_record
+from ..safe_files import remove_empty_folder
+from .folder.data_fingerprint import data_record
 from .gradient_index import GradientIndex
 from .folder.lock import FolderLock
 from .folder.manifest import check_fingerprint, new_manifest
+from .folder.reuse import check_same_build
 from .folder.store import ColumnSpec, Store, is_store, remove_store_files
 from .sharded import build as sharded_build
 
@@ -144,7 +146,7 @@ def _build(handle, source: BatchSource, path, lock, folder_existed: bool, overwr
                     remove_store_files(store.path)
                     if not folder_existed:
                         lock.release()  # deletes the lock file, so the folder can go
-                        _remove_if_empty(store.path)
+                        remove_empty_folder(store.path)
                 raise
         else:
             logger.info("the index at %s is complete (%d samples)", path, store.count)
@@ -153,28 +155,14 @@ def _build(handle, source: BatchSource, path, lock, folder_existed: bool, overwr
     return GradientIndex.from_store(store, index, index_options, gpu=gpu, progress=progress)
 
 
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
-
-
 def _open_store(handle, path, overwrite: bool, source: BatchSource, use_targets: bool) -> Store:
     fingerprint = handle.fingerprint()
     if path is not None:
         path = Path(path)
         if is_store(path) and not overwrite:
             store = Store.reopen(path)
-            check_fingerprint(store.manifest.get("fingerprint"), fingerprint, path,
-                              unresolved_output=fingerprint.get("output") == "auto")
-            stored = store.manifest.get("source", {}).get("use_targets", True)
-            if stored != use_targets:
-                raise IndexMismatchError(
-                    f"the index at '{path}' was built with use_targets={stored}, now use_targets={use_targets}: the "
-                    "features would differ. Use the same setting, or build a new index (another path, or overwrite=True)"
-                )
-            _check_same_data(store, source, path)
+            check_same_build(store.manifest, path, fingerprint=fingerprint, data=source.data, total=source.total,
+                             use_targets=use_targets)
             if store.count and not store.manifest.get("extraction_complete"):
                 logger.info("resuming the index at %s from sample %d", path, store.count)
             return store
@@ -182,26 +170,6 @@ def _open_store(handle, path, overwrite: bool, source: BatchSource, use_targets:
                                           "use_targets": use_targets})
     manifest["fingerprint"] = None  # set from the first batch, once the output is resolved
     return Store.create(path, manifest, overwrite=overwrite)
-
-
-def _check_same_data(store: Store, source: BatchSource, path: Path) -> None:
-    """Refuse to resume (or reuse) a folder with data other than the data it was started on."""
-    total = source.total
-    if store.manifest.get("extraction_complete") and total is not None and total != store.count:
-        raise IndexMismatchError(
-            f"the index at '{path}' holds {store.count} samples but the data has {total}: it was built from other "
-            "data. Use another path, or overwrite=True"
-        )
-    diffs = data_differences(store.manifest.get("dataset"), source.data, total)
-    if not diffs and total is not None and store.count > total:  # a folder written before data records existed
-        diffs = [f"length: the folder already holds {store.count} samples, the data has {total}"]
-    if diffs:
-        state = "a finished index" if store.manifest.get("extraction_complete") else \
-            f"an unfinished build ({store.count} samples stored)"
-        raise IndexMismatchError(
-            f"the index at '{path}' holds {state} of other data than this:\n  - " + "\n  - ".join(diffs)
-            + "\nResume with the same data in the same order, or build a new index (another path, or overwrite=True)"
-        )
 
 
 def _extract(handle, source: BatchSource, store: Store, progress: bool, store_outputs, task: str,

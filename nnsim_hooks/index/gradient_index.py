@@ -23,7 +23,8 @@ import numpy as np
 from .columns import IndexColumns
 from .folder import persist
 from .folder.integrity import check_index_file_size
-from .folder.store import INDEX_FILE, Store
+from .folder.index_file import index_file_path
+from .folder.store import Store
 from .queries import DatasetQueries
 from .search import FaissSearch
 from .statistics import Rows, Statistics
@@ -117,16 +118,16 @@ def load_index(path: PathLike, *, handle=None, gpu: Optional[bool] = None, mmap:
     FAISS index on GPU (None: if FAISS has GPUs).
 
     What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
-    the manifest's fields, dtypes and row shapes (:mod:`.folder.schema`); that every column
-    file holds exactly ``count`` rows; ``index.faiss`` against its record
-    (:mod:`.folder.integrity`). Non-finite feature rows are marked not valid, with a
+    every field of the manifest, typed and bounded (:mod:`.folder.manifest_fields`); that
+    every column file holds exactly ``count`` rows; ``ids.bin``, ``valid.bin`` and
+    ``index.faiss`` against their records (:mod:`.folder.integrity`). Non-finite feature rows are marked not valid, with a
     warning. A folder still being written is refused, naming the writer.
     """
     path = Path(path)
     columns, manifest = persist.read_index_folder(path, mmap=mmap)
     idx = GradientIndex(columns, manifest, path, gpu=gpu)
     if not idx.spec.exact:
-        check_index_file_size(path / INDEX_FILE, manifest.get("index_file"), idx.n_valid, idx.dim)
+        check_index_file_size(index_file_path(path, manifest), manifest.get("index_file"), idx.n_valid, idx.dim)
     if handle is not None:
         idx.check_handle(handle)
     return idx

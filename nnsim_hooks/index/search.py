@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from . import pairwise
-from ..atomic import store_errors, write_json_atomic
+from ..atomic import write_json_atomic
+from ..errors import StoreError
 from .backend import FaissIndex, gpu_available, make_spec
-from .arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded
-from .folder.integrity import index_file_record, read_index_file
+from .arguments import as_float32_rows, check_finite_queries, check_k, defined_rows, exclusion_table, first_k_not_excluded
+from .folder.index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
+from .folder.integrity import read_index_file
 from .folder.lock import FolderLock
 from .folder.manifest import MANIFEST, now
-from .folder.store import INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +33,27 @@ class FaissSearch:
     def backend(self) -> FaissIndex:
         """The FAISS index (built, or read from the folder, on first use)."""
         if self._backend is None:
-            file = self.path / INDEX_FILE if self.path is not None else None
+            file = index_file_path(self.path, self.manifest)
             if file is not None and not self.spec.exact and file.is_file():
-                self._backend = read_index_file(file, self.spec, self.dim, self.n_valid, self.manifest.get("index_file"))
+                self._backend = self._read_or_build(file)
             else:
                 if file is not None and not self.spec.exact:
                     logger.warning("%s is missing; rebuilding the %s index from the stored features", file, self.kind)
                 self._backend = FaissIndex.build(self.features, self.valid, self.spec)
             self._move_to_gpu()
         return self._backend
+
+    def _read_or_build(self, file) -> FaissIndex:
+        try:
+            return read_index_file(file, self.spec, self.dim, self.n_valid, self.manifest.get("index_file"))
+        except StoreError:
+            if file.exists():
+                raise
+            # a rebuild by another process committed a new file and deleted this one after we
+            # read the manifest: the stored features are the same, build from them
+            logger.info("%s was replaced by a rebuild meanwhile; building the %s index from the stored features",
+                        file, self.kind)
+            return FaissIndex.build(self.features, self.valid, self.spec)
 
     def _move_to_gpu(self) -> None:
         if self._gpu is not False and gpu_available():
@@ -74,18 +87,16 @@ class FaissSearch:
         return self
 
     def _build_and_write(self, spec, progress: bool) -> FaissIndex:
+        """The new FAISS file under a new name, the manifest naming it committed, then the
+        old file deleted (:mod:`.folder.index_file`): a kill anywhere leaves old or new."""
+        check_index_files(self.path)
         self._backend = None  # release the old one first: both may not fit in memory
         backend = FaissIndex.build(self.features, self.valid, spec, progress=progress)
-        record = None
-        if not spec.exact:
-            backend.write(self.path / INDEX_FILE)
-            record = index_file_record(self.path / INDEX_FILE, backend)
+        record = None if spec.exact else write_index_file(self.path, backend)
         manifest = dict(self.manifest, index=spec.to_dict(), index_file=record, updated=now())
         write_json_atomic(self.path / MANIFEST, manifest)
-        if spec.exact:
-            with store_errors("deleting", self.path / INDEX_FILE):
-                (self.path / INDEX_FILE).unlink(missing_ok=True)
         self.manifest = manifest
+        remove_other_index_files(self.path, manifest)
         return backend
 
     # -- neighbour search -----------------------------------------------------------------
@@ -95,7 +106,9 @@ class FaissSearch:
 
         Args:
             queries: float32 feature rows ``[Q, D]`` (numpy or torch; ``[D]`` for one).
-                Float64 is refused, not cast. NaN or zero rows get no results.
+                Float64 is refused, not cast. Rows that are entirely NaN (samples without a
+                gradient direction) or zero get no results; a row with an Inf, or a NaN among
+                finite values, is an :class:`~nnsim_hooks.errors.InputError`.
             k: number of neighbours; more than the samples in the index is clamped to
                 their number, with a warning.
             exclude: ids to leave out, per query: ``[Q]`` (e.g. each query's own id) or
@@ -108,7 +121,7 @@ class FaissSearch:
             valid samples) are ``(NaN, -1)``. Approximate index types may miss some
             true neighbours.
         """
-        q = as_float32_rows(queries, self.dim, "queries")
+        q = check_finite_queries(as_float32_rows(queries, self.dim, "queries"))
         k = check_k(k, len(self))
         table = exclusion_table(exclude, len(q))
         scores = np.full((len(q), k), np.nan, dtype=np.float32)

@@ -11,6 +11,10 @@
   uses it. A mismatch is a :class:`~nnsim_hooks.errors.StoreError` (never a silent
   rebuild: the folder was changed by something else, and the user should know); deleting
   the file makes the index rebuild it from the stored features.
+- ``ids.bin`` and ``valid.bin`` (small: 9 bytes a row) have their SHA-256 recorded in the
+  manifest's ``"checksums"`` when the index is completed, and checked at every load: an
+  edited id or validity flag would otherwise silently point results at other samples.
+  Folders written before the record existed load without the check.
 """
 
 from __future__ import annotations
@@ -71,6 +75,37 @@ def drop_nonfinite_rows(columns: Dict[str, np.ndarray], folder: Path, manifest: 
     valid.flags.writeable = False
     out["features"], out["valid"] = fixed, valid
     return out
+
+
+# -- ids.bin and valid.bin ------------------------------------------------------------------
+
+#: the columns whose whole files are checksummed at commit and checked at load
+CHECKSUMMED = ("ids", "valid")
+
+
+def sha256_of_rows(array: np.ndarray) -> str:
+    """SHA-256 of the bytes of ``array`` (a column, memory-mapped or not), block by block."""
+    digest = hashlib.sha256()
+    rows = max(1, _HASH_CHUNK // max(1, array[:1].nbytes))
+    for start in range(0, len(array), rows):
+        digest.update(memoryview(np.ascontiguousarray(array[start : start + rows])).cast("B"))
+    return digest.hexdigest()
+
+
+def column_checksums(columns: Dict[str, np.ndarray]) -> Dict[str, str]:
+    """The manifest's ``"checksums"`` record of the columns of a finished index."""
+    return {name: sha256_of_rows(columns[name]) for name in CHECKSUMMED if name in columns}
+
+
+def check_column_checksums(columns: Dict[str, np.ndarray], folder: Path, manifest: Dict[str, Any]) -> None:
+    """Refuse ``ids.bin`` or ``valid.bin`` whose bytes are not those recorded at commit."""
+    for name, recorded in (manifest.get("checksums") or {}).items():
+        if name in columns and sha256_of_rows(columns[name]) != recorded:
+            raise StoreError(
+                f"'{Path(folder) / (name + '.bin')}' was changed after the index was written: its SHA-256 differs "
+                f"from the one the manifest records. Its {name} would point results at other samples, so the index "
+                "is not loaded; rebuild it (build_index(..., overwrite=True))"
+            )
 
 
 # -- index.faiss ----------------------------------------------------------------------------

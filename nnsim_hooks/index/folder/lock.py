@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Union
 
 from ...errors import StoreError
 from ...atomic import describe_os_error
+from ...safe_files import create_new, make_folder, open_lock_file, remove_file, remove_file_if_same, rewrite
 
 try:  # pragma: no cover - platform dependent
     import fcntl
@@ -56,9 +57,24 @@ def _describe(record: Optional[Dict[str, Any]]) -> str:
 def _read_record(file: Path) -> Optional[Dict[str, Any]]:
     try:
         record = json.loads(file.read_text(encoding="utf-8") or "null")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
+
+
+# How long a refused writer waits for the holder's record: a holder writes it right after
+# taking the lock, so an empty lock file means "just started", not "no record".
+RECORD_WAIT_S = 1.0
+
+
+def _read_record_of_holder(file: Path) -> Optional[Dict[str, Any]]:
+    """The record of a lock found held, waiting briefly for a holder that is writing it."""
+    deadline = time.monotonic() + RECORD_WAIT_S
+    while True:
+        record = _read_record(file)
+        if record or time.monotonic() > deadline:
+            return record
+        time.sleep(0.02)
 
 
 def _alive_here(record: Dict[str, Any]) -> bool:
@@ -103,7 +119,7 @@ class FolderLock:
         if self.folder.exists() and not self.folder.is_dir():
             raise StoreError(f"'{self.folder}' is a file; an index needs a folder path")
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder, own=False)
             self._fd = self._acquire_flock() if fcntl is not None else self._acquire_exclusive()
         except StoreError:
             raise
@@ -114,12 +130,12 @@ class FolderLock:
 
     def _acquire_flock(self) -> int:
         while True:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_lock_file(self.file)  # O_NOFOLLOW: a link planted as .lock is refused
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise self._refusal(_read_record(self.file)) from None
+                raise self._refusal(_read_record_of_holder(self.file)) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -142,22 +158,20 @@ class FolderLock:
     def _acquire_exclusive(self) -> int:  # pragma: no cover - Windows only
         for _ in range(2):
             try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = create_new(self.file)
             except FileExistsError:
                 record = _read_record(self.file)
                 if record and _alive_here(record):
                     raise self._refusal(record) from None
                 logger.info("taking over %s: %s no longer runs", self.file, _describe(record))
-                self.file.unlink(missing_ok=True)
+                remove_file(self.file)
                 continue
             self._write_record(fd)
             return fd
         raise self._refusal(_read_record(self.file))
 
     def _write_record(self, fd: int) -> None:
-        data = json.dumps(_record(self.purpose)).encode("utf-8")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        rewrite(fd, json.dumps(_record(self.purpose)).encode("utf-8"))
 
     def _refusal(self, record: Optional[Dict[str, Any]]) -> StoreError:
         return StoreError(
@@ -172,12 +186,9 @@ class FolderLock:
         if self._depth > 0:
             return
         fd, self._fd = self._fd, None
-        try:
-            # Unlinked while still locked, so that no lock file outlives a clean release
-            # (a waiting writer re-checks the inode, see _acquire_flock).
-            self.file.unlink()
-        except OSError:
-            pass
+        # Unlinked while still locked, so that no lock file outlives a clean release
+        # (a waiting writer re-checks the inode, see _acquire_flock); only our own file.
+        remove_file_if_same(self.file, fd)
         os.close(fd)  # closing drops the flock
 
     def __enter__(self) -> "FolderLock":
@@ -203,7 +214,7 @@ def holder(folder: PathLike) -> Optional[Dict[str, Any]]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return _read_record(file) or {}
+            return _read_record_of_holder(file) or {}
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

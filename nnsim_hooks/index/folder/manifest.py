@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 
 from ...errors import IndexMismatchError, StoreError
 from ...atomic import store_errors
-from .schema import COLUMNS, MANIFEST, REQUIRED, column_file
+from .manifest_fields import MAX_MANIFEST_BYTES, check_manifest, parse_manifest
+from .schema import MANIFEST
 FORMAT = "nnsim_hooks.index"
 FORMAT_VERSION = 1
 
@@ -75,18 +76,19 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
             f"'{folder}' is not an nnsim_hooks index folder: it has no {MANIFEST}. "
             "Build one with handle.build_index(data, path) or GradientIndex.from_features(..., path=...)"
         )
-    with store_errors("reading", path):
-        text = path.read_text(encoding="utf-8")
+    with store_errors("reading", path), open(path, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"the manifest '{path}' is not valid JSON ({exc}); the folder is corrupt") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"the manifest '{path}' is not UTF-8 text ({exc}); the folder is corrupt") from exc
+    manifest = parse_manifest(text, path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"'{path}' is not an nnsim_hooks index manifest (no \"format\": \"{FORMAT}\")")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
         raise StoreError(
-            f"'{path}' uses index format version {version}; this nnsim_hooks reads version {FORMAT_VERSION}. "
+            f"'{path}' uses index format version {_short(version, 40)}; this nnsim_hooks reads version {FORMAT_VERSION}. "
             "Rebuild the index with this version"
         )
     for key in ("count", "columns", "complete"):
@@ -94,61 +96,6 @@ def read_manifest(folder: Path) -> Dict[str, Any]:
             raise StoreError(f"the manifest '{path}' lacks the key '{key}'; the folder is corrupt")
     check_manifest(manifest, path)
     return manifest
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_manifest(manifest: Dict[str, Any], path: Any) -> None:
-    """Refuse a manifest whose fields are not exactly what the store writes (:mod:`.schema`)."""
-
-    def bad(what: str) -> StoreError:
-        return StoreError(
-            f"the manifest '{path}' is corrupt or was edited: {what}. Rebuild the index (build_index(..., "
-            "overwrite=True) or GradientIndex.save)"
-        )
-
-    count = manifest["count"]
-    if not _is_int(count) or count < 0:
-        raise bad(f'"count" must be a non-negative integer, got {count!r}')
-    for key in ("complete", "extraction_complete"):
-        if not isinstance(manifest.get(key, False), bool):
-            raise bad(f'"{key}" must be true or false, got {manifest[key]!r}')
-    dim = manifest.get("feature_dim")
-    if dim is not None and (not _is_int(dim) or dim < 1):
-        raise bad(f'"feature_dim" must be a positive integer, got {dim!r}')
-    columns = manifest["columns"]
-    if not isinstance(columns, dict):
-        raise bad(f'"columns" must be an object {{name: {{dtype, shape}}}}, got a {type(columns).__name__}')
-    for name, spec in columns.items():
-        if name not in COLUMNS:
-            raise bad(f"unknown column '{name}' (the store writes only {sorted(COLUMNS)})")
-        dtype, ndim = COLUMNS[name]
-        if not isinstance(spec, dict):
-            raise bad(f"column '{name}' must be an object, got {spec!r}")
-        if spec.get("file", column_file(name)) != column_file(name):
-            raise bad(f"column '{name}' names the file {spec['file']!r}; the store's file for it is "
-                      f"'{column_file(name)}' inside the folder, and no other is read or deleted")
-        if spec.get("dtype") != dtype:
-            raise bad(f"column '{name}' has dtype {spec.get('dtype')!r}; the store writes it as {dtype}")
-        shape = spec.get("shape")
-        if not isinstance(shape, list) or len(shape) != ndim or not all(_is_int(s) and s >= 1 for s in shape):
-            want = "[]" if ndim == 0 else "[n] with n >= 1"
-            raise bad(f"column '{name}' has row shape {shape!r}; the store writes {want}")
-        if name == "features" and dim is not None and shape != [dim]:
-            raise bad(f"the features have rows of shape {shape} but \"feature_dim\" is {dim}")
-    empty_share = count == 0 and isinstance(manifest.get("shard"), dict)  # a rank with nothing to extract
-    if manifest["complete"] and not empty_share:
-        missing = [name for name in REQUIRED if name not in columns]
-        if missing:
-            raise bad(f"a complete index needs the columns {list(REQUIRED)}; {missing} are missing")
-        if dim is None:
-            raise bad('a complete index needs "feature_dim"')
-    for key in ("index", "index_file", "dataset"):
-        value = manifest.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise bad(f'"{key}" must be an object or null, got {value!r}')
 
 
 def fingerprint_differences(stored: Any, current: Any, prefix: str = "") -> List[str]:

@@ -8,9 +8,8 @@ class can call it without an import cycle)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -18,17 +17,21 @@ import numpy as np
 import torch
 
 from ...errors import DataError, InputError, StoreError
-from ...atomic import store_errors, write_json_atomic
+from ...atomic import write_json_atomic
+from ...safe_files import (is_link, make_folder, make_temporary_folder, move_folder, refuse_links, remove_empty_folder,
+                           remove_owned, remove_temporary_folder)
 from ..backend import FaissIndex, IndexSpec, make_spec
 from ..arguments import UNIT_TOLERANCE, as_float32_rows, defined_rows
-from .integrity import drop_nonfinite_rows, index_file_record
+from .index_file import check_index_files, index_file_path, remove_other_index_files, write_index_file
+from .integrity import check_column_checksums, column_checksums, drop_nonfinite_rows
 from .lock import FolderLock, describe_holder
 from .manifest import MANIFEST, new_manifest, now, read_manifest
 from .schema import COLUMNS, is_store_owned
 from .shard_folders import has_shards
-from .store import INDEX_FILE, ColumnSpec, Store, is_store, open_columns, remove_store_files, write_column
+from .store import ColumnSpec, Store, is_store, open_columns, remove_store_files, write_column
 
 PathLike = Union[str, "os.PathLike[str]"]
+logger = logging.getLogger(__name__)
 # Rows of input features read at once by from_features().
 BLOCK_BYTES = 64 << 20
 
@@ -55,24 +58,25 @@ def save_index(index, path: PathLike, *, overwrite: bool = False) -> Path:
                 f"'{path}' holds an index and files the index did not write ({', '.join(foreign[:5])}); overwrite "
                 "replaces the whole folder, so move them away first, or save elsewhere"
             )
-    with store_errors("creating", path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        refuse_links(path, is_store_owned)  # the old folder's files are deleted after the swap
+    if is_link(path):
+        raise StoreError(f"'{path}' is a symbolic link: save replaces the whole folder, which would replace your "
+                         f"link; save to the folder it points to ({path.resolve()}) instead")
+    make_folder(path.parent, own=False)
+    tmp = make_temporary_folder(path.parent, path.name)
     try:
         for name in COLUMNS:
             col = index.column(name)
             if col is None:
                 continue
             write_column(tmp / ColumnSpec(name, col.dtype.name, col.shape[1:]).file, col)
-        index_file = None
-        if not index.spec.exact:
-            index.backend.write(tmp / INDEX_FILE)
-            index_file = index_file_record(tmp / INDEX_FILE, index.backend)
-        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file)
+        index_file = None if index.spec.exact else write_index_file(tmp, index.backend)
+        manifest = dict(index.manifest, updated=now(), index=index.spec.to_dict(), complete=True, index_file=index_file,
+                        checksums=column_checksums({n: index.column(n) for n in ("ids", "valid")}))
         write_json_atomic(tmp / MANIFEST, manifest)
         _swap_in(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_temporary_folder(tmp)
         raise
     return path
 
@@ -141,7 +145,8 @@ def _write_rows(store: Store, feats: np.ndarray, columns: Dict[str, np.ndarray],
         if folder is not None:  # leave no half-written folder
             remove_store_files(folder)
             if not existed:
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_owned(folder, is_store_owned)  # the lock file too: nobody else writes here
+                remove_empty_folder(folder)
         raise
     store.close()
 
@@ -177,17 +182,19 @@ def _column(x, n: int, name: str, dtype, ndim: int = 1) -> np.ndarray:
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
-    """Move the finished folder ``tmp`` to ``path``, replacing an old index there."""
-    with store_errors("moving the new index to", path):
-        if path.is_dir() and any(path.iterdir()):
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if path.is_dir():
-                path.rmdir()
-            os.replace(tmp, path)
+    """Move the finished folder ``tmp`` to ``path``, replacing an old index there (whose
+    files are then deleted: only the store's own, through no link)."""
+    if path.is_dir() and any(path.iterdir()):
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        move_folder(path, old)
+        move_folder(tmp, path)
+        remove_owned(old, is_store_owned)
+        if not remove_empty_folder(old):
+            logger.warning("kept %s: it holds files the index did not write", old)
+    else:
+        if path.is_dir():
+            remove_empty_folder(path)
+        move_folder(tmp, path)
 
 
 def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
@@ -200,7 +207,7 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
     n_valid = int(np.count_nonzero(arrays["valid"]))
     spec = make_spec(index, n_valid, index_options)
     stored = manifest.get("index")
-    file = store.path / INDEX_FILE if store.path is not None else None
+    file = index_file_path(store.path, manifest)
     reuse = (
         manifest.get("complete")
         and stored is not None
@@ -210,16 +217,15 @@ def finish(store: Store, index: str, index_options: Optional[Dict[str, Any]], *,
     )
     if reuse:
         return None
+    check_index_files(store.path)
     backend, index_file = None, None
     if not spec.exact:  # built now, to be saved; a flat index is built on first search
         backend = FaissIndex.build(arrays["features"], arrays["valid"], spec, progress=progress)
-        if file is not None:
-            backend.write(file)
-            index_file = index_file_record(file, backend)
-    elif file is not None:
-        with store_errors("deleting", file):
-            file.unlink(missing_ok=True)
-    store.commit(index=spec.to_dict(), complete=True, index_file=index_file)
+        if store.path is not None:
+            index_file = write_index_file(store.path, backend)  # under a new name: the old one stays valid
+    store.commit(index=spec.to_dict(), complete=True, index_file=index_file, checksums=column_checksums(arrays))
+    if store.path is not None:
+        remove_other_index_files(store.path, store.manifest)  # after the commit: a kill leaves old or new
     return backend
 
 
@@ -228,9 +234,9 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
     :func:`~nnsim_hooks.index.load_index` opens).
 
     What is checked (each failure a :class:`~nnsim_hooks.errors.StoreError` naming the file):
-    the manifest's fields, dtypes and row shapes (:mod:`.schema`); that every column file
-    holds exactly ``count`` rows; ``index.faiss`` against its record (:mod:`.integrity`).
-    Non-finite feature rows are marked not valid, with a warning. A folder still being
+    the manifest's fields, types and bounds (:mod:`.manifest_fields`); that every column file
+    holds exactly ``count`` rows; ``ids.bin``, ``valid.bin`` and ``index.faiss`` against
+    their records (:mod:`.integrity`). Non-finite feature rows are marked not valid, with a warning. A folder still being
     written is refused, naming the writer; so is a folder of shards not merged yet.
     """
     if not is_store(path) and has_shards(path):
@@ -251,6 +257,7 @@ def read_index_folder(path: Path, *, mmap: bool = True) -> Tuple[Dict[str, np.nd
             "interrupted. Run handle.build_index(data, path) again with the same data to finish it"
         )
     columns = open_columns(path, manifest)
+    check_column_checksums(columns, path, manifest)
     if not mmap:
         columns = {k: np.array(v) for k, v in columns.items()}
     columns = drop_nonfinite_rows(columns, path, manifest)

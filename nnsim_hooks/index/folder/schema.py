@@ -10,6 +10,7 @@ write.
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Tuple
 
 from .lock import LOCK_FILE
@@ -36,15 +37,34 @@ def column_file(name: str) -> str:
     return f"{name}.bin"
 
 
-#: every file name the store itself writes in a folder (besides temporary files)
+#: every file name the store itself writes in a folder (besides temporary files and the
+#: FAISS files of :func:`index_file_name`)
 STORE_FILES = frozenset({column_file(n) for n in COLUMNS} | {INDEX_FILE, MANIFEST})
+_INDEX_FILE = re.compile(r"^index(-[0-9a-f]{16})?\.faiss$")
+
+
+def index_file_name(sha256: str) -> str:
+    """The name of a FAISS file by its contents: a rebuild writes its file under a new name,
+    commits the manifest naming it, then deletes the old one (a reader never sees a
+    manifest and a FAISS file that do not belong together)."""
+    return f"index-{sha256[:16]}.faiss"
+
+
+def is_index_file(name: str) -> bool:
+    """``index.faiss`` (older folders) or ``index-<16 hex>.faiss``."""
+    return bool(_INDEX_FILE.match(name))
+
+
+def is_store_file(name: str) -> bool:
+    """Whether ``name`` is one of the files the store writes (not a temporary one)."""
+    return name in STORE_FILES or is_index_file(name)
 
 
 
 def is_store_temporary(name: str) -> bool:
     """Whether ``name`` is a temporary file of an atomic write of one of the store's files:
-    ``.<file>.<random>.tmp`` (atomic.write_atomic) or ``.index.faiss.tmp``
-    (backend.FaissIndex.write), left behind only by a killed process."""
+    ``.<file>.<random>.tmp`` (safe_files.write_atomic, safe_files.write_faiss_index) or
+    ``.index.faiss.tmp`` (older versions), left behind only by a killed process."""
     if not (name.startswith(".") and name.endswith(".tmp")):
         return False
     return any(name == f".{f}.tmp" or name.startswith(f".{f}.") for f in STORE_FILES)
@@ -53,4 +73,4 @@ def is_store_temporary(name: str) -> bool:
 def is_store_owned(name: str) -> bool:
     """Whether the store may delete ``name`` in its folder: its own files, their temporary
     files, and its lock file."""
-    return name in STORE_FILES or name == LOCK_FILE or is_store_temporary(name)
+    return is_store_file(name) or name == LOCK_FILE or is_store_temporary(name)

@@ -41,14 +41,16 @@ import numpy as np
 
 from ...errors import StoreError
 from ...atomic import describe_os_error, store_errors, write_all, write_atomic, write_json_atomic
+from ...safe_files import cut, make_folder, open_for_append, remove_owned
+from .clearing import check_clearable, clear_folder, remove_shards, remove_store_files
 from .manifest import now, read_manifest
-from .schema import (COLUMNS, INDEX_FILE, LOCK_FILE, MANIFEST, STORE_FILES, column_file, is_store_owned,
-                     is_store_temporary)
+from .schema import COLUMNS, INDEX_FILE, LOCK_FILE, MANIFEST, column_file, is_store_file, is_store_owned, is_store_temporary
+from .shard_folders import SHARDS_DIR, has_shards
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDEX_FILE", "ColumnSpec", "Store", "is_store", "open_columns", "prepare_folder", "remove_store_files",
-           "write_column"]
+__all__ = ["INDEX_FILE", "ColumnSpec", "Store", "clear_folder", "is_store", "open_columns", "prepare_folder",
+           "remove_store_files", "write_column"]
 # Bytes written per os.write when a whole column is saved at once.
 _CHUNK_BYTES = 64 << 20
 
@@ -92,19 +94,22 @@ def is_store(folder: Path) -> bool:
 
 def prepare_folder(path: Path, overwrite: bool) -> None:
     """Make ``path`` a folder for a new store, refusing to clobber anything that is not the
-    store's own (see :meth:`Store.create`, which then removes the old store's files)."""
+    store's own. Only checks here: :meth:`Store.create` deletes the old store's files and
+    shards once the new manifest is written, after every check passed."""
     if path.exists() and not path.is_dir():
         raise StoreError(f"'{path}' is a file; an index needs a folder path")
     if path.is_dir():
         names = sorted(p.name for p in path.iterdir())
-        foreign = [n for n in names if not is_store_owned(n)]
-        if is_store(path):
+        shards = has_shards(path)  # a sharded build, or a merge killed before its commit
+        foreign = [n for n in names if not is_store_owned(n) and not (n == SHARDS_DIR and shards)]
+        if is_store(path) or (shards and overwrite and not foreign):
             if not overwrite:
                 raise StoreError(f"'{path}' already holds an index; pass overwrite=True to replace it")
+            check_clearable(path)  # every refusal before anything is deleted
             if foreign:
                 logger.warning("replacing the index in %s; the files it did not write are kept: %s", path,
                                ", ".join(foreign[:5]))
-        elif foreign or any(n in STORE_FILES for n in names):
+        elif foreign or shards or any(is_store_file(n) for n in names):
             # only temporary files of a killed first write are cleaned; anything else may be the user's
             shown = [n for n in names if not is_store_temporary(n) and n != LOCK_FILE]
             raise StoreError(
@@ -113,22 +118,7 @@ def prepare_folder(path: Path, overwrite: bool) -> None:
             )
         else:
             remove_store_files(path)  # leftovers of a first manifest write that was killed
-    with store_errors("creating the folder", path):
-        path.mkdir(parents=True, exist_ok=True)
-
-
-def remove_store_files(path: Path, *, keep_manifest: bool = False) -> None:
-    """Delete the files the store writes in ``path`` (:mod:`.schema` names them; never a
-    name read from a manifest, never another file). The manifest goes last, so that an
-    interrupted removal still leaves an index folder."""
-    with store_errors("deleting the old index in", path):
-        for entry in sorted(os.listdir(path)):
-            if entry == MANIFEST or entry == LOCK_FILE:
-                continue
-            if entry in STORE_FILES or is_store_temporary(entry):
-                (path / entry).unlink(missing_ok=True)
-        if not keep_manifest:
-            (path / MANIFEST).unlink(missing_ok=True)
+    make_folder(path, own=False)
 
 
 class Store:
@@ -155,6 +145,7 @@ class Store:
             # The new, empty manifest first: from then on the folder is an empty store, however
             # the rest is interrupted (reopening cuts leftover column files to zero rows).
             write_json_atomic(path / MANIFEST, manifest)
+            remove_shards(path)
             remove_store_files(path, keep_manifest=True)
         return cls(path, manifest)
 
@@ -165,10 +156,7 @@ class Store:
         folder's lock: no other writer can be using them)."""
         store = cls(Path(path), read_manifest(path))
         store._truncate_to_count()
-        with store_errors("cleaning", path):
-            for entry in os.listdir(path):
-                if is_store_temporary(entry):
-                    os.unlink(Path(path) / entry)
+        remove_owned(path, is_store_temporary, skip_links=True)
         return store
 
     def _truncate_to_count(self) -> None:
@@ -191,7 +179,7 @@ class Store:
                     )
                 if size > want:
                     logger.info("cutting %d uncommitted bytes off %s", size - want, file)
-                    os.truncate(file, want)
+                    cut(file, want)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -272,7 +260,7 @@ class Store:
     def _fd(self, name: str) -> int:
         if name not in self._fds:
             file = self.path / self.columns[name].file
-            self._fds[name] = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fds[name] = open_for_append(file)  # never through a link; the umask's permissions
         return self._fds[name]
 
     def close(self) -> None:

@@ -41,7 +41,9 @@ from torch.utils.data import DataLoader, Subset
 from ...errors import DataError, IndexMismatchError, InputError, StoreError
 from . import distributed as dist_
 from ..folder.lock import FolderLock, describe_holder
-from ..folder.manifest import check_fingerprint, new_manifest, read_manifest
+from ..folder.manifest import new_manifest, read_manifest
+from ..folder.reuse import check_same_build
+from ...safe_files import refuse_link
 from .shards import (
     check_layout,
     check_shard_arg,
@@ -51,7 +53,7 @@ from .shards import (
     shard_info,
     write_merged,
 )
-from ..folder.store import Store, is_store, remove_store_files
+from ..folder.store import Store, clear_folder, is_store
 from ..gradient_index import GradientIndex, load_index
 
 logger = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def plan(path, distributed: Optional[bool], shard, overwrite: bool) -> Optional[
             writer = describe_holder(path)
             if writer is not None:
                 raise StoreError(f"'{path}' is being written by {writer}: wait for it to finish, or stop it")
-            remove_shards(Path(path))  # refuses while a shard is being written
+            # the shards are deleted by Store.create, under the folder's lock, once every check passed
         else:
             raise IndexMismatchError(
                 f"'{path}' holds the shards of a build shared by several processes: resume it the same way (the same "
@@ -132,6 +134,9 @@ def run(planned: Tuple, handle, data, path, options: Dict[str, Any], *, build_lo
         source = BatchSource(data, batch_size, options["num_workers"])
         total = _total(source)
         if _merged(Path(path)):
+            # the same checks as any reuse: a merged index of other data or another model is refused
+            check_same_build(read_manifest(Path(path)), Path(path), fingerprint=handle.fingerprint(), data=data,
+                             total=total, use_targets=options["use_targets"])
             logger.info("'%s' is merged already; shard %d of %d has nothing left to do", path, i, n)
             return None
         check_layout(Path(path), n, total)
@@ -181,7 +186,7 @@ def _run_distributed(ctx, build_local, handle, data, path, batch_size: int, opti
     dist_.on_main(ctx, "locking the index folder", lock.acquire, timeout=dist_.agree_timeout())
     try:
         state = dist_.on_main(ctx, "inspecting the index folder",
-                              lambda: _prepare_folder(path, total, ctx.world, options, handle))
+                              lambda: _prepare_folder(path, total, ctx.world, options, handle, data))
         state = dist_.broadcast(ctx, state, "sharing the folder's state")
         if state != "merged":
             progress = options["progress"] and ctx.main
@@ -200,13 +205,12 @@ def _run_distributed(ctx, build_local, handle, data, path, batch_size: int, opti
     return idx
 
 
-def _prepare_folder(path: Path, total: int, world: int, options: Dict[str, Any], handle) -> str:
-    """Rank 0, holding the lock: ``"merged"`` (a finished index: return it), or ``"build"``
-    after clearing the folder (overwrite) or checking that its shards fit this build."""
+def _prepare_folder(path: Path, total: int, world: int, options: Dict[str, Any], handle, data) -> str:
+    """Rank 0, holding the lock: ``"merged"`` (a finished index of this model and data:
+    return it), or ``"build"`` after clearing the folder (overwrite: every check first,
+    then the deletes) or checking that its shards fit this build."""
     if options["overwrite"]:
-        remove_shards(path)
-        if is_store(path):
-            remove_store_files(path)
+        clear_folder(path)
         return "build"
     if is_store(path):
         manifest = read_manifest(path)
@@ -215,19 +219,8 @@ def _prepare_folder(path: Path, total: int, world: int, options: Dict[str, Any],
                 f"'{path}' holds an interrupted build by one process ({manifest['count']} samples): resume it the "
                 "same way (distributed=False, without torchrun), or pass overwrite=True"
             )
-        if int(manifest["count"]) != total:
-            raise IndexMismatchError(
-                f"the index at '{path}' holds {manifest['count']} samples but the data has {total}: it was built "
-                "from other data. Use another path, or overwrite=True"
-            )
-        current = handle.fingerprint()
-        check_fingerprint(manifest.get("fingerprint"), current, path, unresolved_output=current.get("output") == "auto")
-        stored = (manifest.get("source") or {}).get("use_targets", True)
-        if stored != options["use_targets"]:
-            raise IndexMismatchError(
-                f"the index at '{path}' was built with use_targets={stored}, now use_targets={options['use_targets']}:"
-                " the features would differ. Use the same setting, or overwrite=True"
-            )
+        check_same_build(manifest, path, fingerprint=handle.fingerprint(), data=data, total=total,
+                         use_targets=options["use_targets"])
         return "merged"
     check_layout(path, world, total)
     return "build"
@@ -238,7 +231,7 @@ def _merge_locked(path: Path, state: str, options: Dict[str, Any]):
     GradientIndex.from_store(Store(path, manifest), options["index"], options["index_options"], gpu=options["gpu"],
                              progress=options["progress"])
     if has_shards(path):
-        remove_shards(path)
+        remove_shards(path, keep_links=True)
 
 
 def _build_share(build_local, handle, data, path: Path, i: int, n: int, total: int, describe: str,
@@ -246,6 +239,8 @@ def _build_share(build_local, handle, data, path: Path, i: int, n: int, total: i
     """Extract share ``i`` of ``n`` into its shard folder (resuming what is there)."""
     info = shard_info(i, n, total, describe)
     folder = shard_folder(path, i, n)
+    refuse_link(folder.parent)  # a shard is written only inside the folder: never through a link
+    refuse_link(folder)
     if is_store(folder):
         stored = read_manifest(folder).get("shard") or {}
         keys = ("index", "count", "start", "stop", "total")

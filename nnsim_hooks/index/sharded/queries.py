@@ -34,7 +34,7 @@ import torch
 from ...errors import InputError
 from . import distributed as dist_
 from .. import pairwise
-from ..arguments import as_float32_rows, check_k, defined_rows, exclusion_table, first_k_not_excluded, pad_to_k
+from ..arguments import as_float32_rows, check_finite_queries, check_k, defined_rows, exclusion_table, first_k_not_excluded, pad_to_k
 from ..queries import DatasetQueries
 from ..statistics import Rows, Statistics
 from .shards import shard_range
@@ -99,7 +99,7 @@ class ShardedQueries(DatasetQueries):
     def search(self, queries, k: int, *, exclude=None) -> Tuple[np.ndarray, np.ndarray]:
         """:meth:`GradientIndex.search` (exact), each rank asking its own ``queries`` (their
         number may differ between ranks, 0 included)."""
-        q = as_float32_rows(queries, self.index.dim, "queries")
+        q = check_finite_queries(as_float32_rows(queries, self.index.dim, "queries"))
         k = check_k(k, len(self.index))
         table = exclusion_table(exclude, len(q))
         wanted = k + (table.shape[1] if table is not None else 0)

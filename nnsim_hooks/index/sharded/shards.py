@@ -23,17 +23,17 @@ interrupted before that commit is simply redone.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ...errors import IndexMismatchError, InputError, StoreError
-from ...atomic import store_errors, write_all, write_atomic, write_json_atomic
+from ...atomic import write_all, write_atomic, write_json_atomic
 from ..folder.manifest import MANIFEST, fingerprint_differences, now, read_manifest
 from ..folder.shard_folders import SHARDS_DIR, has_shards, list_shards, shard_folder, shard_name  # noqa: F401 (re-exported)
-from ..folder.store import Store, is_store, open_columns, remove_store_files
+from ..folder.clearing import remove_shards  # noqa: F401 (re-exported)
+from ..folder.store import Store, is_store, open_columns
 from ..gradient_index import GradientIndex
 
 logger = logging.getLogger(__name__)
@@ -86,30 +86,6 @@ def check_layout(path: Path, n: int, total: int) -> None:
                 f"the shard '{folder}' was built from a dataset of {info.get('total')} samples, this one has {total}: "
                 "it was built from other data. Use another path, or overwrite=True"
             )
-
-
-def remove_shards(path: Path) -> None:
-    """Delete ``path/shards`` (only the files this package writes; anything else is kept and named)."""
-    from ..folder.lock import describe_holder
-
-    root = Path(path) / SHARDS_DIR
-    if not root.is_dir():
-        return
-    for folder, _, _ in list_shards(path):
-        writer = describe_holder(folder)
-        if writer is not None:
-            raise StoreError(f"'{folder}' is being written by {writer}: its shard cannot be deleted now. Wait for that "
-                             "process to finish, or stop it")
-    for folder, _, _ in list_shards(path):
-        remove_store_files(folder)
-        with store_errors("deleting", folder):
-            left = [p.name for p in folder.iterdir() if p.name != ".lock"]
-            if left:
-                raise StoreError(f"'{folder}' holds files that are not ours ({', '.join(left[:5])}); delete them first")
-            shutil.rmtree(folder)
-    with store_errors("deleting", root):
-        if not any(root.iterdir()):
-            root.rmdir()
 
 
 # -- checks before a merge ----------------------------------------------------------------
@@ -240,6 +216,30 @@ def write_merged(path: Path) -> Dict[str, Any]:
     return manifest
 
 
+def _check_merged_from(path: Path, merged: Dict[str, Any]) -> None:
+    """Refuse to delete leftover shards that the merged index of ``path`` was not made of
+    (another model, recipe or dataset length): they are somebody's work."""
+    problems = []
+    for folder, _, _ in list_shards(path):
+        if not is_store(folder):
+            continue  # a shard whose deletion was interrupted: only its manifest names it
+        try:
+            m = read_manifest(folder)
+        except StoreError as exc:
+            problems.append(f"{folder.name}: {exc}")
+            continue
+        for key in ("fingerprint", "sketch", "feature_dim"):
+            problems += [f"{folder.name}: {d}" for d in fingerprint_differences(merged.get(key), m.get(key), key)]
+        shard_total = (m.get("shard") or {}).get("total")
+        if shard_total != merged["count"]:
+            problems.append(f"{folder.name}: a share of {shard_total} samples, the merged index holds {merged['count']}")
+    if problems:
+        raise IndexMismatchError(
+            f"'{path}' holds a merged index and shards it was not merged from; nothing is deleted:\n  - "
+            + "\n  - ".join(problems) + "\nMove the shards (or the index) elsewhere, or build with overwrite=True"
+        )
+
+
 def merge_shards(path, *, index: str = "flat", index_options: Optional[Dict[str, Any]] = None,
                  gpu: Optional[bool] = None, progress: bool = True, keep_shards: bool = False):
     """Merge the shards of the index folder ``path`` (built with ``shard=(i, n)`` or under
@@ -264,10 +264,11 @@ def merge_shards(path, *, index: str = "flat", index_options: Optional[Dict[str,
                     "(same command without sharding), or pass overwrite=True to the build"
                 )
             if has_shards(path):
+                _check_merged_from(path, manifest)  # before deleting anything
                 logger.info("'%s' is merged already; deleting the leftover shards", path)
         else:
             manifest = write_merged(path)
         idx = GradientIndex.from_store(Store(path, manifest), index, index_options, gpu=gpu, progress=progress)
         if not keep_shards:
-            remove_shards(path)
+            remove_shards(path, keep_links=True)  # a shard linked in from elsewhere: the link is kept
     return idx
