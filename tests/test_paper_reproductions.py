@@ -1,6 +1,8 @@
 """Each reproduction of paper/ in its --small version: it writes its table and figure, its
 numbers are sane, and the effect the paper reports shows where it is robust at that size."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,8 +41,24 @@ def test_circle_toy_density_drops_where_the_target_curves(tmp_path):
         assert np.all(r1["median"][f"hard t={t_high}"] <= r1["median"][f"hard t={t_low}"])
     assert r1["median"]["hard t=0.5"].max() <= n - 1
     assert np.all(np.median(np.stack([r["loss"] for r in results.values()]), 1) < 0.1)  # it fitted
-    # The paper's effect, on the soft density at f = 1: fewer neighbours where the target curves.
+    # The paper's effect, on the soft density at f = 1: fewer neighbours where the target curves,
+    # over the whole circle (Spearman) and at the curvature peaks (local dip; chance is 0.5).
     assert r1["rho"]["soft"] < -0.4
+    assert r1["dip"]["soft"] >= 0.8
+    saved = json.loads((tmp_path / "circle_toy.json").read_text())
+    assert set(saved["soft_by_epoch"]) == {"50", "150"}  # the snapshot on the way and the end
+    assert saved["soft_by_epoch"]["150"]["1"][0] == pytest.approx(r1["rho"]["soft"])
+
+
+def test_local_dip_counts_the_peaks_below_their_neighbourhood():
+    alpha = np.linspace(0, 1, 400, endpoint=False)
+    f = 2
+    _, _, curvature = circle_toy.circle_data(alpha, f)
+    assert circle_toy.local_dip(alpha, -curvature, curvature, f) == 1.0  # a dip at every peak
+    assert circle_toy.local_dip(alpha, curvature, curvature, f) == 0.0  # a bump at every peak
+    noise = np.random.default_rng(0).normal(size=(200, 400))
+    chance = np.mean([circle_toy.local_dip(alpha, n, curvature, f) for n in noise])
+    assert 0.4 < chance < 0.6  # no relation: about half below the local median
 
 
 def test_registration_writes_accuracy_denoising_and_the_check(tmp_path):
