@@ -72,6 +72,13 @@ def _add_audit(sub) -> None:
     data.add_argument("--model", help="timm:NAME, torchvision:NAME, monai:NAME or package.module:function")
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
+    data.add_argument("--train", type=int, default=None, metavar="EPOCHS",
+                      help="no trained model? fit --model on --data for EPOCHS epochs first (AdamW, lr 1e-3; from "
+                      "--checkpoint's weights when given), save it in OUT/trained/model.pt, then audit with it")
+    data.add_argument("--folds", type=int, default=None, metavar="K",
+                      help="with --train: also train K models, each blind to one K-th of the data, and look at every "
+                      "sample through the model that never saw it, so that memorised wrong labels still stand out "
+                      "(default: 2; 0 turns it off: one model, K times faster)")
     data.add_argument("--num-classes", type=int, help="number of classes of the model's head")
     data.add_argument("--image-size", default=None, metavar="N or H,W",
                       help="resize 2-D images to this size instead of the model's default (timm's 224): small images "
@@ -184,7 +191,8 @@ def _audit_data(args, thresholds) -> Any:
     from ..audit.run import audit
 
     if not args.model:
-        raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt)")
+        raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt, or --model timm:resnet18 "
+                       "--train 10 to fit it on the data first)")
     from ..audit.batch_memory import parse_memory
 
     parse_memory(args.max_memory, "--max-memory")  # before the model is built
@@ -193,6 +201,7 @@ def _audit_data(args, thresholds) -> Any:
         raise CliError(f"--decisions {args.decisions}: no such file (the CSV the report's 'Download decisions' button "
                        "writes)")
     classes = _classes(args.classes)
+    train = _train_recipe(args)
     kwargs = {}
     if args.model_kwargs:
         try:
@@ -228,6 +237,8 @@ def _audit_data(args, thresholds) -> Any:
     }
     if classes is not None:  # only then: runs without --classes keep the configuration they resume with
         config["classes"] = classes
+    if train is not None:
+        config["train"] = train.as_dict()
     if args.decisions is not None:
         from ..audit.decisions import fingerprint
 
@@ -248,7 +259,25 @@ def _audit_data(args, thresholds) -> Any:
         config=config,
         decisions=args.decisions,
         max_memory=args.max_memory,
+        train=train,
     )
+
+
+#: --folds when --train is given without it: two half-data models cost one more training of the
+#: whole data, and keep memorised wrong labels findable (benchmarks/results/label_issues.md)
+DEFAULT_FOLDS = 2
+
+
+def _train_recipe(args):
+    """The :class:`~nnsim_hooks.audit.fitting.TrainingRecipe` of ``--train``/``--folds`` (None: no training)."""
+    if args.train is None:
+        if args.folds is not None:
+            raise CliError("--folds is for --train: it cross-fits the models that --train fits")
+        return None
+    from ..audit.fitting import TrainingRecipe
+
+    return TrainingRecipe(epochs=args.train, folds=DEFAULT_FOLDS if args.folds is None else args.folds,
+                          seed=args.seed)
 
 
 def _sized(args) -> bool:
@@ -305,6 +334,9 @@ def format_summary(result, out: Path) -> str:
             f"  flags: {pct(extra.get('label_issue_recall'))} of the planted errors found, "
             f"{pct(extra.get('label_issue_precision'))} of the flags are planted errors",
         ]
+    training = s.get("training")
+    if training and training.get("checkpoint"):
+        lines.append(f"Trained model: {Path(training['checkpoint']).resolve()} (load it with --checkpoint)")
     lines.append(f"Report: {(out / 'report.html').resolve()}")
     return "\n".join(lines)
 
@@ -319,8 +351,9 @@ def cmd_audit(args) -> int:
     demo_only = [flag for flag, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                           ("--num-classes", args.num_classes), ("--model-kwargs", args.model_kwargs),
                                           ("--classes", args.classes), ("--decisions", args.decisions),
-                                          ("--image-size", args.image_size), ("--spatial-size", args.spatial_size))
-                 if given]
+                                          ("--image-size", args.image_size), ("--spatial-size", args.spatial_size),
+                                          ("--train", args.train), ("--folds", args.folds))
+                 if given is not None]
     if args.data is None:
         if demo_only:
             raise CliError(f"{', '.join(demo_only)} given without --data: pass --data PATH too, or drop them to run the demo")

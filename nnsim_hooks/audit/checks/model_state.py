@@ -36,8 +36,9 @@ MIN_CLASS_LABELS = 5
 
 # What to do, shared by the warnings that mean "this model cannot show label errors".
 _OTHER_MODEL = ("audit with a model that did not memorise these labels: an earlier checkpoint (before the training "
-                "accuracy reached 100%), or cross-fitting (train on one half of the data, audit the other, then swap; "
-                "nnsim audit --train will do this)")
+                "accuracy reached 100%), or let the audit cross-fit: nnsim audit --train EPOCHS (or "
+                "audit(train={'epochs': EPOCHS, 'folds': 2})) trains two more models, each blind to half the data, and "
+                "looks at every sample through the one that never saw it")
 
 
 def chance_agreement(labels: np.ndarray, num_classes: int) -> float:
