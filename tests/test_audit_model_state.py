@@ -127,7 +127,7 @@ def test_unscored_labels():
     assert codes(labels, pred, scores=scores, max_unscored_share=0.05, hidden_disagreement=1.0) == ["unscored_labels"]
     # unlabelled samples without a score do not count
     more_labels, more_pred = np.r_[labels, np.full(50, -1)], np.r_[pred, np.zeros(50, int)]
-    assert codes(more_labels, more_pred, scores=np.r_[scores, np.full(50, np.nan)]) == []
+    assert codes(more_labels, more_pred, scores=np.r_[scores, np.full(50, np.nan)], hidden_disagreement=1.0) == []
 
 
 def test_thresholds_are_declared_and_validated():
