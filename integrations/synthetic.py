@@ -215,3 +215,54 @@ def make_bundle(
         torch.save(net.state_dict(), buf)
         _write_bytes(os.path.join(root, "models", "model.pt"), buf.getvalue())
     return root
+
+
+def make_shapes(n: int = 305, size: int = 64, noisy: int = 30, duplicates: int = 5, seed: int = 0) -> Dict[str, Any]:
+    """Circles, squares and triangles (classes 0, 1, 2) of random colour, size and position
+    on a noisy background of random brightness, with ``noisy`` labels flipped to another
+    class and the last ``duplicates`` images exact copies of the first ones (label
+    included). Returns ``images`` (uint8 ``[n, size, size, 3]``), ``labels`` (given),
+    ``true_labels``, ``flipped`` (bool) and ``classes``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    true = np.zeros(n, dtype=np.int64)
+    originals = n - duplicates
+    for i in range(originals):
+        c = i % 3
+        true[i] = c
+        image = rng.normal(rng.uniform(20, 120), 25, (size, size, 3))
+        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+        r = rng.integers(size // 8, size // 4)
+        if c == 0:
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        elif c == 1:
+            inside = (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        else:
+            inside = (yy - cy + r >= 0) & (yy - cy <= r) & (abs(xx - cx) <= (yy - cy + r) / 2)
+        image[inside] = rng.uniform(0, 255, 3)
+        images[i] = np.clip(image, 0, 255).astype(np.uint8)
+    images[originals:] = images[:duplicates]
+    true[originals:] = true[:duplicates]
+    given = true.copy()
+    flip = rng.choice(originals - duplicates, noisy, replace=False) + duplicates  # never an original of a duplicate
+    given[flip] = (true[flip] + rng.integers(1, 3, noisy)) % 3
+    return {"images": images, "labels": given, "true_labels": true, "flipped": given != true,
+            "classes": ["circle", "square", "triangle"]}
+
+
+def make_shapes_folder(root: str, **options) -> Dict[str, Any]:
+    """:func:`make_shapes` written as an ImageFolder of PNGs under their *given* labels
+    (``root/<class>/shape_<i>.png``); returns the same dict plus ``paths``."""
+    from PIL import Image
+
+    shapes = make_shapes(**options)
+    paths = []
+    for i, (image, label) in enumerate(zip(shapes["images"], shapes["labels"])):
+        folder = os.path.join(root, shapes["classes"][label])
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"shape_{i:04d}.png")
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    shapes["paths"] = paths
+    return shapes

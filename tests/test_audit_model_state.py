@@ -22,7 +22,7 @@ from nnsim_hooks.errors import InputError
 from nnsim_hooks.index import GradientIndex
 
 DEFAULTS = dict(chance_margin=0.1, min_predicted_share=0.1, memorised_agreement=0.99, memorised_flag_rate=0.01,
-                max_unscored_share=0.1)
+                max_unscored_share=0.1, hidden_disagreement=0.1)
 
 
 def codes(labels, predictions, scores=None, flagged=None, num_classes=None, **thresholds):
@@ -89,6 +89,24 @@ def test_memorised_without_flags_and_with_flags():
     assert codes(labels, pred, memorised_agreement=0.98) == ["memorised_no_flags"]
 
 
+def test_predictions_disagree_while_the_neighbours_do_not():
+    """Issue 20's trained resnet18: 73% agreement, the neighbours contradicting no label:
+    no green zero, a warning that says why."""
+    labels = np.tile(np.arange(3), 100)
+    pred = labels.copy()
+    pred[:81] = (pred[:81] + 1) % 3  # 73% agreement
+    found = model_state_warnings(labels, pred, np.zeros(300), np.zeros(300, bool), 3, **DEFAULTS)
+    assert [w.code for w in found] == ["neighbours_mirror_labels"]
+    assert "27.0% of the given labels" in found[0].message and "--train" in found[0].advice
+    flagged = np.zeros(300, bool)
+    flagged[:30] = True  # the neighbours do contradict 10%: the flags are evidence, no warning
+    assert codes(labels, pred, flagged=flagged) == []
+    pred[:81] = labels[:81]
+    pred[:27] = (pred[:27] + 1) % 3  # 9% disagreement: below hidden_disagreement
+    assert codes(labels, pred) == []
+    assert codes(labels, pred, hidden_disagreement=0.08) == ["neighbours_mirror_labels"]
+
+
 def test_no_labels_and_too_few_samples():
     assert codes(np.full(30, -1), np.zeros(30, int), num_classes=3) == ["no_labels"]
     assert codes(np.array([0, 1, 0]), np.array([1, 1, 1])) == []  # fewer than 10 labelled: too few to judge
@@ -101,14 +119,15 @@ def test_unscored_labels():
     pred[:60] = labels[:60]  # 60% agreement: neither chance nor memorised
     scores = np.zeros(100)
     scores[:11] = np.nan  # 11% unscored: above 10%
-    found = model_state_warnings(labels, pred, scores, np.zeros(100, bool), 4, **DEFAULTS)
+    quiet = {**DEFAULTS, "hidden_disagreement": 1.0}  # 40% disagreement without flags warns on its own
+    found = model_state_warnings(labels, pred, scores, np.zeros(100, bool), 4, **quiet)
     assert [w.code for w in found] == ["unscored_labels"] and found[0].values["unscored_share"] == 0.11
     scores[10] = 0.0  # 10%: not above
-    assert codes(labels, pred, scores=scores) == []
-    assert codes(labels, pred, scores=scores, max_unscored_share=0.05) == ["unscored_labels"]
+    assert codes(labels, pred, scores=scores, hidden_disagreement=1.0) == []
+    assert codes(labels, pred, scores=scores, max_unscored_share=0.05, hidden_disagreement=1.0) == ["unscored_labels"]
     # unlabelled samples without a score do not count
     more_labels, more_pred = np.r_[labels, np.full(50, -1)], np.r_[pred, np.zeros(50, int)]
-    assert codes(more_labels, more_pred, scores=np.r_[scores, np.full(50, np.nan)]) == []
+    assert codes(more_labels, more_pred, scores=np.r_[scores, np.full(50, np.nan)], hidden_disagreement=1.0) == []
 
 
 def test_thresholds_are_declared_and_validated():
@@ -157,10 +176,11 @@ def test_a_warning_reaches_every_output(tmp_path):
 
 
 def test_no_warning_keeps_the_green_zero(tmp_path):
-    """Clean labels and a model that gets 5 in 45 wrong: nothing flagged, and that zero is green."""
+    """Clean labels and a model that gets 3 in 45 wrong: nothing flagged, and that zero is green
+    (at 10% wrong or more, neighbours_mirror_labels says the zero is no evidence)."""
     feats, labels = clustered_features(n_per_class=15, classes=3, seed=3)
     pred = labels.copy()
-    pred[::9] = (pred[::9] + 1) % 3
+    pred[::15] = (pred[::15] + 1) % 3
     result = analyse(GradientIndex.from_features(feats, labels=labels, predictions=pred), k=5)
     s = result.summary
     assert s["warnings"] == [] and s["label_issues"] == 0

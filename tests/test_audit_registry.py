@@ -128,7 +128,7 @@ def test_the_built_in_registry_and_its_outputs_order():
     assert list(Thresholds().to_dict()) == ["label_issue", "duplicate", "duplicate_quantile", "outlier_z",
                                             "outlier_min_gap", "outlier_quantile", "chance_margin",
                                             "min_predicted_share", "max_unscored_share", "memorised_agreement",
-                                            "memorised_flag_rate"]
+                                            "hidden_disagreement", "memorised_flag_rate"]
 
 
 class Named(Check):

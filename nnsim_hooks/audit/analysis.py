@@ -39,6 +39,9 @@ def analyse(
     exact_neighbors: Optional[bool] = None,
     max_memory: Optional[int] = None,
     neighbor_state=None,
+    neighbors: Optional[tuple] = None,
+    predictions: Optional[np.ndarray] = None,
+    probabilities: Optional[np.ndarray] = None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
@@ -53,6 +56,9 @@ def analyse(
     the samples themselves. ``paths`` (one per dataset position, None where a sample has
     no file) fill the table's ``path`` column; ``class_names`` (index = class) its
     ``<class column>_name`` columns (see :mod:`nnsim_hooks.audit.sample_names`).
+    ``neighbors`` (``(ids [N, k], sims [N, k])`` in index rows), ``predictions`` and
+    ``probabilities`` replace the index's own: the cross-fitted ones of
+    :mod:`nnsim_hooks.audit.cross_fit`, each sample seen by a model that never trained on it.
 
     The neighbour lists come from :func:`nnsim_hooks.index.all_neighbors.all_neighbors`:
     exact for small N or ``exact_neighbors=True`` (or ``recall=1``), else a partition search
@@ -70,8 +76,12 @@ def analyse(
     positions = np.arange(n) if positions is None else np.asarray(positions, dtype=np.int64)
     n_total = n if n_total is None else int(n_total)
     labels = _classes(index.labels, n)
-    predictions = _classes(index.predictions, n)
-    probs = np.asarray(index.probabilities, dtype=np.float64) if index.probabilities is not None else None
+    predictions = _classes(index.predictions if predictions is None else predictions, n)
+    if probabilities is None:
+        probabilities = index.probabilities
+    probs = np.asarray(probabilities, dtype=np.float64) if probabilities is not None else None
+    if probs is not None and probs.shape[0] != n:
+        raise DataError(f"probabilities has {probs.shape[0]} rows but the index holds {n} samples")
     if num_classes is None:
         if probs is not None:
             num_classes = probs.shape[1]
@@ -95,8 +105,18 @@ def analyse(
             raise DataError(f"density has shape {list(density.shape)} but the index holds {n} samples")
 
     check_recall(recall)
-    ids, sims, plan = _neighbours(index, n, k, progress, recall=recall, exact=exact_neighbors, max_memory=max_memory,
-                                  state_dir=neighbor_state)
+    if neighbors is None:
+        ids, sims, plan = _neighbours(index, n, k, progress, recall=recall, exact=exact_neighbors,
+                                      max_memory=max_memory, state_dir=neighbor_state)
+    else:
+        ids, sims = (np.asarray(a) for a in neighbors)
+        if ids.shape != sims.shape or ids.ndim != 2 or ids.shape[0] != n:
+            raise DataError(f"neighbors must be two [N={n}, k] arrays (ids, similarities); got shapes "
+                            f"{list(ids.shape)} and {list(sims.shape)}")
+        ok = usable_neighbors(ids, sims)
+        ids, sims = np.where(ok, ids, -1).astype(np.int64), np.where(ok, sims, np.nan).astype(np.float64)
+        k = ids.shape[1]
+        plan = {"method": "given", "k": k, "rows": n}
     inputs = CheckInputs(labels=labels, predictions=predictions, probabilities=probs, num_classes=num_classes,
                          ids=ids, sims=sims, index=index, paper_index=paper, exact_density=density, thresholds=limits,
                          positions=positions, dataset=dataset)

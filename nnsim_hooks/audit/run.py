@@ -96,6 +96,7 @@ def audit(
     decisions: Union[None, str, Path] = None,
     paths: Optional[Sequence] = None,
     max_memory: MemoryBudget = None,
+    train: Union[None, int, Dict[str, Any], "TrainingRecipe"] = None,
 ) -> AuditResult:
     """Audit a labelled dataset through a trained classifier's own notion of similarity.
 
@@ -186,6 +187,18 @@ def audit(
             approximately with the partition's ``nprobe`` chosen to reach it on held-out exact
             queries (the summary's ``"neighbors"`` gives the recall measured); 1 searches exactly.
         exact_neighbors: True: exact neighbour search at any size; None: chosen by size.
+        train: fit the model on the audited data before auditing it, for when there is
+            no trained checkpoint: a number of epochs, a dict of
+            :class:`~nnsim_hooks.audit.fitting.TrainingRecipe` fields (``epochs``, ``lr``,
+            ``weight_decay``, ``batch_size``, ``folds``, ``seed``) or a recipe. The model
+            is trained in place from the weights it has (AdamW, the recipe in
+            :mod:`nnsim_hooks.audit.fitting`); checkpoints go to ``out_dir/trained/``.
+            With ``folds >= 2`` (cross-fitting), ``folds`` more models are trained, each
+            blind to one part of the data, and every sample's neighbours, prediction and
+            probabilities come from the model that never saw it
+            (:mod:`nnsim_hooks.audit.cross_fit`): wrong labels that the model trained on
+            everything has memorised still stand out. The summary's ``"training"`` says
+            what was done. Needs labels of at least 2 classes.
 
     Returns:
         an :class:`AuditResult` (saved to ``out_dir`` already when one was given).
@@ -219,6 +232,9 @@ def audit(
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
     limits = Thresholds.make(thresholds)
+    from .fitting import TrainingRecipe
+
+    recipe = TrainingRecipe.make(train)
     parse_memory(max_memory)  # a malformed budget fails now, not after the file checks
     n_total = check_dataset(dataset)
     user_labels = resolve_labels(dataset, labels, n_total)
@@ -249,6 +265,8 @@ def audit(
             from .decisions import fingerprint
 
             run_config["decisions"] = fingerprint(decisions)
+        if recipe is not None and "train" not in run_config:
+            run_config["train"] = recipe.as_dict()
         # under torchrun only rank 0 writes the audit's files; the ranks share the index build
         dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 
@@ -260,6 +278,17 @@ def audit(
     view = AuditView(dataset, user_labels, positions)
 
     was_training = model.training
+    trained = None
+    if recipe is not None:
+        from .fitting import TRAINED_FOLDER, train_for_audit
+        from .samples import labels_of
+
+        if ctx is not None:
+            raise InputError("audit(train=...) under torchrun is not supported: train once (one process), then audit "
+                             "the saved checkpoint under torchrun")
+        trained = train_for_audit(model, view, labels_of(view), recipe,
+                                  folder=None if out_path is None else out_path / TRAINED_FOLDER, progress=progress)
+        was_training = False  # a model trained here is handed back ready to use
     model.eval()
     try:
         probe = _probe(model, view)
@@ -299,6 +328,13 @@ def audit(
                 denoise_index = handle.build_index(
                     view, None if out_path is None else out_path / DENOISING_INDEX,
                     batch_size=batch_size, progress=progress, task=task, use_targets=False)
+        cross_fitted = None
+        if trained is not None and trained.cross_fitted:
+            from .cross_fit import cross_fitted_neighbors
+
+            cross_fitted = cross_fitted_neighbors(trained, view, usable_k(int(k), index.n_valid), output=fn,
+                                                  sketch_dim=sketch_dim, seed=seed, batch_size=batch_size,
+                                                  folder=out_path, progress=progress)
         density = None
         if exact_density:
             paper_output = contrast_predicted if denoise_index is not None else fn
@@ -325,6 +361,9 @@ def audit(
         exact_neighbors=exact_neighbors,
         # resumable in blocks; under torchrun every rank searches alone (no shared progress file)
         neighbor_state=None if out_path is None or ctx is not None else out_path / NEIGHBOR_STATE,
+        **({} if cross_fitted is None else {"neighbors": (cross_fitted.ids, cross_fitted.sims),
+                                            "predictions": cross_fitted.predictions,
+                                            "probabilities": cross_fitted.probabilities}),
     )
     result.dataset = dataset
     result.thumbnail = thumbnail
@@ -339,6 +378,11 @@ def audit(
             "seconds": round(time.time() - started, 2),
         }
     )
+    if trained is not None:
+        result.summary["training"] = trained.summary()
+        if trained.cross_fitted:  # exact searches, each through the fold model blind to the sample
+            result.summary["neighbors"] = {**result.summary.get("neighbors", {}), "method": "cross-fitted",
+                                           "folds": trained.recipe.folds, "recall_measured": 1.0}
     if extra:
         result.summary["extra"] = dict(extra)
     if decision_record is not None:

@@ -148,6 +148,18 @@ class AuditView(Dataset):
         return x, label
 
 
+def labels_of(view: AuditView) -> np.ndarray:
+    """``[len(view)]`` the label of each row of ``view`` (-1 where missing), without loading
+    the inputs when the labels are given or cheap to read."""
+    if view.labels is not None:
+        labels = np.asarray(view.labels, dtype=np.int64)[view.positions]
+    else:
+        fast = fast_labels(view.dataset)
+        labels = fast[view.positions] if fast is not None else np.array(
+            [view[i][1] for i in range(len(view))], dtype=np.int64)
+    return np.where(labels >= 0, labels, MISSING).astype(np.int64)
+
+
 def check_dataset(dataset: Any) -> int:
     """Length of a map-style dataset, with a clear error otherwise."""
     if isinstance(dataset, IterableDataset) or not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):

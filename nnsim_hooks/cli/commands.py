@@ -87,6 +87,13 @@ def _add_audit(sub) -> None:
     data.add_argument("--model", help="timm:NAME, torchvision:NAME, monai:NAME or package.module:function")
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
+    data.add_argument("--train", type=int, default=None, metavar="EPOCHS",
+                      help="no trained model? fit --model on --data for EPOCHS epochs first (AdamW, lr 1e-3; from "
+                      "--checkpoint's weights when given), save it in OUT/trained/model.pt, then audit with it")
+    data.add_argument("--folds", type=int, default=None, metavar="K",
+                      help="with --train: also train K models, each blind to one K-th of the data, and look at every "
+                      "sample through the model that never saw it, so that memorised wrong labels still stand out "
+                      "(default: 2; 0 turns it off: one model, K times faster)")
     data.add_argument("--num-classes", type=int, help="number of classes of the model's head")
     data.add_argument("--image-size", default=None, metavar="N or H,W",
                       help="resize 2-D images to this size instead of the model's default (timm's 224): small images "
@@ -226,7 +233,8 @@ def _audit_data(args, thresholds) -> Any:
     from ..audit.run import audit
 
     if not args.model:
-        raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt)")
+        raise CliError("--data needs --model (e.g. --model timm:resnet18 --checkpoint weights.pt, or --model timm:resnet18 "
+                       "--train 10 to fit it on the data first)")
     from ..audit.batch_memory import parse_memory
 
     parse_memory(args.max_memory, "--max-memory")  # before the model is built
@@ -235,6 +243,7 @@ def _audit_data(args, thresholds) -> Any:
         raise CliError(f"--decisions {args.decisions}: no such file (the CSV the report's 'Download decisions' button "
                        "writes)")
     classes = _classes(args.classes)
+    train = _train_recipe(args)
     kwargs = {}
     if args.model_kwargs:
         try:
@@ -277,6 +286,8 @@ def _audit_data(args, thresholds) -> Any:
     if classes is not None:  # only then: runs without --classes keep the configuration they resume with
         config["classes"] = classes
     config.update(options)  # the same: recorded only when given
+    if train is not None:
+        config["train"] = train.as_dict()
     if args.decisions is not None:
         from ..audit.decisions import fingerprint
 
@@ -297,6 +308,7 @@ def _audit_data(args, thresholds) -> Any:
         config=config,
         decisions=args.decisions,
         max_memory=args.max_memory,
+        train=train,
     )
 
 
@@ -322,6 +334,21 @@ def _check_data_size(integrations, info, dataset) -> None:
     if check is None or first is None or not hasattr(info, "data_config"):
         return
     check(info, tuple(dataset[first][0].shape))
+#: --folds when --train is given without it: two half-data models cost one more training of the
+#: whole data, and keep memorised wrong labels findable (benchmarks/results/label_issues.md)
+DEFAULT_FOLDS = 2
+
+
+def _train_recipe(args):
+    """The :class:`~nnsim_hooks.audit.fitting.TrainingRecipe` of ``--train``/``--folds`` (None: no training)."""
+    if args.train is None:
+        if args.folds is not None:
+            raise CliError("--folds is for --train: it cross-fits the models that --train fits")
+        return None
+    from ..audit.fitting import TrainingRecipe
+
+    return TrainingRecipe(epochs=args.train, folds=DEFAULT_FOLDS if args.folds is None else args.folds,
+                          seed=args.seed)
 
 
 def _sized(args) -> bool:
@@ -351,7 +378,10 @@ def neighbor_line(plan: Optional[Dict[str, Any]]) -> str:
         return (f"  neighbours        approximate (nprobe {plan.get('nprobe')} of {plan.get('nlist')} lists): recall@"
                 f"{plan.get('k')} {plan.get('recall_measured')} measured on {plan.get('recall_sample')} held-out exact "
                 f"queries (target {plan.get('recall_target')})")
-    return f"  neighbours        exact search (recall 1)"
+    if plan.get("method") == "cross-fitted":
+        return (f"  neighbours        cross-fitted: each sample through the one of {plan.get('folds')} models that never "
+                "saw it (exact search)")
+    return "  neighbours        exact search (recall 1)"
 
 
 def format_summary(result, out: Path) -> str:
@@ -392,6 +422,9 @@ def format_summary(result, out: Path) -> str:
             f"  flags: {pct(extra.get('label_issue_recall'))} of the planted errors found, "
             f"{pct(extra.get('label_issue_precision'))} of the flags are planted errors",
         ]
+    training = s.get("training")
+    if training and training.get("checkpoint"):
+        lines.append(f"Trained model: {Path(training['checkpoint']).resolve()} (load it with --checkpoint)")
     lines.append(f"Report: {(out / 'report.html').resolve()}")
     return "\n".join(lines)
 
@@ -414,8 +447,9 @@ def cmd_audit(args) -> int:
                                           ("--image-column", args.image_column),
                                           ("--label-column", args.label_column), ("--split", args.split),
                                           ("--id-column", args.id_column),
-                                          ("--image-size", args.image_size), ("--spatial-size", args.spatial_size))
-                 if given]
+                                          ("--image-size", args.image_size), ("--spatial-size", args.spatial_size),
+                                          ("--train", args.train), ("--folds", args.folds))
+                 if given is not None]
     if args.index is not None:
         return _audit_index(args, thresholds, demo_only)
     if args.dry_run:

@@ -36,8 +36,9 @@ MIN_CLASS_LABELS = 5
 
 # What to do, shared by the warnings that mean "this model cannot show label errors".
 _OTHER_MODEL = ("audit with a model that did not memorise these labels: an earlier checkpoint (before the training "
-                "accuracy reached 100%), or cross-fitting (train on one half of the data, audit the other, then swap; "
-                "nnsim audit --train will do this)")
+                "accuracy reached 100%), or let the audit cross-fit: nnsim audit --train EPOCHS (or "
+                "audit(train={'epochs': EPOCHS, 'folds': 2})) trains two more models, each blind to half the data, and "
+                "looks at every sample through the one that never saw it")
 
 
 def chance_agreement(labels: np.ndarray, num_classes: int) -> float:
@@ -70,6 +71,7 @@ def model_state_warnings(
     memorised_agreement: float,
     memorised_flag_rate: float,
     max_unscored_share: float = 0.1,
+    hidden_disagreement: float = 0.1,
 ) -> List[AuditWarning]:
     """The warnings of one audit, from its rows (readable samples): given ``labels`` and
     ``predictions`` (-1: none), the label-issue ``scores`` (NaN: not scored) and ``flagged``."""
@@ -168,6 +170,23 @@ def model_state_warnings(
                 "network that memorises does not average label noise away) say nothing about label quality.",
                 "Read the flags; for the rest, " + _OTHER_MODEL + ".",
                 values))
+    elif scored.any() and 1.0 - agree >= hidden_disagreement:
+        # Below memorisation: the predictions contradict many labels, the neighbours none. The similarity is
+        # shaped by the given labels more than the predictions are: a network part-way to memorising them.
+        flag_rate = float(flagged[scored].mean())
+        if flag_rate <= memorised_flag_rate:
+            out.append(AuditWarning(
+                "neighbours_mirror_labels",
+                f"The model's predictions contradict {1.0 - agree:.1%} of the given labels, but the neighbours it "
+                f"sees as similar contradict almost none ({flag_rate:.1%} of the labels flagged).",
+                "A network trained on these labels for many epochs looks like this: it has learned part of them by "
+                "heart, wrong ones included, and sees each such sample as similar to others of the same label, so a "
+                "wrong label hides among neighbours that carry it too. The count of 0 (or nearly 0) suspected label "
+                "errors is no evidence that the labels are clean.",
+                _OTHER_MODEL[0].upper() + _OTHER_MODEL[1:] + "; meanwhile the rows of table.csv where the "
+                "prediction differs from the label are the ones to look at first.",
+                {"agreement": agree, "flag_rate": flag_rate, "hidden_disagreement": hidden_disagreement,
+                 "memorised_flag_rate": memorised_flag_rate}))
     return out
 
 
@@ -203,6 +222,13 @@ class ModelState(Check):
             low=0.0, high=1.0,
         ),
         ThresholdSpec(
+            "hidden_disagreement", 0.1,
+            "below memorisation, warn ``neighbours_mirror_labels`` when the predictions contradict at least this "
+            "share of the given labels while at most ``memorised_flag_rate`` of them is flagged.",
+            "warn neighbours_mirror_labels when predictions contradict this share of labels and nothing is flagged",
+            low=0.0, high=1.0,
+        ),
+        ThresholdSpec(
             "memorised_flag_rate", 0.01,
             "with such agreement, warn ``memorised_no_flags`` (the audit could not have found label errors) when "
             "at most this share of the labels is flagged, ``memorised`` (the flags hold, the rest does not) above.",
@@ -217,7 +243,7 @@ class ModelState(Check):
             inputs.labels, inputs.predictions, inputs.columns["label_issue_score"], inputs.columns["is_label_issue"],
             max(inputs.num_classes, 1), chance_margin=t.chance_margin, min_predicted_share=t.min_predicted_share,
             memorised_agreement=t.memorised_agreement, memorised_flag_rate=t.memorised_flag_rate,
-            max_unscored_share=t.max_unscored_share)
+            max_unscored_share=t.max_unscored_share, hidden_disagreement=t.hidden_disagreement)
         inputs.info[WARNINGS] = [w.to_dict() for w in found]
         return {}
 

@@ -1,0 +1,230 @@
+"""``nnsim audit --train EPOCHS``: fit the audited model on the data itself, when the user
+has no trained checkpoint, with one documented recipe.
+
+The recipe (:class:`TrainingRecipe`): AdamW (lr 1e-3, weight decay 1e-4), batches of 64
+reshuffled every epoch from a seeded generator, cross-entropy on the given labels,
+samples without a label left out, BatchNorm in train mode, no augmentation (the audit
+looks at the samples as given). Every model starts from the weights it was given
+(random init, or a pretrained backbone to fine-tune).
+
+Cross-fitting (``folds >= 2``). A network trained long enough memorises its wrong labels,
+and then sees each mislabelled sample as similar to the class it was taught: its
+neighbours share the wrong label and the vote cannot contradict it. So the labelled
+samples are split into ``folds`` stratified parts, one model is trained on all parts
+but one, and each sample is scored through the model that never saw it
+(:mod:`nnsim_hooks.audit.cross_fit`). The model trained on all the data is kept too:
+its checkpoint is the one the user gets, and the paper's density and denoising
+describe it.
+
+Checkpoints go to ``<out>/trained/``: ``model.pt`` and ``fold-<i>-of-<K>.pt``, with
+``recipe.json``; an interrupted run reuses the models it finished with the same recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+logger = logging.getLogger(__name__)
+
+TRAINED_FOLDER = "trained"
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How ``--train`` fits a classifier (the defaults are the documented recipe)."""
+
+    epochs: int
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    #: cross-fitting: 0 or 1 for none, K >= 2 for K models, each blind to one K-th of the data
+    folds: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, (int, np.integer)) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise InputError(f"--train {self.epochs!r}: the number of epochs must be an integer >= 1")
+        if not isinstance(self.folds, (int, np.integer)) or isinstance(self.folds, bool) or self.folds < 0:
+            raise InputError(f"--folds {self.folds!r}: must be 0 (no cross-fitting) or an integer >= 2")
+        if self.folds == 1:
+            raise InputError("--folds 1 is not cross-fitting: use 0 (one model on all the data) or 2 or more")
+        if not self.lr > 0 or not self.batch_size >= 1 or not self.weight_decay >= 0:
+            raise InputError(f"training recipe: lr must be > 0, batch_size >= 1 and weight_decay >= 0, got {self}")
+
+    @classmethod
+    def make(cls, value) -> Optional["TrainingRecipe"]:
+        """``None``, a number of epochs, a dict of fields, or a recipe."""
+        if value is None or isinstance(value, TrainingRecipe):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        return cls(epochs=value)
+
+    @property
+    def cross_fitted(self) -> bool:
+        return self.folds >= 2
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+def check_trainable(labels: np.ndarray, recipe: TrainingRecipe) -> None:
+    """Refuse, before any training, data the recipe cannot fit: fewer than two labelled
+    classes, or a class with fewer labelled samples than folds."""
+    labelled = labels[labels >= 0]
+    classes, counts = np.unique(labelled, return_counts=True)
+    if len(classes) < 2:
+        found = "no labelled sample" if len(classes) == 0 else f"only class {int(classes[0])} ({int(counts[0])} samples)"
+        raise InputError(f"--train needs labelled samples of at least 2 classes to fit a classifier; the data has "
+                         f"{found}. Label the data, or audit with a trained model (--checkpoint)")
+    if recipe.cross_fitted and counts.min() < recipe.folds:
+        small = int(classes[np.argmin(counts)])
+        raise InputError(f"--folds {recipe.folds}: class {small} has only {int(counts.min())} labelled samples, fewer "
+                         f"than the folds; each fold needs one of every class. Use --folds {max(2, int(counts.min()))} "
+                         "or fewer (at least 2), or --folds 0")
+
+
+def fold_of_rows(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """``[N]`` the fold of each row (stratified by label, seeded); unlabelled rows are
+    spread over the folds too (they are scored, never trained on)."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = (np.arange(len(rows)) + rng.integers(folds)) % folds
+    return fold
+
+
+def fit_classifier(model: nn.Module, view, rows: np.ndarray, recipe: TrainingRecipe, *, seed: int,
+                   progress: bool = False, desc: str = "train") -> Dict:
+    """Train ``model`` in place on the labelled ``rows`` of ``view`` (an
+    :class:`~nnsim_hooks.audit.samples.AuditView`); returns ``{"epochs", "train_accuracy"}``."""
+    from torch.utils.data import DataLoader, Subset
+
+    from ..data.batch_source import to_device
+    from ..model_device import model_device_dtype
+
+    device, _ = model_device_dtype(model)
+    generator = torch.Generator().manual_seed(seed)
+    rows = np.asarray(rows, dtype=np.int64)
+    # a last batch of one sample is dropped: BatchNorm cannot train on a single sample
+    drop_last = len(rows) % recipe.batch_size == 1 and len(rows) > 1
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=recipe.epochs, desc=desc, unit="epoch", leave=False)
+    model.train()
+    correct = seen = 0
+    for epoch in range(recipe.epochs):
+        correct = seen = 0
+        order = rows[torch.randperm(len(rows), generator=generator).numpy()]  # the epoch's shuffle
+        loader = DataLoader(Subset(view, order.tolist()), batch_size=recipe.batch_size, drop_last=drop_last)
+        for x, y in loader:
+            x, y = to_device(x, device), torch.as_tensor(y, device=device)
+            keep = y >= 0
+            if not bool(keep.any()):
+                continue
+            logits = model(x)
+            loss = F.cross_entropy(logits[keep], y[keep])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits[keep].argmax(1) == y[keep]).sum())
+            seen += int(keep.sum())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(train_acc=f"{correct / max(seen, 1):.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return {"epochs": recipe.epochs, "train_accuracy_last_epoch": correct / max(seen, 1)}
+
+
+@dataclass
+class TrainedModels:
+    """What ``--train`` produced: the model trained on everything (trained in place),
+    and, when cross-fitted, one model per fold with ``fold[i]`` the fold of view row i
+    (the model ``fold_models[f]`` never saw the rows of fold f)."""
+
+    model: nn.Module
+    recipe: TrainingRecipe
+    fold: Optional[np.ndarray] = None
+    fold_models: Optional[List[nn.Module]] = None
+    folder: Optional[Path] = None
+    history: Optional[Dict] = None
+
+    @property
+    def cross_fitted(self) -> bool:
+        return self.fold_models is not None
+
+    def summary(self) -> Dict:
+        out = {"recipe": self.recipe.as_dict(), "folds": self.recipe.folds if self.recipe.cross_fitted else 0}
+        if self.folder is not None:
+            out["checkpoint"] = str(self.folder / "model.pt")
+        if self.history:
+            out["history"] = self.history
+        return out
+
+
+def train_for_audit(model: nn.Module, view, labels: np.ndarray, recipe: TrainingRecipe, *,
+                    folder: Optional[Path] = None, progress: bool = False) -> TrainedModels:
+    """Fit ``model`` (in place) on the view's labelled rows, and the fold models when the
+    recipe cross-fits; each starts from ``model``'s weights as given. With ``folder``,
+    checkpoints are written there and reused when the recipe matches."""
+    from ..atomic import write_bytes_atomic, write_text_atomic
+
+    check_trainable(labels, recipe)
+    initial = copy.deepcopy(model.state_dict())
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = folder / "recipe.json"
+        wanted = json.dumps(recipe.as_dict(), sort_keys=True)
+        if saved.exists() and saved.read_text(encoding="utf-8") != wanted:
+            raise InputError(f"{folder} holds models trained with another recipe ({saved.read_text(encoding='utf-8')}); "
+                             "use another --out, or --overwrite")
+        write_text_atomic(saved, wanted)
+
+    def trained(name: str, rows: np.ndarray, seed: int, target: nn.Module, desc: str) -> Dict:
+        path = None if folder is None else folder / name
+        if path is not None and path.exists():
+            target.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            logger.info("reusing %s", path)
+            return {"reused": str(path)}
+        target.load_state_dict(initial)
+        history = fit_classifier(target, view, rows, recipe, seed=seed, progress=progress, desc=desc)
+        if path is not None:
+            import io
+
+            buffer = io.BytesIO()
+            torch.save(target.state_dict(), buffer)
+            write_bytes_atomic(path, buffer.getvalue())
+        return history
+
+    labelled = np.flatnonzero(labels >= 0)
+    history = {"model": trained("model.pt", labelled, recipe.seed, model, "train (all data)")}
+    result = TrainedModels(model=model.eval(), recipe=recipe, folder=folder, history=history)
+    if recipe.cross_fitted:
+        result.fold = fold_of_rows(labels, recipe.folds, recipe.seed)
+        result.fold_models = []
+        for f in range(recipe.folds):
+            other = copy.deepcopy(model)
+            rows = labelled[result.fold[labelled] != f]
+            history[f"fold_{f}"] = trained(f"fold-{f}-of-{recipe.folds}.pt", rows, recipe.seed + 1 + f, other,
+                                           f"train (fold {f + 1}/{recipe.folds})")
+            result.fold_models.append(other.eval())
+    return result

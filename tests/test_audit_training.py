@@ -1,0 +1,196 @@
+"""``audit(train=...)`` / ``nnsim audit --train``: the recipe, the folds, the cross-fitted
+neighbours (against brute force over every pair), and the bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import nnsim_hooks
+from nnsim_hooks.audit.cross_fit import cross_fitted_neighbors
+from nnsim_hooks.audit.fitting import (TrainedModels, TrainingRecipe, check_trainable, fit_classifier, fold_of_rows,
+                                       train_for_audit)
+from nnsim_hooks.audit.output_choice import full_outputs
+from nnsim_hooks.audit.samples import AuditView, labels_of
+from nnsim_hooks.errors import InputError
+
+
+def blobs(n: int = 48, classes: int = 3, dim: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    centres = torch.randn(classes, dim, generator=g) * 3
+    x = centres[y] + torch.randn(n, dim, generator=g)
+    return TensorDataset(x, y)
+
+
+def mlp(dim: int = 6, classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(dim, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+def test_recipe_refuses_bad_values():
+    with pytest.raises(InputError, match="epochs"):
+        TrainingRecipe(epochs=0)
+    with pytest.raises(InputError, match="--folds 1"):
+        TrainingRecipe(epochs=2, folds=1)
+    with pytest.raises(InputError, match="lr"):
+        TrainingRecipe(epochs=2, lr=0.0)
+    assert TrainingRecipe.make(3) == TrainingRecipe(epochs=3)
+    assert TrainingRecipe.make({"epochs": 2, "folds": 3}).cross_fitted
+
+
+def test_one_class_and_too_few_per_fold_are_refused_with_the_numbers():
+    with pytest.raises(InputError, match="only class 1 \\(4 samples\\)"):
+        check_trainable(np.array([1, 1, 1, 1, -1]), TrainingRecipe(epochs=1))
+    with pytest.raises(InputError, match="no labelled sample"):
+        check_trainable(np.array([-1, -1]), TrainingRecipe(epochs=1))
+    with pytest.raises(InputError, match="class 2 has only 2 labelled samples"):
+        check_trainable(np.array([0, 0, 0, 1, 1, 1, 2, 2]), TrainingRecipe(epochs=1, folds=3))
+    check_trainable(np.array([0, 0, 0, 1, 1, 1, 2, 2]), TrainingRecipe(epochs=1, folds=2))
+
+
+def test_folds_are_stratified_seeded_and_cover_every_row():
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 5 + [-1] * 3)
+    fold = fold_of_rows(labels, 3, seed=4)
+    assert np.array_equal(fold, fold_of_rows(labels, 3, seed=4))
+    assert not np.array_equal(fold, fold_of_rows(labels, 3, seed=5))
+    assert set(fold.tolist()) == {0, 1, 2}
+    for c in (0, 1, 2, -1):
+        counts = np.bincount(fold[labels == c], minlength=3)
+        assert counts.max() - counts.min() <= 1, (c, counts)
+
+
+def test_fit_classifier_is_the_documented_recipe():
+    """The recipe against a hand-written loop: AdamW, the seeded shuffle, cross-entropy,
+    unlabelled samples left out (the same weights to float precision)."""
+    data = blobs(40)
+    labels = data.tensors[1].clone()
+    labels[::7] = -1
+    view = AuditView(TensorDataset(data.tensors[0], labels))
+    rows = np.arange(len(view))
+    recipe = TrainingRecipe(epochs=3, lr=0.01, weight_decay=0.05, batch_size=8)
+    ours = mlp()
+    fit_classifier(ours, view, rows, recipe, seed=7)
+
+    oracle = mlp()
+    torch.manual_seed(7)
+    opt = torch.optim.AdamW(oracle.parameters(), lr=0.01, weight_decay=0.05)
+    g = torch.Generator().manual_seed(7)
+    x, y = data.tensors[0], labels
+    for _ in range(3):
+        for batch in torch.randperm(len(x), generator=g).split(8):
+            keep = y[batch] >= 0
+            loss = F.cross_entropy(oracle(x[batch])[keep], y[batch][keep])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), oracle.parameters()):
+        torch.testing.assert_close(a, b)
+    assert not ours.training
+
+
+def test_train_for_audit_resumes_from_its_checkpoints(tmp_path):
+    data = blobs(30)
+    view = AuditView(data)
+    recipe = TrainingRecipe(epochs=2, folds=2, batch_size=8)
+    first = train_for_audit(mlp(), view, labels_of(view), recipe, folder=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fold-0-of-2.pt", "fold-1-of-2.pt", "model.pt",
+                                                          "recipe.json"]
+    again = train_for_audit(mlp(seed=9), view, labels_of(view), recipe, folder=tmp_path)
+    assert all("reused" in h for h in again.history.values())
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    # fold models start from the same weights as the main model, and differ from it after training
+    assert not torch.equal(first.fold_models[0][0].weight, first.model[0].weight)
+    with pytest.raises(InputError, match="another recipe"):
+        train_for_audit(mlp(), view, labels_of(view), TrainingRecipe(epochs=3, folds=2), folder=tmp_path)
+
+
+def test_cross_fitted_neighbors_against_brute_force():
+    """Each row's neighbours and prediction come from the fold model blind to it: the
+    k most similar rows among all others, by the cosine of that model's features."""
+    data = blobs(36)
+    view = AuditView(data)
+    fold = fold_of_rows(labels_of(view), 3, seed=1)
+    models = [mlp(seed=s).eval() for s in (1, 2, 3)]
+    trained = TrainedModels(model=models[0], recipe=TrainingRecipe(epochs=1, folds=3), fold=fold, fold_models=models)
+    k = 4
+    got = cross_fitted_neighbors(trained, view, k, output=full_outputs, sketch_dim=64, seed=0, batch_size=16)
+    x = data.tensors[0]
+    for f, model in enumerate(models):
+        with nnsim_hooks.attach(model, output=full_outputs, sketch_dim=64, seed=0) as h:
+            feats = h.features(x).detach().double()
+        feats = feats / feats.norm(dim=1, keepdim=True)
+        sims = feats @ feats.T
+        sims.fill_diagonal_(-np.inf)
+        for i in np.flatnonzero(fold == f):
+            top = torch.topk(sims[i], k)
+            assert set(got.ids[i].tolist()) == set(top.indices.tolist()), i
+            np.testing.assert_allclose(got.sims[i], top.values.numpy(), atol=1e-5)
+            assert got.predictions[i] == int(model(x[i:i + 1]).argmax())
+            np.testing.assert_allclose(got.probabilities[i], F.softmax(model(x[i:i + 1]), 1)[0].detach().numpy(),
+                                       atol=1e-5)
+
+
+def test_audit_train_end_to_end_records_what_it_did(tmp_path):
+    data = blobs(40)
+    model = mlp()
+    before = model[0].weight.detach().clone()
+    result = nnsim_hooks.audit(model, data, train={"epochs": 3, "folds": 2, "batch_size": 8}, out_dir=tmp_path / "a",
+                               k=3, progress=False, sketch_dim=32)
+    assert not torch.equal(before, model[0].weight)  # trained in place
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["training"]["folds"] == 2 and summary["training"]["recipe"]["epochs"] == 3
+    assert summary["neighbors"]["method"] == "cross-fitted" and summary["neighbors"]["folds"] == 2
+    assert (tmp_path / "a" / "trained" / "model.pt").exists()
+    reloaded = mlp()
+    reloaded.load_state_dict(torch.load(tmp_path / "a" / "trained" / "model.pt"))
+    torch.testing.assert_close(reloaded[0].weight, model[0].weight)
+    assert result.table["label_issue_score"].notna().all()
+
+
+def test_audit_train_refuses_one_class_before_training():
+    x = torch.randn(10, 6)
+    with pytest.raises(InputError, match="at least 2 classes"):
+        nnsim_hooks.audit(mlp(), TensorDataset(x, torch.zeros(10, dtype=torch.long)), train=2, progress=False)
+
+
+def test_cli_train_flags_are_checked(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from nnsim_hooks.cli import commands as cli
+    from nnsim_hooks.integrations.synthetic import make_image_folder
+
+    data = tmp_path / "images"
+    make_image_folder(str(data), classes=("circle",), per_class=4, size=(16, 16))
+    fast = ["--no-progress", "--k", "3", "--sketch-dim", "32", "--model", "timm:test_resnet", "--num-classes", "2",
+            "--data", str(data)]
+    assert cli.main(["audit", *fast, "--out", str(tmp_path / "a"), "--folds", "2"]) == 1
+    assert "--folds is for --train" in capsys.readouterr().err
+    assert cli.main(["audit", *fast, "--out", str(tmp_path / "b"), "--train", "1"]) == 1
+    assert "at least 2 classes" in capsys.readouterr().err
+    assert cli.main(["audit", "--out", str(tmp_path / "c"), "--train", "2"]) == 1
+    assert "--train given without --data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_fits_saves_and_audits(tmp_path, capsys):
+    pytest.importorskip("timm")
+    from nnsim_hooks.cli import commands as cli
+    from nnsim_hooks.integrations.synthetic import make_image_folder
+
+    data = tmp_path / "images"
+    make_image_folder(str(data), classes=("circle", "square"), per_class=6, size=(16, 16))
+    out = tmp_path / "audit"
+    code = cli.main(["audit", "--no-progress", "--k", "3", "--sketch-dim", "32", "--model", "timm:test_resnet",
+                     "--num-classes", "2", "--data", str(data), "--out", str(out), "--train", "2"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "Trained model:" in printed and str(out / "trained" / "model.pt") in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["training"]["folds"] == 2
