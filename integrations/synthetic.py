@@ -260,9 +260,11 @@ def make_shapes_folder(root: str, **options) -> Dict[str, Any]:
     paths = []
     for i, (image, label) in enumerate(zip(shapes["images"], shapes["labels"])):
         folder = os.path.join(root, shapes["classes"][label])
-        os.makedirs(folder, exist_ok=True)
+        make_folder(folder)
         path = os.path.join(folder, f"shape_{i:04d}.png")
-        Image.fromarray(image).save(path)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        _write_bytes(path, buf.getvalue())
         paths.append(path)
     shapes["paths"] = paths
     return shapes

@@ -244,7 +244,9 @@ def test_a_memorising_model_warns_instead_of_a_green_zero(memorised, tmp_path):
     result = nnsim_hooks.audit(model, digits_dataset(data), output="contrast", progress=False, k=10)
     s = result.summary
     assert s["label_issues"] <= 0.01 * len(data)  # the planted 15% are hidden...
-    assert [w["code"] for w in s["warnings"]] == ["memorised_no_flags"]  # ...and the audit says so
+    codes = [w["code"] for w in s["warnings"]]
+    # a memorising network does not average its labels either: the denoising premise check may fail too
+    assert codes[-1] == "memorised_no_flags" and set(codes) <= {"memorised_no_flags", "denoising_premise_fails"}  # ...and the audit says so
     page = result.report_html()
     assert 'class="warning-banner"' in page and "No label is contradicted" not in page
     assert 'class="card good"><div class="v">0</div><div class="l">suspected label errors' not in page
@@ -258,7 +260,9 @@ def test_a_memorising_model_with_the_default_output_finds_the_flips_and_warns_ab
     result = nnsim_hooks.audit(model, digits_dataset(data), progress=False, k=10)
     flagged = result.table["is_label_issue"].to_numpy()
     assert flagged[data.flipped].mean() > 0.8  # the whitened all-outputs kernel still finds them
-    assert [w["code"] for w in result.summary["warnings"]] == ["memorised"]
+    codes = [w["code"] for w in result.summary["warnings"]]
+    # a memorising network does not average its labels either: the denoising premise check may fail too
+    assert codes[-1] == "memorised" and set(codes) <= {"memorised", "denoising_premise_fails"}
 
 
 @pytest.mark.slow
@@ -272,7 +276,9 @@ def test_the_sum_output_also_survives_memorisation(memorised):
     score = np.nan_to_num(result.table["label_issue_score"].to_numpy())
     assert roc_auc_score(data.flipped, score) > 0.95
     assert result.table["is_label_issue"].to_numpy()[data.flipped].mean() > 0.8
-    assert [w["code"] for w in result.summary["warnings"]] == ["memorised"]
+    codes = [w["code"] for w in result.summary["warnings"]]
+    # a memorising network does not average its labels either: the denoising premise check may fail too
+    assert codes[-1] == "memorised" and set(codes) <= {"memorised", "denoising_premise_fails"}
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ ALLOWED = {
     ("audit/batch_memory.py", "clear_refs"): "writes to /proc/self/clear_refs, a kernel control file, not a stored file",
     ("audit/demo.py", "torch.save(model.state_dict(), buf)"): "into an io.BytesIO; the bytes go to write_bytes_atomic",
     ("integrations/synthetic.py", "torch.save(net.state_dict(), buf)"): "into an io.BytesIO, as above",
+    ("audit/fitting.py", "torch.save(target.state_dict(), buf)"): "into an io.BytesIO; the bytes go to write_bytes_atomic",
     ("index/all_neighbors.py", "np.save(buffer, array)"): "into an io.BytesIO; the bytes go to write_bytes_atomic",
     ("index/all_neighbors.py", "np.savez(buffer, **arrays)"): "into an io.BytesIO, as above",
 }

@@ -187,11 +187,12 @@ def train_for_audit(model: nn.Module, view, labels: np.ndarray, recipe: Training
     recipe cross-fits; each starts from ``model``'s weights as given. With ``folder``,
     checkpoints are written there and reused when the recipe matches."""
     from ..atomic import write_bytes_atomic, write_text_atomic
+    from ..safe_files import make_folder
 
     check_trainable(labels, recipe)
     initial = copy.deepcopy(model.state_dict())
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         saved = folder / "recipe.json"
         wanted = json.dumps(recipe.as_dict(), sort_keys=True)
         if saved.exists() and saved.read_text(encoding="utf-8") != wanted:
@@ -210,9 +211,9 @@ def train_for_audit(model: nn.Module, view, labels: np.ndarray, recipe: Training
         if path is not None:
             import io
 
-            buffer = io.BytesIO()
-            torch.save(target.state_dict(), buffer)
-            write_bytes_atomic(path, buffer.getvalue())
+            buf = io.BytesIO()
+            torch.save(target.state_dict(), buf)
+            write_bytes_atomic(path, buf.getvalue())
         return history
 
     labelled = np.flatnonzero(labels >= 0)
