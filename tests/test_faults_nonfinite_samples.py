@@ -120,6 +120,7 @@ def _same_results(result, oracle, keep):
             assert t[column].tolist() == mapped, column
         elif column not in ("path",):
             pd.testing.assert_series_equal(t[column], o[column], check_names=False, obj=column)
+    pd.testing.assert_frame_equal(result.per_class, oracle.per_class)
 
 
 @pytest.mark.slow
@@ -137,7 +138,7 @@ def test_an_audit_skips_and_counts_a_tensor_sample_with_nan(tmp_path):
     assert t["finite"].tolist() == [i != BAD for i in range(N)] and not t.loc[BAD, "readable"]
     assert pd.isna(t.loc[BAD, "label"]) and not t.loc[BAD, "valid"]
     _same_results(result, oracle, keep)
-    assert "files with NaN or Inf values (skipped)" in (tmp_path / "audit" / "report.html").read_text()
+    assert "samples with NaN or Inf values, in input or gradient (skipped)" in (tmp_path / "audit" / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -151,3 +152,22 @@ def test_an_audit_skips_and_counts_a_sample_whose_output_is_infinite():
     assert result.summary["non_finite"] == 1 and result.summary["non_finite_samples"] == [BAD]
     assert not result.table.loc[BAD, "finite"]
     _same_results(result, oracle, keep)
+
+
+@pytest.mark.slow
+def test_an_audit_names_a_hugging_face_record_with_nan_by_its_name():
+    datasets = pytest.importorskip("datasets")
+    from nnsim_hooks.integrations import load_dataset
+    from nnsim_hooks.integrations.config import DataConfig
+
+    x, y = images()
+    arrays = [a[0].numpy() for a in x]
+    arrays[BAD][1, 1] = np.inf
+    table = datasets.Dataset.from_dict(
+        {"image": arrays, "label": y.tolist()},
+        features=datasets.Features({"image": datasets.Array2D((8, 8), "float32"), "label": datasets.Value("int64")}))
+    config = DataConfig(channels=1, spatial_dims=2, spatial_size=(8, 8), mean=None, std=None, intensity="none")
+    result = _audit(net(), load_dataset(table, config))
+    assert result.summary["non_finite"] == 1 and result.summary["non_finite_samples"] == [BAD]
+    row = result.table.loc[BAD]
+    assert not row["finite"] and not row["readable"] and row["path"] == str(BAD)

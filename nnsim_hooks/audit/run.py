@@ -372,6 +372,9 @@ def audit(
                                             "predictions": cross_fitted.predictions,
                                             "probabilities": cross_fitted.probabilities}),
     )
+    for p in positions[skipped_rows(*[i for i in (index, denoise_index) if i is not None])][:10]:
+        name = sample_paths[p] if sample_paths is not None and sample_paths[p] is not None else None
+        logger.warning("skipping sample %d%s: its input or gradient holds NaN or Inf", p, f" ({name})" if name else "")
     result.dataset = dataset
     result.thumbnail = thumbnail
     result.summary.update(

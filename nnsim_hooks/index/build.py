@@ -89,6 +89,10 @@ def build_index(
             ``path/shards/`` and return None; merge the shards with ``nnsim index merge
             PATH`` or :func:`nnsim_hooks.index.merge_shards`.
 
+    A sample whose input or per-sample gradient holds NaN or Inf is stored without a
+    gradient (``valid`` False, ``norms`` NaN) and named in a warning; the rest of its batch
+    is extracted without it (see :mod:`nnsim_hooks.index.nonfinite_samples`).
+
     Raises:
         IndexMismatchError: ``path`` holds an index of another model, output or recipe,
             or of other data (its length, first or last sample, file list: see
@@ -247,8 +251,9 @@ def _extract_batch(handle, batch: Batch, device, store: Store, where: str, first
         ) from exc
     first_id = batch.start + int((store.manifest.get("shard") or {}).get("start", 0))  # a shard's ids are global
     if len(keep) < n:
-        logger.warning("%s: samples %s hold NaN or Inf (input or gradient) and are stored without a gradient "
-                       "(valid=False, norm NaN)", name, sorted(set(range(n)) - set(keep.tolist()))[:10])
+        skipped = sorted(set(range(n)) - set(keep.tolist()))
+        logger.warning("%s: samples with ids %s hold NaN or Inf (input or gradient) and are stored without a "
+                       "gradient (valid=False, norm NaN)", name, [first_id + i for i in skipped[:10]])
     if not parts:  # every sample skipped: blank rows, once the columns are known
         return None if not store.columns else skipped_rows(store, batch.targets, first_id, n)
     if first:
