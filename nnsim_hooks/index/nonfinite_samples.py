@@ -47,8 +47,8 @@ def extract_finite(handle, inputs: Any, targets: Any, n: int):
                 break
             whole = len(keep) == n
             try:
-                fb = handle.extract(inputs if whole else batching.take(inputs, _on(keep, inputs)),
-                                    targets if whole else batching.take(targets, _on(keep, targets)))
+                fb = handle.extract(inputs if whole else batching.take(inputs, keep),  # CPU ids index GPU tensors
+                                    targets if whole else batching.take(targets, keep))
             except NonFiniteGradientError as exc:
                 if not exc.samples:
                     raise
@@ -58,13 +58,6 @@ def extract_finite(handle, inputs: Any, targets: Any, n: int):
             kept.append(keep)
             break
     return parts, torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
-
-
-def _on(index: torch.Tensor, like: Any) -> torch.Tensor:
-    """``index`` on the device of the first tensor in ``like`` (a tensor, tuple or dict)."""
-    first = like if torch.is_tensor(like) else next((v for v in (like.values() if isinstance(like, dict) else
-                                                                 like or ()) if torch.is_tensor(v)), None)
-    return index if first is None else index.to(first.device)
 
 
 #: What a skipped sample holds in each stored column (``labels``: its target, set apart).
