@@ -33,7 +33,13 @@ class BatchCouplingError(ModelError):
 
 
 class NonFiniteGradientError(NnsimError, FloatingPointError):
-    """A per-sample gradient holds NaN or Inf; the message names the module."""
+    """A per-sample gradient holds NaN or Inf; the message names the module. ``samples``:
+    the positions in the batch of every sample found so (empty when not known), which
+    the index build uses to skip them."""
+
+    def __init__(self, message: str, samples=()):
+        super().__init__(message)
+        self.samples = tuple(int(s) for s in samples)
 
 
 class IndexMismatchError(NnsimError, ValueError):

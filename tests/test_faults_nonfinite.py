@@ -140,11 +140,11 @@ def test_an_audit_skips_and_counts_files_with_nan_or_inf(tmp_path, monkeypatch, 
                      "--no-progress", "--k", "3", "--sketch-dim", "16", "--batch-size", "4"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "NaN or Inf        2 files skipped" in printed.out
+    assert "NaN or Inf        2 samples skipped" in printed.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["non_finite"] == 2 and summary["non_finite_samples"] == [2, 7] and summary["unreadable"] == 0
     assert summary["samples"] == 12 and summary["readable"] == 10
     table = pd.read_csv(out / "table.csv")
     assert table["finite"].tolist() == [i not in (2, 7) for i in range(12)]
     assert not table["readable"][[2, 7]].any()
-    assert "files with NaN or Inf values (skipped)" in (out / "report.html").read_text()
+    assert "samples with NaN or Inf values, in input or gradient (skipped)" in (out / "report.html").read_text()

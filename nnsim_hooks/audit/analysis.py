@@ -128,13 +128,17 @@ def analyse(
         inputs.columns.update({c.name: np.asarray(computed[c.name]) for c in check.columns})
 
     # One row per dataset sample; unreadable ones keep NaN / missing values.
+    # Samples the index build skipped (NaN or Inf input or gradient) are shown as skipped files are.
+    skipped = positions[skipped_rows(index, paper)]
+    non_finite = np.union1d(np.asarray(non_finite if non_finite is not None else [], np.int64), skipped)
     table = pd.DataFrame(index=pd.Index(np.arange(n_total), name="sample"))
-    table["readable"] = np.isin(np.arange(n_total), positions)
-    table["finite"] = ~np.isin(np.arange(n_total), np.asarray(non_finite if non_finite is not None else [], np.int64))
+    table["finite"] = ~np.isin(np.arange(n_total), non_finite)
+    table["readable"] = np.isin(np.arange(n_total), positions) & table["finite"].to_numpy()
     table["valid"] = False
     table.loc[positions, "valid"] = np.asarray(index.valid, dtype=bool)
     table["path"] = path_column(paths, n_total)
-    put = _Writer(table, positions, n_total)
+    keep = ~np.isin(positions, skipped)
+    put = _Writer(table, positions[keep], n_total, keep)
     put(CLASS, "label", labels)
     put(CLASS, "prediction", predictions)
     if probs is not None:
@@ -193,18 +197,29 @@ class _Writer:
     FILL: Dict[str, tuple] = {FLOAT: (np.nan, np.float64), FLAG: (False, bool), GROUP: (-1, np.int64),
                               CLASS: (-1, np.int64)}
 
-    def __init__(self, table, positions: np.ndarray, n_total: int):
-        self.table, self.positions, self.n_total = table, positions, n_total
+    def __init__(self, table, positions: np.ndarray, n_total: int, keep: np.ndarray):
+        """``positions``: the dataset positions written, of the index rows where ``keep``."""
+        self.table, self.positions, self.n_total, self.keep = table, positions, n_total, keep
 
     def __call__(self, kind: str, name: str, values) -> None:
         import pandas as pd
 
         fill, dtype = self.FILL[kind]
         col = np.full(self.n_total, fill, dtype=dtype)
-        col[self.positions] = values
+        col[self.positions] = np.asarray(values)[self.keep]
         if kind == CLASS:  # nullable ints: missing classes read as <NA>, not -1
             arr = pd.array(col, dtype="Int64")
             arr[col < 0] = pd.NA
             self.table[name] = arr
         else:
             self.table[name] = col
+
+
+def skipped_rows(*indexes) -> np.ndarray:
+    """``[N]`` bool: index rows that the build skipped for a NaN or Inf input or gradient
+    (stored with a NaN gradient norm: see :mod:`nnsim_hooks.index.nonfinite_samples`), in
+    any of ``indexes`` (the same samples)."""
+    bad = np.zeros(len(indexes[0]), dtype=bool)
+    for index in indexes:
+        bad |= np.isnan(np.asarray(index.norms, dtype=np.float64))
+    return bad

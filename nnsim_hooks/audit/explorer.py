@@ -34,7 +34,7 @@ DEFAULT_SCORE = "label_issue_score"
 #: Meanings of the columns the analysis itself writes (the checks declare their own).
 CORE_MEANINGS = {
     "readable": "the sample could be read (and its values are finite)",
-    "finite": "the sample's values are finite (NaN or Inf: skipped)",
+    "finite": "the sample's values and gradient are finite (NaN or Inf: skipped)",
     "valid": "the sample has a gradient direction",
     "label": "the given label",
     "prediction": "the model's predicted class",

@@ -86,7 +86,7 @@ def _cards(s: Dict[str, Any]) -> str:
     if s.get("unreadable"):
         items.append((f"{s['unreadable']:,}", "unreadable files (skipped)", "bad"))
     if s.get("non_finite"):
-        items.append((f"{s['non_finite']:,}", "files with NaN or Inf values (skipped)", "bad"))
+        items.append((f"{s['non_finite']:,}", "samples with NaN or Inf values, in input or gradient (skipped)", "bad"))
     if s.get("missing_labels"):
         items.append((f"{s['missing_labels']:,}", "samples without a label", "warn"))
     body = "".join(f'<div class="card {cls}"><div class="v">{v}</div><div class="l">{_e(l)}</div></div>'

@@ -13,7 +13,8 @@ Saved folder layout (``AuditResult.save(dir)``)::
     nnsim-audit.json   the folder's marker (state, configuration)
 
 Table columns: the index ``sample`` (the dataset position), ``readable``, ``finite`` (False:
-the file holds NaN or Inf values, and was skipped like an unreadable one), ``valid`` (the
+the sample's file, input or per-sample gradient holds NaN or Inf values, and it was skipped
+like an unreadable file), ``valid`` (the
 sample has a gradient direction), ``path`` (the sample's file relative to the dataset's
 root; empty without files), ``label``, ``label_name``, ``prediction``, ``prediction_name``
 (nullable ints and the class names beside them), ``label_probability``, ``confidence``,

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import DataError, InputError, ModelError
+from ..errors import DataError, InputError, ModelError, NonFiniteGradientError
 from ..index.sharded import distributed as dist_
-from .analysis import analyse
+from .analysis import analyse, skipped_rows
 from .batch_memory import MemoryBudget, fit_batch_size, parse_memory
 from .samples import AuditView, check_dataset, check_input, find_skipped, resolve_labels
 from .output_folder import NEIGHBOR_STATE, prepare_out_dir
@@ -67,7 +67,10 @@ def _pass(handle, view: AuditView, b: int) -> None:
     inputs = to_device(default_collate([view[i][0] for i in range(b)]), device)
     with warnings.catch_warnings():  # the index build warns about these samples once, in order
         warnings.simplefilter("ignore")
-        handle.extract(inputs)
+        try:
+            handle.extract(inputs)
+        except NonFiniteGradientError:  # the build skips such samples; this pass only measures memory
+            pass
 
 
 def audit(
@@ -338,8 +341,12 @@ def audit(
         density = None
         if exact_density:
             paper_output = contrast_predicted if denoise_index is not None else fn
+            # without the samples the builds skipped (NaN or Inf): they are not in any sum
+            finite = ~skipped_rows(*[i for i in (index, denoise_index) if i is not None])
             with attach(model, output=paper_output, seed=seed, batch_size=batch_size) as handle:
-                density = handle.density(view, batch_size=batch_size, progress=progress, use_targets=False)
+                density = np.full(len(view), np.nan)
+                density[finite] = handle.density(AuditView(dataset, user_labels, positions[finite]),
+                                                 batch_size=batch_size, progress=progress, use_targets=False)
     finally:
         model.train(was_training)
 
@@ -365,6 +372,9 @@ def audit(
                                             "predictions": cross_fitted.predictions,
                                             "probabilities": cross_fitted.probabilities}),
     )
+    for p in positions[skipped_rows(*[i for i in (index, denoise_index) if i is not None])][:10]:
+        name = sample_paths[p] if sample_paths is not None and sample_paths[p] is not None else None
+        logger.warning("skipping sample %d%s: its input or gradient holds NaN or Inf", p, f" ({name})" if name else "")
     result.dataset = dataset
     result.thumbnail = thumbnail
     result.summary.update(

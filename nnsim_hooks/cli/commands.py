@@ -404,7 +404,7 @@ def format_summary(result, out: Path) -> str:
     if s.get("unreadable"):
         lines.append(f"  unreadable        {s['unreadable']:,} files skipped (listed in summary.json)")
     if s.get("non_finite"):
-        lines.append(f"  NaN or Inf        {s['non_finite']:,} files skipped (listed in summary.json)")
+        lines.append(f"  NaN or Inf        {s['non_finite']:,} samples skipped (input or gradient; listed in summary.json)")
     if s.get("missing_labels"):
         lines.append(f"  missing labels    {s['missing_labels']:,} samples (not scored)")
     decided = s.get("decisions")

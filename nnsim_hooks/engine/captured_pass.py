@@ -230,8 +230,8 @@ class PassRunner:
         values = values if vector else values.unsqueeze(1)
         check_no_mixing(self.output, outputs, targets, values if vector else values[:, 0])
         if not bool(torch.isfinite(values).all()):
-            bad = (~torch.isfinite(values)).any(1).nonzero().flatten()[:10].tolist()
-            raise NonFiniteGradientError(f"the model's outputs are NaN or Inf for samples {bad}")
+            bad = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
+            raise NonFiniteGradientError(f"the model's outputs are NaN or Inf for samples {bad[:10]}", bad)
         if not values.requires_grad:
             raise ModelError(
                 "the differentiated output does not depend on any selected trainable parameter; "

@@ -96,11 +96,11 @@ def check_finite(plan: Plan, results: List[Tuple[str, torch.Tensor]]) -> None:
         if not ok:
             target = plan.targets[name]
             r = r.detach()
-            bad = (~torch.isfinite(r.reshape(r.shape[0], -1))).any(1).nonzero().flatten()[:10].tolist()
+            bad = (~torch.isfinite(r.reshape(r.shape[0], -1))).any(1).nonzero().flatten().tolist()
             if not bad:
                 continue  # the sum overflowed; every entry is finite
             raise NonFiniteGradientError(
                 f"the per-sample gradient of module '{name}' ({type(target.module).__name__}) is NaN or Inf "
-                f"for samples {bad}; check the inputs for NaN/Inf and the model for overflow there"
+                f"for samples {bad[:10]}; check the inputs for NaN/Inf and the model for overflow there", bad
             )
 

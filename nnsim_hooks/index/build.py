@@ -11,11 +11,13 @@ import torch
 
 from ..errors import DataError, ExtractionError, IndexMismatchError, InputError, NnsimError
 from ..engine.outputs import CLASSIFIER_OUTPUTS
+from ..data import batching
 from ..data.batch_source import Batch, BatchSource, to_device
 from ..model_device import model_device_dtype
 from ..safe_files import remove_empty_folder
 from .folder.data_fingerprint import data_record
 from .gradient_index import GradientIndex
+from .nonfinite_samples import blank_rows, extract_finite, fill_rows
 from .folder.lock import FolderLock
 from .folder.manifest import check_fingerprint, new_manifest
 from .folder.reuse import check_same_build
@@ -86,6 +88,10 @@ def build_index(
         shard: ``(i, n)``, without a process group: build only share ``i`` of ``n`` into
             ``path/shards/`` and return None; merge the shards with ``nnsim index merge
             PATH`` or :func:`nnsim_hooks.index.merge_shards`.
+
+    A sample whose input or per-sample gradient holds NaN or Inf is stored without a
+    gradient (``valid`` False, ``norms`` NaN) and named in a warning; the rest of its batch
+    is extracted without it (see :mod:`nnsim_hooks.index.nonfinite_samples`).
 
     Raises:
         IndexMismatchError: ``path`` holds an index of another model, output or recipe,
@@ -183,6 +189,7 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
     next_number = None  # number of the batch being loaded, once one has been seen
     batches = source.batches(store.count)
     bar = tqdm(total=source.n_batches(store.count), desc="features", unit="batch", disable=not progress)
+    deferred = []  # batches whose samples were all skipped (NaN or Inf) before the first stored one
     try:
         while True:
             label = "the next batch" if next_number is None else f"batch {next_number}"
@@ -202,7 +209,16 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
             if batch.size == 0:
                 continue
             rows = _extract_batch(handle, batch, device, store, where, first, store_outputs, task, use_targets)
+            if rows is None:  # every sample skipped before the columns were known: stored with the next batch
+                deferred.append(batch)
+                bar.update(1)
+                continue
             first = False
+            if deferred:
+                shard_start = int((store.manifest.get("shard") or {}).get("start", 0))
+                skipped = [skipped_rows(store, b.targets, b.start + shard_start, b.size) for b in deferred]
+                rows = {k: np.concatenate([r[k] for r in skipped] + [rows[k]]) for k in rows}
+                deferred = []
             updates = {}
             if store.on_disk and store.count == 0:  # what the first commit records of the data
                 updates["dataset"] = data_record(source.data, source.total)
@@ -212,26 +228,45 @@ def _extract(handle, source: BatchSource, store: Store, progress: bool, store_ou
     finally:
         bar.close()
     if store.count == 0:
+        if deferred:
+            raise DataError(f"every sample of the data ({source.describe()}) has a NaN or Inf input or gradient: "
+                            "there is nothing to index")
         raise DataError(f"the data ({source.describe()}) yielded no samples: there is nothing to index")
     store.commit(extraction_complete=True)
 
 
 def _extract_batch(handle, batch: Batch, device, store: Store, where: str, first: bool, store_outputs, task,
-                   use_targets: bool) -> Dict[str, np.ndarray]:
+                   use_targets: bool) -> Optional[Dict[str, np.ndarray]]:
+    """The batch's rows; samples with NaN or Inf are stored blank (see nonfinite_samples).
+    None when all were, before any batch defined the columns."""
     n = batch.size
     name = f"batch {batch.number} (samples {batch.start} to {batch.start + n - 1})"
     try:
         targets = to_device(batch.targets, device) if use_targets else None
-        fb = handle.extract(to_device(batch.inputs, device), targets)
+        parts, keep = extract_finite(handle, to_device(batch.inputs, device), targets, n)
     except Exception as exc:
         raise ExtractionError(
             f"{name} failed: {type(exc).__name__}: {exc}. {where} keeps the {store.count} samples before it; fix "
             "the cause and call build_index again with the same path to resume"
         ) from exc
+    first_id = batch.start + int((store.manifest.get("shard") or {}).get("start", 0))  # a shard's ids are global
+    if len(keep) < n:
+        skipped = sorted(set(range(n)) - set(keep.tolist()))
+        logger.warning("%s: samples with ids %s hold NaN or Inf (input or gradient) and are stored without a "
+                       "gradient (valid=False, norm NaN)", name, [first_id + i for i in skipped[:10]])
+    if not parts:  # every sample skipped: blank rows, once the columns are known
+        return None if not store.columns else skipped_rows(store, batch.targets, first_id, n)
     if first:
         _check_or_set_fingerprint(handle, store)
-    first_id = batch.start + int((store.manifest.get("shard") or {}).get("start", 0))  # a shard's ids are global
-    rows = batch_columns(fb, batch.targets, first_id, _task(handle, fb, task, store), store_outputs)
+    fb = type(parts[0]).join(parts)
+    whole = len(keep) == n
+    rows = batch_columns(fb, batch.targets if whole else batching.take(batch.targets, keep), first_id,
+                         _task(handle, fb, task, store), store_outputs)
+    if not whole:
+        rows = fill_rows(rows, keep.numpy(), n)
+        rows["ids"] = np.arange(first_id, first_id + n, dtype=np.int64)
+        if "labels" in rows:
+            rows["labels"] = label_column(batch.targets)
     if not store.columns:
         store.define_columns([ColumnSpec(k, v.dtype.name, v.shape[1:]) for k, v in rows.items()])
         store.manifest["feature_dim"] = int(rows["features"].shape[1])
@@ -289,10 +324,9 @@ def batch_columns(fb, targets, start: int, task: Optional[str], store_outputs) -
         "valid": ~undefined,
         "norms": fb.norms.detach().float().cpu().numpy(),
     }
-    if targets is not None:
-        t = torch.as_tensor(targets).detach().cpu()
-        if t.dim() == 1 and not t.is_floating_point() and not t.is_complex():
-            rows["labels"] = t.long().numpy()
+    labels = label_column(targets)
+    if labels is not None:
+        rows["labels"] = labels
     outputs = fb.outputs.detach().float().cpu() if fb.outputs is not None else None
     if task == "classification":
         rows["predictions"] = outputs.argmax(1).long().numpy()
@@ -302,4 +336,22 @@ def batch_columns(fb, targets, start: int, task: Optional[str], store_outputs) -
         flat = outputs.reshape(n, -1)
         if store_outputs is True or (store_outputs == "auto" and flat.shape[1] <= MAX_STORED_OUTPUTS):
             rows["outputs"] = flat.numpy()
+    return rows
+
+
+def label_column(targets) -> Optional[np.ndarray]:
+    """The stored labels of a batch's targets: class indices, or None (no targets, or not indices)."""
+    if targets is None:
+        return None
+    t = torch.as_tensor(targets).detach().cpu()
+    return t.long().numpy() if t.dim() == 1 and not t.is_floating_point() and not t.is_complex() else None
+
+
+def skipped_rows(store: Store, targets, first_id: int, n: int) -> Dict[str, np.ndarray]:
+    """Rows of a batch whose samples were all skipped (NaN or Inf: see
+    :mod:`nnsim_hooks.index.nonfinite_samples`), in the store's columns."""
+    rows = blank_rows({name: (spec.dtype, spec.shape) for name, spec in store.columns.items()}, n)
+    rows["ids"] = np.arange(first_id, first_id + n, dtype=np.int64)
+    if "labels" in rows:
+        rows["labels"] = label_column(targets)
     return rows

@@ -56,7 +56,7 @@ class IndexColumns:
     features = property(lambda self: self._columns["features"], doc="float32 [N, D] unit rows (zero rows where not valid)")
     ids = property(lambda self: self._columns["ids"], doc="int64 [N] ids (dataset positions)")
     valid = property(lambda self: self._columns["valid"], doc="bool [N]: False where the gradient had no direction")
-    norms = property(lambda self: self._columns["norms"], doc="float32 [N] estimated gradient norms")
+    norms = property(lambda self: self._columns["norms"], doc="float32 [N] estimated gradient norms (NaN: the input or gradient held NaN or Inf)")
     labels = property(lambda self: self._columns.get("labels"), doc="int64 [N] class labels, or None")
     predictions = property(lambda self: self._columns.get("predictions"), doc="int64 [N] predicted classes, or None")
     probabilities = property(lambda self: self._columns.get("probabilities"), doc="float32 [N, C] softmax outputs, or None")
