@@ -135,3 +135,11 @@ def test_volumes_and_other_files_are_not_sent_to_cleanvision(tmp_path):
 
 
 from nnsim_hooks.audit.checks.image_quality import image_files  # noqa: E402
+
+
+def test_the_cli_flag_turns_it_off():
+    from nnsim_hooks.cli.commands import _thresholds, build_parser
+
+    args = build_parser().parse_args(["audit", "--no-image-quality"])
+    assert _thresholds(None, args) == {"image_quality": 0.0}
+    assert _thresholds(None, build_parser().parse_args(["audit"])) is None
