@@ -13,6 +13,8 @@ gradient check :mod:`.near_duplicates`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -74,7 +76,10 @@ def cleanvision_flags(files: Sequence[str]) -> Dict[str, np.ndarray]:
 
     unique = sorted(set(files))
     lab = Imagelab(filepaths=unique, verbose=False)
-    lab.find_issues({issue: {} for issue, _ in ISSUES}, n_jobs=1, verbose=False)
+    chatter = io.StringIO()
+    with contextlib.redirect_stderr(chatter):  # its progress bar ignores verbose=False
+        lab.find_issues({issue: {} for issue, _ in ISSUES}, n_jobs=1, verbose=False)
+    logger.debug("cleanvision: %s", chatter.getvalue().strip())
     issues = lab.issues
     return {issue: issues.loc[list(files), f"is_{issue}_issue"].to_numpy(dtype=bool) for issue, _ in ISSUES}
 
