@@ -124,11 +124,12 @@ def test_a_registered_check_gets_its_thresholds_and_flags(isolated):
 
 
 def test_the_built_in_registry_and_its_outputs_order():
-    assert [c.name for c in CHECKS] == ["label_issues", "near_duplicates", "rare_samples", "denoising", "model_state"]
+    assert [c.name for c in CHECKS] == ["label_issues", "near_duplicates", "rare_samples", "denoising", "model_state",
+                                          "image_quality"]
     assert list(Thresholds().to_dict()) == ["label_issue", "duplicate", "duplicate_quantile", "outlier_z",
                                             "outlier_min_gap", "outlier_quantile", "chance_margin",
                                             "min_predicted_share", "max_unscored_share", "memorised_agreement",
-                                            "hidden_disagreement", "memorised_flag_rate"]
+                                            "hidden_disagreement", "memorised_flag_rate", "image_quality"]
 
 
 class Named(Check):

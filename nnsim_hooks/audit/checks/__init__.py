@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import List
 
-from . import denoising, label_issues, model_state, near_duplicates, rare_samples
+from . import denoising, image_quality, label_issues, model_state, near_duplicates, rare_samples
 from .check import Check, check_registry
 
 CHECKS: List[Check] = [
@@ -23,6 +23,7 @@ CHECKS: List[Check] = [
     rare_samples.CHECK,
     denoising.CHECK,
     model_state.CHECK,
+    image_quality.CHECK,
 ]
 
 check_registry(CHECKS)
