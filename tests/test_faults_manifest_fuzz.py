@@ -157,6 +157,9 @@ def edit(folder, change):
     (lambda m: m["index"].update(options=None), r'"index.options" must be an object'),
     (lambda m: m["index"]["options"].update(ef_search=4), r'"index.options" has \'ef_search\', which a ivf index'),
     (lambda m: m["index"]["options"].update(nprobe=0), r'"index.options.nprobe" must be a positive integer'),
+    (lambda m: m["index"].pop("options"), r'"index.options" lacks \[\'niter\', \'nlist\''),  # found by the fuzz
+    (lambda m: m.update(nonfinite_rows=[40]), r'"nonfinite_rows" must be a list of row numbers below "count" = 40'),
+    (lambda m: m["index"]["options"].pop("niter"), r'"index.options" lacks \[\'niter\'\], which a stored ivf'),
     (lambda m: m["index_file"].update(sha256=5), r'"index_file.sha256" must be a SHA-256'),
     (lambda m: m["index_file"].pop("count"), r'"index_file" lacks \[\'count\'\]'),
     (lambda m: m.update(count=2**70), r'"count" must be a non-negative integer, got 1180591620717411303424'),

@@ -121,8 +121,9 @@ def check_manifest(manifest: Dict[str, Any], path: Any) -> None:
     _check_checksums(manifest.get("checksums"), check)
     listed = manifest.get("nonfinite_rows")
     if listed is not None and (not isinstance(listed, list) or len(listed) > MAX_ROWS
-                               or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in listed)):
-        raise bad(f'"nonfinite_rows" must be a list of row numbers, got {check.short(listed)}')
+                               or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < count
+                                          for r in listed)):
+        raise bad(f'"nonfinite_rows" must be a list of row numbers below "count" = {count}, got {check.short(listed)}')
     if manifest.get("nonfinite_count") is not None:
         check.integer(manifest["nonfinite_count"], "nonfinite_count", 0, MAX_ROWS, "a non-negative integer")
 
@@ -243,6 +244,14 @@ def _check_index(index: Optional[Dict[str, Any]], check: _Checker) -> None:
             raise check.bad(f'"index.options" has {check.short(name)}, which a {kind} index does not take '
                       f'(it takes {sorted(OPTIONS_BY_KIND[kind]) or "none"})')
         check.integer(value, f"index.options.{name}", 1, MAX_OPTION, "a positive integer")
+    # A stored factory is used as it is, so the options that build and search it must be there
+    # too (every index this package writes records all of them).
+    needed = {"train_size"} if kind == "factory" else OPTIONS_BY_KIND[kind]
+    missing = sorted(needed - set(options)) if "factory" in index else []
+    if missing:
+        raise check.bad(f'"index.options" lacks {missing}, which a stored {kind} index needs; '
+                        f'restore the manifest, or delete "index.factory" and "index.options" so that the default {kind} '
+                        "index is rebuilt from the stored features")
 
 
 def _check_index_file(record: Optional[Dict[str, Any]], check: _Checker) -> None:
