@@ -214,10 +214,11 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     load = os.getloadavg()
     note = (f"- {time.strftime('%Y-%m-%d %H:%M')} UTC, rows {', '.join(f'{n:.0e}' for n in rows)}: "
-            f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} flock /work/coord/bench.lock python "
+            f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python "
             f"benchmarks/bench_scale.py --rows {' '.join(f'{n:g}' for n in args.rows)}`; {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores SHARED with other agents' jobs (load average {load[0]:.1f} at the end), so times "
-            "are upper bounds of an idle machine's")
+            f"{os.cpu_count()} cores, load average {load[0]:.1f} at the end"
+            + (" (SHARED with other jobs: the times are upper bounds of an idle machine's)"
+               if load[0] > (os.cpu_count() or 1) + 0.5 else ""))
     text = merge_table(Path(args.out), rows, note)
     Path(args.out).write_text(text)
     print(text)

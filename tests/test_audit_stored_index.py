@@ -95,7 +95,7 @@ def test_dry_run_estimates_follow_the_operation_counts():
 
     rate = 1e10
     steps = {name: sec for name, sec, _ in audit_steps(10**6, 1024, 10, 0.95, 1024, rate, rate)}
-    nlist = 1000
+    nlist = 4000  # 4·sqrt(N)
     search = 2.0 * 10**6 * (ASSUMED_NPROBE + 1) * (10**6 / nlist) * 1024 / rate * 1.3
     assert steps["neighbours: partition search"] == pytest.approx(search)
     assert steps["effective neighbours (N_eff)"] == pytest.approx(4 * 10**6 * 1024**2 / rate)

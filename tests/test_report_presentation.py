@@ -127,3 +127,29 @@ def test_report_header_summary_and_table_data(result):
         assert data["columns"][data["shown"].index("path")]["kind"] == "text"
     finally:
         del result.table["path"]
+
+
+def test_a_large_table_embeds_the_flagged_rows_first_then_the_most_suspicious(result, monkeypatch):
+    """Past MAX_EXPLORER_ROWS the page holds the flagged rows, then the most suspicious
+    others; every embedded row keeps its own values, global rank and neighbours."""
+    from nnsim_hooks.audit.ranking import suspicion_order
+
+    t = result.table
+    flagged = explorer.flagged_rows(t)
+    limit = int(flagged.sum()) + 3
+    assert 0 < flagged.sum() and limit < len(t), "the fixture must flag some rows and not all"
+    monkeypatch.setattr(explorer, "MAX_EXPLORER_ROWS", limit)
+    data = explorer.payload(result, None)
+    order = suspicion_order(t)
+    unflagged_first = [int(t.index[r]) for r in order if not flagged[r]][:3]
+    expected = sorted([int(i) for i in t.index[flagged]] + unflagged_first)
+    assert data["ids"] == expected and data["total"] == len(t)
+    rank = {int(t.index[r]): pos for pos, r in enumerate(order)}
+    assert data["rank"] == [rank[i] for i in data["ids"]]
+    assert data["values"]["label"] == t.loc[data["ids"], "label"].tolist()
+    ids, _ = result.neighbor_arrays()
+    where = {int(i): r for r, i in enumerate(t.index)}
+    assert [[j for j, _ in row] for row in data["neighbors"]] == [
+        [int(j) for j in ids[where[i]] if j >= 0] for i in data["ids"]]
+    page = result.report_html()
+    assert f"The {limit:,} most suspicious of {len(t):,} samples" in page

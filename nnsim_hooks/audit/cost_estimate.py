@@ -6,15 +6,16 @@ process on the machine slows every step alike."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..index.all_neighbors import EXACT_UP_TO, KMEANS_ITERATIONS, KMEANS_POINTS_PER_LIST, SAMPLE_ROWS
+from ..index.all_neighbors import EXACT_UP_TO, KMEANS_ITERATIONS, KMEANS_POINTS_PER_LIST, SAMPLE_ROWS, partition_lists
 
 #: nprobe assumed for the estimate (the run measures its own).
 ASSUMED_NPROBE = 8
+#: Seconds per row of the tables and the report (measured: 45 s at 10^6 rows, scale_cpu.md).
+TABLE_SECONDS_PER_ROW = 4.5e-5
 
 
 def matmul_rate(seconds: float = 0.3) -> Tuple[float, float]:
@@ -46,14 +47,14 @@ def audit_steps(n: int, d: int, k: int, recall: float, d_paper: int, f32: float,
     if recall >= 1 or n <= EXACT_UP_TO:
         steps.append(("neighbours (exact)", exact / f32, f"N^2 D; {n * k * 12 / 1e6:.0f} MB of lists"))
     else:
-        nlist = max(2, int(round(math.sqrt(n))))
+        nlist = partition_lists(n)
         plan = 2.0 * (KMEANS_ITERATIONS * KMEANS_POINTS_PER_LIST * nlist * nlist * d + (SAMPLE_ROWS + nlist) * n * d)
         search = 2.0 * n * (ASSUMED_NPROBE + 1) * (n / nlist) * d
         steps.append(("neighbours: k-means, recall sample", plan / f32, f"{nlist} lists, {SAMPLE_ROWS} exact queries"))
         steps.append(("neighbours: partition search", min(search, exact) / f32 * 1.3,
                       f"at nprobe {ASSUMED_NPROBE} (measured at run time for recall {recall}); exact would take "
                       f"{_time(exact / f32)}"))
-    steps.append(("tables and report", n * 2e-5, ""))
+    steps.append(("tables and report", n * TABLE_SECONDS_PER_ROW, ""))
     return steps
 
 

@@ -26,6 +26,10 @@ PAGE_SIZE = 50
 #: Thumbnails embedded for the table and the neighbour panel, the most suspicious samples
 #: first (each is ~2-4 kB of base64): beyond, rows show "–" instead of a picture.
 MAX_TABLE_THUMBNAILS = 600
+#: Rows the page embeds at most: beyond, the page would not open (a browser parsing
+#: hundreds of MB of JSON) and building it would hold GBs. Flagged samples come first,
+#: then the most suspicious others; every row stays in table.csv / table.parquet.
+MAX_EXPLORER_ROWS = 20_000
 #: The filters by check: (name shown, column, kind); those whose column the table lacks are left out.
 CHECK_FILTERS = (("label issue", "is_label_issue", FLAG), ("duplicate", "duplicate_group", GROUP),
                  ("rare", "is_outlier", FLAG))
@@ -90,20 +94,44 @@ def sample_keys(table) -> List[str]:
     return [str(p) if isinstance(p, str) and p else str(int(i)) for p, i in zip(paths, table.index)]
 
 
+def flagged_rows(table) -> np.ndarray:
+    """Whether each row is flagged by any check of :data:`CHECK_FILTERS`."""
+    flagged = np.zeros(len(table), dtype=bool)
+    for _, column, kind in CHECK_FILTERS:
+        if column in table:
+            values = table[column]
+            hit = values.fillna(-1).astype(np.int64) >= 0 if kind == GROUP else values.fillna(False).astype(bool)
+            flagged |= hit.to_numpy()
+    return flagged
+
+
+def embedded_rows(table, order: np.ndarray, limit: int = MAX_EXPLORER_ROWS) -> np.ndarray:
+    """Row numbers the page embeds (``order``: the rows most suspicious first): all of them
+    up to ``limit``, else the flagged ones first, then the most suspicious others."""
+    if len(order) <= limit:
+        return order
+    flagged = flagged_rows(table)[order]
+    return np.concatenate([order[flagged], order[~flagged]])[:limit]
+
+
 def payload(result, pictures) -> Dict[str, Any]:
     """Everything the page's script reads (JSON-able)."""
-    t = result.table
+    full = result.table
+    order = suspicion_order(full)
+    rank = np.empty(len(full), dtype=np.int64)
+    rank[order] = np.arange(len(full))
+    rows = np.sort(embedded_rows(full, order, MAX_EXPLORER_ROWS))  # in table order
+    t = full.iloc[rows]
+    rank = rank[rows]
     ids = [int(i) for i in t.index]
-    order = suspicion_order(t)
-    rank = np.empty(len(t), dtype=np.int64)
-    rank[order] = np.arange(len(t))
+    order = np.argsort(rank, kind="stable")  # the embedded rows, most suspicious first
     shown = shown_columns(t)
     kinds = _kinds(t)
     meanings = dict(CORE_MEANINGS)
     meanings.update({c.name: c.meaning for check in checks.CHECKS for c in check.columns})
     neighbour_ids, neighbour_sims = result.neighbor_arrays()
     neighbors = [[[int(j), _json_value(s)] for j, s in zip(row_ids, row_sims) if j >= 0]
-                 for row_ids, row_sims in zip(neighbour_ids, neighbour_sims)]
+                 for row_ids, row_sims in zip(neighbour_ids[rows], neighbour_sims[rows])]
     thumbs = {}
     if pictures is not None:
         for row in order[:MAX_TABLE_THUMBNAILS]:
@@ -128,6 +156,7 @@ def payload(result, pictures) -> Dict[str, Any]:
         "checks": [{"name": name, "column": col, "kind": kind} for name, col, kind in CHECK_FILTERS if col in t],
         "scoreColumn": DEFAULT_SCORE if DEFAULT_SCORE in scores else (scores[0] if scores else ""),
         "pageSize": PAGE_SIZE,
+        "total": len(full),
         # names this page's decisions in the browser's storage: one per rendering
         "reportId": uuid.uuid4().hex,
     }
@@ -157,8 +186,15 @@ def section(result, pictures, names) -> str:
                     for c in data["shown"])
     thumbs_note = (f" Pictures are embedded for the {MAX_TABLE_THUMBNAILS} most suspicious samples and those in the "
                    "galleries." if len(result.table) > MAX_TABLE_THUMBNAILS else "")
-    return f"""<section id="explorer"><h2>All samples ({len(result.table):,})</h2>
-<p class="lead">Every sample, most suspicious first: by the label-issue score, ties broken by whether the model's
+    shown_rows, total = len(data["ids"]), data["total"]
+    if shown_rows < total:
+        title = f"The {shown_rows:,} most suspicious of {total:,} samples"
+        what = (f"The {shown_rows:,} samples this page holds (every flagged one first, then the most suspicious others; "
+                "all of them are in <code>table.csv</code>), most suspicious first")
+    else:
+        title, what = f"All samples ({total:,})", "Every sample, most suspicious first"
+    return f"""<section id="explorer"><h2>{title}</h2>
+<p class="lead">{what}: by the label-issue score, ties broken by whether the model's
 prediction also contradicts the label, then by the model's probability of the label (low first), then by how close the
 voting neighbours are (column <b>rank</b>). Click a column to sort by it (again: reverse), hover it for its meaning.
 Click a sample's number, or any picture of this page, for its nearest neighbours. Choose <b>keep</b>, <b>relabel</b> or

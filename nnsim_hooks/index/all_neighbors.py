@@ -55,6 +55,9 @@ PARTITION_WORTH = 0.3
 #: Nearest centres of every row kept from the tuning pass (a chosen nprobe up to this
 #: reuses them instead of a second pass).
 KEPT_PROBES = 16
+#: Lists per sqrt(N) rows: more, smaller lists than FAISS's sqrt(N) rule of thumb, so that a
+#: row's neighbours fall in few lists (see benchmarks/results/scale_cpu.md).
+LISTS_PER_ROOT = 4
 KMEANS_ITERATIONS = 8
 KMEANS_POINTS_PER_LIST = 40
 #: The smallest block of rows the step works on.
@@ -62,6 +65,11 @@ MIN_BLOCK = 256
 MAX_BLOCK = 8192
 DEFAULT_MEMORY = 1 << 30
 _NEG = float("-inf")
+
+
+def partition_lists(n: int) -> int:
+    """Lists of the partition for ``n`` valid rows: 4·sqrt(n), at most n / 8."""
+    return max(2, min(n // 8, int(round(LISTS_PER_ROOT * math.sqrt(n)))))
 
 
 def check_recall(recall: Any) -> float:
@@ -428,7 +436,7 @@ def _make_plan(rows: _Rows, k: int, recall: float, exact: Optional[bool], block:
     if exact or recall >= 1.0 or (exact is None and n <= EXACT_UP_TO):
         return plan, None, None, None
     t = time.time()
-    nlist = max(2, int(round(math.sqrt(n))))
+    nlist = partition_lists(n)
     centres = kmeans(rows, nlist, seed, block)
     plan.seconds["kmeans"] = round(time.time() - t, 2)
     rng = np.random.default_rng(seed + 1)
