@@ -27,6 +27,9 @@ Methods, each scoring every sample (AUROC against the planted flips) and flaggin
 
 - nnsim, given model: ``nnsim_hooks.audit(model, dataset)`` as shipped (the neighbour
   vote; neighbours by the whitened gradients of all outputs, no label used);
+- nnsim, given model, first half of layers: the same with ``neighbor_layers="first_half"``
+  (``--neighbor-layers first-half``): neighbours from the gradients of the first half of the
+  modules that hold parameters, which memorise less (:mod:`nnsim_hooks.audit.neighbor_layers`);
 - cleanlab, given model: ``cleanlab.rank.get_label_quality_scores`` and
   ``cleanlab.filter.find_label_issues`` on the model's predicted probabilities;
 - nnsim, cross-fitted (``audit(train={"folds": 2})``, ``nnsim audit --train``): two models
@@ -249,9 +252,17 @@ def run_case(case: Case, seed: int, cv_folds: int, log) -> List[Dict]:
         warned = ",".join(w["code"] for w in result.summary.get("warnings", []))
         rows.append({**base, "method": "nnsim, given model", "seconds": time.time() - t0, "warnings": warned,
                      **metrics(case.flipped, table["label_issue_score"], table["is_label_issue"])})
+        t0 = time.time()
+        result = nnsim_hooks.audit(model, dataset, progress=False, batch_size=case.batch_size,
+                                   neighbor_layers="first_half")
+        table = result.table
+        warned = ",".join(w["code"] for w in result.summary.get("warnings", []))
+        rows.append({**base, "method": "nnsim, given model, first half of layers", "seconds": time.time() - t0,
+                     "warnings": warned,
+                     **metrics(case.flipped, table["label_issue_score"], table["is_label_issue"])})
         rows.append({**base, "method": "cleanlab, given model", "seconds": 0.0, "warnings": "",
                      **cleanlab_metrics(case.flipped, case.labels, probabilities(model, case.inputs))})
-        for r in rows[-2:]:
+        for r in rows[-3:]:
             log(f"  {case.name} {state:9s} {r['method']:22s} AUROC {r['auroc']:.3f} recall {r['recall']:.2f} "
                 f"flagged {r['flagged']} {r['warnings']} ({r['seconds']:.0f} s)")
 

@@ -29,6 +29,8 @@ from .output_choice import (
 )
 from .result import AuditResult
 from .run_arguments import require_audit_extra, usable_k  # noqa: F401 (re-exported)
+from .neighbor_layers import describe as describe_layers
+from .neighbor_layers import neighbor_selector
 from .sample_names import resolve_class_names, resolve_paths
 from .thresholds import Thresholds
 
@@ -100,6 +102,7 @@ def audit(
     paths: Optional[Sequence] = None,
     max_memory: MemoryBudget = None,
     train: Union[None, int, Dict[str, Any], "TrainingRecipe"] = None,
+    neighbor_layers: Union[None, str, Sequence[str], Callable] = None,
 ) -> AuditResult:
     """Audit a labelled dataset through a trained classifier's own notion of similarity.
 
@@ -202,6 +205,12 @@ def audit(
             (:mod:`nnsim_hooks.audit.cross_fit`): wrong labels that the model trained on
             everything has memorised still stand out. The summary's ``"training"`` says
             what was done. Needs labels of at least 2 classes.
+        neighbor_layers: the layers whose gradients give the neighbours (label issues,
+            duplicates, rare samples): None (every layer), ``"first_half"`` (the first half
+            of the modules that hold parameters: for a model that has memorised its labels,
+            see :mod:`nnsim_hooks.audit.neighbor_layers`), or module names / patterns /
+            ``fn(name, module)`` as :func:`nnsim_hooks.attach` takes. Density and denoising
+            always use every layer.
 
     Returns:
         an :class:`AuditResult` (saved to ``out_dir`` already when one was given).
@@ -270,6 +279,8 @@ def audit(
             run_config["decisions"] = fingerprint(decisions)
         if recipe is not None and "train" not in run_config:
             run_config["train"] = recipe.as_dict()
+        if neighbor_layers is not None and "neighbor_layers" not in run_config:  # else: as runs before the option
+            run_config["neighbor_layers"] = describe_layers(model, neighbor_layers)
         # under torchrun only rank 0 writes the audit's files; the ranks share the index build
         dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 
@@ -311,7 +322,9 @@ def audit(
                 )
         fn = label_free_output(output, classifier)
         task = "classification" if classifier else "auto"
-        with attach(model, output=fn, sketch_dim=sketch_dim, seed=seed, batch_size=batch_size) as handle:
+        selector = neighbor_selector(model, neighbor_layers)
+        with attach(model, output=fn, layers=selector, sketch_dim=sketch_dim, seed=seed,
+                    batch_size=batch_size) as handle:
             # the first output is the heavier one (all C outputs): its passes set the batch size
             # under torchrun every rank measures its own pass; all take the smallest batch
             batch_size = dist_.everywhere(ctx, "fitting the batch size to memory", lambda: fit_batch_size(
@@ -322,11 +335,13 @@ def audit(
                                        batch_size=batch_size, progress=progress, task=task, use_targets=False)
             output_name = handle.output_name
         denoise_index = None
-        if classifier and fn is not contrast_predicted:
+        if (classifier and fn is not contrast_predicted) or selector is not None:
             # The paper's density and denoising are defined for the classifier's scalar
             # (the predicted class's contrast): with all C outputs, every pair of inputs is
             # similar (ReLU features have positive cosines) and N_eff would approach N.
-            with attach(model, output=contrast_predicted, sketch_dim=DEFAULT_SKETCH_DIM, seed=seed,
+            # They take every layer, whichever layers the neighbours use.
+            with attach(model, output=contrast_predicted if classifier else fn,
+                        sketch_dim=DEFAULT_SKETCH_DIM if classifier else sketch_dim, seed=seed,
                         batch_size=batch_size) as handle:
                 denoise_index = handle.build_index(
                     view, None if out_path is None else out_path / DENOISING_INDEX,
@@ -383,8 +398,9 @@ def audit(
             "output": output_name,
             "sketch_dim": int(sketch_dim),
             "batch_size": int(batch_size),  # after fitting max_memory
-            "denoising_output": "contrast_predicted" if denoise_index is not None else output_name,
-            "denoising_sketch_dim": DEFAULT_SKETCH_DIM if denoise_index is not None else int(sketch_dim),
+            "denoising_output": "contrast_predicted" if denoise_index is not None and classifier else output_name,
+            "denoising_sketch_dim": DEFAULT_SKETCH_DIM if denoise_index is not None and classifier else int(sketch_dim),
+            "neighbor_layers": describe_layers(model, neighbor_layers),
             "seconds": round(time.time() - started, 2),
         }
     )

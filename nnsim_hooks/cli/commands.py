@@ -94,6 +94,11 @@ def _add_audit(sub) -> None:
                       help="with --train: also train K models, each blind to one K-th of the data, and look at every "
                       "sample through the model that never saw it, so that memorised wrong labels still stand out "
                       "(default: 2; 0 turns it off: one model, K times faster)")
+    data.add_argument("--neighbor-layers", default=None, metavar="first-half or NAMES",
+                      help="the layers whose gradients give the neighbours (label issues, duplicates, rare samples): "
+                      "first-half (the first half of the model's layers: when the model has memorised its labels), or "
+                      "comma-separated module names or glob patterns (default: every layer; density and denoising "
+                      "always use every layer)")
     data.add_argument("--num-classes", type=int, help="number of classes of the model's head")
     data.add_argument("--image-size", default=None, metavar="N or H,W",
                       help="resize 2-D images to this size instead of the model's default (timm's 224): small images "
@@ -309,7 +314,20 @@ def _audit_data(args, thresholds) -> Any:
         decisions=args.decisions,
         max_memory=args.max_memory,
         train=train,
+        neighbor_layers=_neighbor_layers(args.neighbor_layers),
     )
+
+
+def _neighbor_layers(text):
+    """--neighbor-layers: None, "first_half", or a list of module names / patterns."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise CliError("--neighbor-layers is empty: give first-half, or module names such as layer1,layer2")
+    if len(names) == 1 and names[0].replace("-", "_") in ("first_half", "all"):
+        return names[0].replace("-", "_")
+    return names
 
 
 #: the CLI flags that are layout options (Hugging Face datasets, WebDataset shards)
@@ -448,7 +466,8 @@ def cmd_audit(args) -> int:
                                           ("--label-column", args.label_column), ("--split", args.split),
                                           ("--id-column", args.id_column),
                                           ("--image-size", args.image_size), ("--spatial-size", args.spatial_size),
-                                          ("--train", args.train), ("--folds", args.folds))
+                                          ("--train", args.train), ("--folds", args.folds),
+                                          ("--neighbor-layers", args.neighbor_layers))
                  if given is not None]
     if args.index is not None:
         return _audit_index(args, thresholds, demo_only)

@@ -35,7 +35,9 @@ MIN_LABELLED = 10
 MIN_CLASS_LABELS = 5
 
 # What to do, shared by the warnings that mean "this model cannot show label errors".
-_OTHER_MODEL = ("audit with a model that did not memorise these labels: an earlier checkpoint (before the training "
+_OTHER_MODEL = ("look at the samples through the first half of the layers, which memorise less: --neighbor-layers "
+                "first-half (audit(neighbor_layers='first_half'), no training); or audit with a model that did not "
+                "memorise these labels: an earlier checkpoint (before the training "
                 "accuracy reached 100%), or cross-fitting: nnsim audit --train EPOCHS (or "
                 "audit(train={'epochs': EPOCHS, 'folds': 2})) trains two more models, each blind to half the data, and "
                 "looks at every sample through the one that never saw it")
