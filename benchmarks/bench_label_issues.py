@@ -246,20 +246,14 @@ def run_case(case: Case, seed: int, cv_folds: int, log) -> List[Dict]:
     for state, (weights, epochs, train_acc) in states.items():
         model.load_state_dict(weights)
         base = {"dataset": case.name, "seed": seed, "state": state, "epochs": epochs, "train_accuracy": train_acc}
-        t0 = time.time()
-        result = nnsim_hooks.audit(model, dataset, progress=False, batch_size=case.batch_size)
-        table = result.table
-        warned = ",".join(w["code"] for w in result.summary.get("warnings", []))
-        rows.append({**base, "method": "nnsim, given model", "seconds": time.time() - t0, "warnings": warned,
-                     **metrics(case.flipped, table["label_issue_score"], table["is_label_issue"])})
-        t0 = time.time()
-        result = nnsim_hooks.audit(model, dataset, progress=False, batch_size=case.batch_size,
-                                   neighbor_layers="first_half")
-        table = result.table
-        warned = ",".join(w["code"] for w in result.summary.get("warnings", []))
-        rows.append({**base, "method": "nnsim, given model, first half of layers", "seconds": time.time() - t0,
-                     "warnings": warned,
-                     **metrics(case.flipped, table["label_issue_score"], table["is_label_issue"])})
+        for method, layers in (("nnsim, given model", None), ("nnsim, given model, first half of layers", "first_half")):
+            t0 = time.time()
+            result = nnsim_hooks.audit(model, dataset, progress=False, batch_size=case.batch_size,
+                                       neighbor_layers=layers)
+            table = result.table
+            warned = ",".join(w["code"] for w in result.summary.get("warnings", []))
+            rows.append({**base, "method": method, "seconds": time.time() - t0, "warnings": warned,
+                         **metrics(case.flipped, table["label_issue_score"], table["is_label_issue"])})
         rows.append({**base, "method": "cleanlab, given model", "seconds": 0.0, "warnings": "",
                      **cleanlab_metrics(case.flipped, case.labels, probabilities(model, case.inputs))})
         for r in rows[-3:]:

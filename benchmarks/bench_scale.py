@@ -11,7 +11,7 @@ neighbour counts when its similarity reaches the exact 10th one).
 
 Usage::
 
-    OMP_NUM_THREADS=2 flock /work/coord/bench.lock python benchmarks/bench_scale.py --rows 1e4 1e5
+    OMP_NUM_THREADS=2 python benchmarks/bench_scale.py --rows 1e4 1e5
     python benchmarks/bench_scale.py --rows 1e4 --out benchmarks/results/scale_cpu.md   # appends rows
 
 The table (Markdown) is printed and merged into ``--out`` (rows of other N kept), with the

@@ -62,10 +62,9 @@ def test_neighbours_come_from_the_chosen_layers_and_denoising_from_all(data):
         assert (ids == want_ids).mean() > 0.95  # ties aside, the same neighbours
     assert not np.array_equal(whole.neighbor_arrays()[0], early.neighbor_arrays()[0])
     # the paper's quantities ignore the choice: every layer, the predicted class's contrast
-    for column in ("denoising_factor", "effective_neighbors"):
-        if column in whole.table:
-            np.testing.assert_allclose(early.table[column].to_numpy(float), whole.table[column].to_numpy(float),
-                                       rtol=1e-6, equal_nan=True)
+    for column in ("density", "effective_neighbors", "denoising_factor"):
+        np.testing.assert_allclose(early.table[column].to_numpy(float), whole.table[column].to_numpy(float),
+                                   rtol=1e-6, equal_nan=True)
     assert early.summary["denoising_output"] == whole.summary["denoising_output"] == "contrast_predicted"
     assert early.summary["neighbor_layers"].startswith("first_half (2 of 4 modules, '0' to '2')")
     assert whole.summary["neighbor_layers"] == "all"

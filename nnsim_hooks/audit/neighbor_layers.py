@@ -31,22 +31,35 @@ def modules_with_parameters(model: nn.Module) -> List[str]:
             if any(p.requires_grad for p in module.parameters(recurse=False))]
 
 
+def first_half(model: nn.Module) -> List[str]:
+    """The first half (rounded up) of :func:`modules_with_parameters`."""
+    names = modules_with_parameters(model)
+    if not names:
+        raise InputError(f"neighbor_layers='{FIRST_HALF}': {type(model).__name__} has no trainable parameters")
+    return names[: (len(names) + 1) // 2]
+
+
+def _named(choice) -> Optional[str]:
+    """``"all"`` or ``"first_half"`` when ``choice`` names one of them (``-`` or ``_``), else None."""
+    if choice is None:
+        return "all"
+    if isinstance(choice, str) and choice.replace("-", "_") in CHOICES:
+        return choice.replace("-", "_")
+    return None
+
+
 def neighbor_selector(model: nn.Module, choice: Union[None, str, List[str], Callable]) -> Optional[LayerSelector]:
     """The ``layers=`` selector for :func:`nnsim_hooks.attach` (None: every layer).
 
     ``choice``: None or ``"all"``; ``"first_half"`` (the first half of
     :func:`modules_with_parameters`, rounded up); or anything ``attach(layers=...)`` takes
     (module names, glob patterns, ``fn(name, module) -> bool``)."""
-    if choice is None or choice == "all":
+    named = _named(choice)
+    if named == "all":
         return None
-    if choice == FIRST_HALF:
-        names = modules_with_parameters(model)
-        if not names:
-            raise InputError(f"neighbor_layers='{FIRST_HALF}': {type(model).__name__} has no trainable parameters")
-        chosen = frozenset(names[: (len(names) + 1) // 2])
+    if named == FIRST_HALF:
+        chosen = frozenset(first_half(model))
         return lambda name, module: name in chosen
-    if isinstance(choice, str) and choice.replace("-", "_") == FIRST_HALF:
-        return neighbor_selector(model, FIRST_HALF)
     if isinstance(choice, (str, list, tuple)) or callable(choice):
         return choice
     raise InputError(f"neighbor_layers must be None, one of {CHOICES}, module names or patterns, or "
@@ -55,12 +68,13 @@ def neighbor_selector(model: nn.Module, choice: Union[None, str, List[str], Call
 
 def describe(model: nn.Module, choice) -> str:
     """How the summary names the choice."""
-    if choice is None or choice == "all":
+    named = _named(choice)
+    if named == "all":
         return "all"
-    if isinstance(choice, str) and choice.replace("-", "_") == FIRST_HALF:
-        names = modules_with_parameters(model)
-        half = names[: (len(names) + 1) // 2]
-        return f"first_half ({len(half)} of {len(names)} modules, '{half[0]}' to '{half[-1]}')"
+    if named == FIRST_HALF:
+        half = first_half(model)
+        return (f"first_half ({len(half)} of {len(modules_with_parameters(model))} modules, "
+                f"'{half[0]}' to '{half[-1]}')")
     if callable(choice):
         return getattr(choice, "__name__", "callable")
     return str(choice)
