@@ -107,6 +107,40 @@ def test_predictions_disagree_while_the_neighbours_do_not():
     assert codes(labels, pred, hidden_disagreement=0.08) == ["neighbours_mirror_labels"]
 
 
+def test_the_advice_leaves_out_what_the_audit_already_did():
+    """A memorised model audited through the first half of the layers is not told to use
+    them; one audited through cross-fitted models is not told to cross-fit."""
+    labels = np.tile(np.arange(4), 50)
+    flagged = np.zeros(200, bool)
+    flagged[:10] = True
+
+    def advice(**context):
+        found = model_state_warnings(labels, labels.copy(), flagged.astype(float), flagged, 4, **DEFAULTS, **context)
+        return [w.code for w in found], " ".join(w.advice for w in found)
+
+    found, text = advice()
+    assert found == ["memorised"] and "--neighbor-layers" in text and "--train" in text
+    found, text = advice(neighbor_layers="first_half (31 of 62 modules, 'conv1' to 'layer2.1.bn2')")
+    assert found == ["memorised"] and "--neighbor-layers" not in text and "--train" in text
+    found, text = advice(neighbor_layers="all")
+    assert "--neighbor-layers" in text
+
+
+def test_cross_fitted_predictions_are_out_of_fold():
+    """With cross-fitting the predictions come from models that never saw the sample: 100%
+    agreement is generalisation, not memorisation (no warning), and agreement at chance
+    means the fold models did not learn the classes (a warning that says so)."""
+    labels = np.tile(np.arange(3), 100)
+    assert codes(labels, labels.copy()) == ["memorised_no_flags"]
+    assert codes(labels, labels.copy(), cross_fitted=2) == []
+    guessing = np.roll(labels, 1)  # agrees on none: at chance
+    found = model_state_warnings(labels, guessing, np.zeros(300), np.zeros(300, bool), 3, **DEFAULTS, cross_fitted=5)
+    assert found[0].code == "near_chance"
+    assert "5 cross-fitted models" in found[0].message and "--augment" in found[0].advice
+    plain = model_state_warnings(labels, guessing, np.zeros(300), np.zeros(300, bool), 3, **DEFAULTS)
+    assert "cross-fitted" not in plain[0].message and "--checkpoint" in plain[0].advice
+
+
 def test_no_labels_and_too_few_samples():
     assert codes(np.full(30, -1), np.zeros(30, int), num_classes=3) == ["no_labels"]
     assert codes(np.array([0, 1, 0]), np.array([1, 1, 1])) == []  # fewer than 10 labelled: too few to judge
@@ -288,3 +322,20 @@ def test_a_well_trained_model_on_clean_ish_digits_does_not_warn():
     agreement = result.summary["agreement"]["prediction_vs_label"]
     assert 0.8 < agreement < 0.99  # trained, not memorised
     assert result.summary["warnings"] == []
+
+
+@pytest.mark.slow
+def test_an_audit_through_the_first_half_does_not_advise_the_first_half(memorised, tmp_path):
+    """The advice of the memorised warnings leaves out what the audit already used, also
+    when the stored audit is analysed again from its folder."""
+    from nnsim_hooks.audit.stored import audit_index
+
+    model, data = memorised
+    result = nnsim_hooks.audit(model, digits_dataset(data), output="contrast", progress=False, k=10,
+                               neighbor_layers="first_half", out_dir=tmp_path / "a")
+    warned = [w for w in result.summary["warnings"] if w["code"].startswith("memorised")]
+    assert warned, result.summary["warnings"]  # still memorised: the warning stays...
+    assert all("--neighbor-layers" not in w["advice"] and "--train" in w["advice"] for w in warned)  # ...new advice
+    again = audit_index(tmp_path / "a", out_dir=tmp_path / "b", progress=False, k=10)
+    warned = [w for w in again.summary["warnings"] if w["code"].startswith("memorised")]
+    assert warned and all("--neighbor-layers" not in w["advice"] for w in warned)

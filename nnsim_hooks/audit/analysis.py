@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -42,6 +42,7 @@ def analyse(
     neighbors: Optional[tuple] = None,
     predictions: Optional[np.ndarray] = None,
     probabilities: Optional[np.ndarray] = None,
+    context: Optional[Dict[str, Any]] = None,
 ) -> AuditResult:
     """Every check on a built :class:`~nnsim_hooks.index.GradientIndex` (no model needed).
 
@@ -59,6 +60,8 @@ def analyse(
     ``neighbors`` (``(ids [N, k], sims [N, k])`` in index rows), ``predictions`` and
     ``probabilities`` replace the index's own: the cross-fitted ones of
     :mod:`nnsim_hooks.audit.cross_fit`, each sample seen by a model that never trained on it.
+    ``context`` (``{"neighbor_layers": ..., "cross_fitted": folds}``) tells the checks how
+    the audit looked (:attr:`~nnsim_hooks.audit.checks.check.CheckInputs.context`).
 
     The neighbour lists come from :func:`nnsim_hooks.index.all_neighbors.all_neighbors`:
     exact for small N or ``exact_neighbors=True`` (or ``recall=1``), else a partition search
@@ -119,7 +122,7 @@ def analyse(
         plan = {"method": "given", "k": k, "rows": n}
     inputs = CheckInputs(labels=labels, predictions=predictions, probabilities=probs, num_classes=num_classes,
                          ids=ids, sims=sims, index=index, paper_index=paper, exact_density=density, thresholds=limits,
-                         positions=positions, dataset=dataset)
+                         positions=positions, dataset=dataset, context=dict(context or {}))
     for check in checks.CHECKS:
         computed = check.compute(inputs)
         missing = [c.name for c in check.columns if c.name not in computed]

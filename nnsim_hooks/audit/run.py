@@ -383,6 +383,8 @@ def audit(
         exact_neighbors=exact_neighbors,
         # resumable in blocks; under torchrun every rank searches alone (no shared progress file)
         neighbor_state=None if out_path is None or ctx is not None else out_path / NEIGHBOR_STATE,
+        context={"neighbor_layers": describe_layers(model, neighbor_layers),
+                 "cross_fitted": 0 if cross_fitted is None else cross_fitted.folds},
         **({} if cross_fitted is None else {"neighbors": (cross_fitted.ids, cross_fitted.sims),
                                             "predictions": cross_fitted.predictions,
                                             "probabilities": cross_fitted.probabilities}),

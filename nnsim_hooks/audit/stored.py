@@ -81,7 +81,8 @@ def audit_index(
     state = out / NEIGHBOR_STATE if out is not None else None
     result = analyse(idx, k=usable_k(int(k), idx.n_valid), thresholds=limits, progress=progress,
                      denoise_index=paper, recall=recall, exact_neighbors=exact_neighbors,
-                     max_memory=budget, neighbor_state=state, class_names=class_names)
+                     max_memory=budget, neighbor_state=state, class_names=class_names,
+                     context={"neighbor_layers": _layers_of(main)})
     result.summary.update({"index_path": str(main.resolve()), "seconds": round(time.time() - started, 2)})
     if out is not None and save:
         result.save(out, _finish=True, copy_index=False)
@@ -89,6 +90,19 @@ def audit_index(
 
         remove_state(state)
     return result
+
+
+def _layers_of(main: Path) -> Optional[str]:
+    """The layers an earlier audit built this index from (its summary.json beside the
+    index folder), so the warnings do not advise what it already did; None if unknown."""
+    import json
+
+    try:
+        summary = json.loads((main.parent / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    layers = summary.get("neighbor_layers") if isinstance(summary, dict) else None
+    return layers if isinstance(layers, str) else None
 
 
 def _config(main: Path, k: int, recall: float, exact, thresholds) -> Dict[str, Any]:

@@ -112,6 +112,9 @@ class CheckInputs:
         columns: the columns computed by the checks registered before this one.
         info: facts for the summary and report (the thresholds a check derived, say);
             a check adds its own.
+        context: how the audit looked, for checks whose advice depends on it:
+            ``"neighbor_layers"`` (the summary's description of the layers, ``"all"``)
+            and ``"cross_fitted"`` (the number of fold models, 0 for none).
     """
 
     labels: np.ndarray
@@ -128,6 +131,7 @@ class CheckInputs:
     dataset: Any = None
     columns: Dict[str, np.ndarray] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
+    context: Dict[str, Any] = field(default_factory=dict)
 
 
 #: A summary card of the report: (value, label, tone) with tone "", "good", "warn" or "bad".

@@ -34,13 +34,30 @@ MIN_LABELLED = 10
 #: A class with fewer labelled samples than this is too small to say it is never predicted.
 MIN_CLASS_LABELS = 5
 
-# What to do, shared by the warnings that mean "this model cannot show label errors".
-_OTHER_MODEL = ("look at the samples through the first half of the layers, which memorise less: --neighbor-layers "
-                "first-half (audit(neighbor_layers='first_half'), no training); or audit with a model that did not "
-                "memorise these labels: an earlier checkpoint (before the training "
-                "accuracy reached 100%), or cross-fitting: nnsim audit --train EPOCHS (or "
-                "audit(train={'epochs': EPOCHS, 'folds': 2})) trains two more models, each blind to half the data, and "
-                "looks at every sample through the one that never saw it")
+# What to do, shared by the warnings that mean "this model cannot show label errors";
+# :func:`other_model_advice` leaves out what the audit already did.
+_LAYERS_ADVICE = ("look at the samples through the first half of the layers, which memorise less: --neighbor-layers "
+                  "first-half (audit(neighbor_layers='first_half'), no training)")
+_CHECKPOINT_ADVICE = "audit with a model that did not memorise these labels: an earlier checkpoint (before the training " \
+                     "accuracy reached 100%)"
+_CROSS_FIT_ADVICE = ("cross-fitting: nnsim audit --train EPOCHS (or audit(train={'epochs': EPOCHS, 'folds': 2})) trains "
+                     "two more models, each blind to half the data, and looks at every sample through the one that "
+                     "never saw it")
+
+
+def other_model_advice(neighbor_layers: Optional[str] = None, cross_fitted: int = 0) -> str:
+    """What to try when the model memorised its labels, without what this audit already
+    used (``neighbor_layers``: the summary's description, ``"all"`` or None for every
+    layer; ``cross_fitted``: the number of fold models, 0 for none)."""
+    steps = []
+    if neighbor_layers in (None, "all"):
+        steps.append(_LAYERS_ADVICE)
+    if cross_fitted >= 2:
+        steps.append("train the fold models with augmentation (--augment) or more data, so that they learn the "
+                     "classes instead of the labels")
+    else:
+        steps.append(_CHECKPOINT_ADVICE + ", or " + _CROSS_FIT_ADVICE)
+    return "; or ".join(steps)
 
 
 def chance_agreement(labels: np.ndarray, num_classes: int) -> float:
@@ -74,9 +91,18 @@ def model_state_warnings(
     memorised_flag_rate: float,
     max_unscored_share: float = 0.1,
     hidden_disagreement: float = 0.1,
+    neighbor_layers: Optional[str] = None,
+    cross_fitted: int = 0,
 ) -> List[AuditWarning]:
     """The warnings of one audit, from its rows (readable samples): given ``labels`` and
-    ``predictions`` (-1: none), the label-issue ``scores`` (NaN: not scored) and ``flagged``."""
+    ``predictions`` (-1: none), the label-issue ``scores`` (NaN: not scored) and ``flagged``.
+
+    ``neighbor_layers`` and ``cross_fitted`` say how the audit looked (see
+    :func:`other_model_advice`): the advice leaves out what was already done, and with
+    cross-fitting the predictions are out-of-fold, so a high agreement is a model that
+    generalises, not one that memorised (no memorisation warning then), and agreement
+    near chance means the fold models did not learn the classes."""
+    advice = other_model_advice(neighbor_layers, cross_fitted)
     labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
     scores, flagged = np.asarray(scores, dtype=np.float64), np.asarray(flagged, dtype=bool)
     out: List[AuditWarning] = []
@@ -107,7 +133,22 @@ def model_state_warnings(
     agree = float((labels[both] == predictions[both]).mean())
     chance = chance_agreement(labels[both], num_classes)
     near_chance_below = chance + chance_margin * (1.0 - chance)
-    if agree <= near_chance_below:
+    values = {"agreement": agree, "chance": chance, "warn_at_or_below": near_chance_below,
+              "chance_margin": chance_margin}
+    if agree <= near_chance_below and cross_fitted >= 2:
+        out.append(AuditWarning(
+            "near_chance",
+            f"The {cross_fitted} cross-fitted models predict the samples they never saw in agreement with the given "
+            f"labels on {agree:.1%} of them: about what guessing gets ({chance:.1%}, the largest class's share or 1/C).",
+            "Trained without a sample, the model cannot tell its class: it learned the training labels by heart "
+            "instead of the classes (too little data for the model, too few or too many epochs, no augmentation). "
+            "Its similarity then compares raw input statistics, so the label-issue flags, high or low, are no "
+            "evidence about the labels, and neither are the out-of-fold predictions and agreements.",
+            "Give the fold models a chance to learn the classes: augmentation (--augment), a pretrained backbone "
+            "(--checkpoint with pretrained weights, then --train to fine-tune), a smaller model, more epochs or more "
+            "data; check that the classes can be told apart by eye in the report's pictures.",
+            values))
+    elif agree <= near_chance_below:
         out.append(AuditWarning(
             "near_chance",
             f"The model's predictions agree with the given labels on {agree:.1%} of the samples: about what guessing "
@@ -119,8 +160,7 @@ def model_state_warnings(
             "group look-alike samples, but their count, high or low, is no evidence about the labels.",
             "Pass the trained weights (--checkpoint, or load them before audit()) and check that --num-classes and "
             "the class order match the training; if the model was trained, train it on this data.",
-            {"agreement": agree, "chance": chance, "warn_at_or_below": near_chance_below,
-             "chance_margin": chance_margin}))
+            values))
     shares = predicted_share_per_class(labels, predictions, num_classes)
     rare = np.flatnonzero(np.nan_to_num(shares, nan=np.inf) < min_predicted_share)
     if len(rare):
@@ -139,7 +179,7 @@ def model_state_warnings(
             {"classes": [int(c) for c in rare], "predicted_share": [float(shares[c]) for c in rare],
              "min_predicted_share": min_predicted_share}))
     scored = both & np.isfinite(scores)
-    if agree >= memorised_agreement and scored.any():
+    if agree >= memorised_agreement and scored.any() and cross_fitted < 2:
         flag_rate = float(flagged[scored].mean())
         disagreeing = float((scores[scored] > 0).mean())
         values = {"agreement": agree, "flag_rate": flag_rate, "samples_with_a_disagreeing_neighbour": disagreeing,
@@ -156,7 +196,7 @@ def model_state_warnings(
                 "tell them apart: the count of 0 (or nearly 0) suspected label errors is no evidence that the labels "
                 "are clean, and neither are the agreements or the denoising numbers. (If these samples were held "
                 "out from the model's training, the labels probably are clean.)",
-                _OTHER_MODEL[0].upper() + _OTHER_MODEL[1:] + "; if this audit used --output contrast (the default "
+                advice[0].upper() + advice[1:] + "; if this audit used --output contrast (the default "
                 "above 16 classes), try --output full or --output sum: outputs that do not single out the predicted "
                 "class kept finding memorised errors on digits (benchmarks/results/label_issues_memorised.md).",
                 values))
@@ -170,7 +210,7 @@ def model_state_warnings(
                 "come from the neighbours, not from the predictions), but may miss errors that were memorised "
                 "together with their neighbours; the predictions, the agreements and the denoising estimate (a "
                 "network that memorises does not average label noise away) say nothing about label quality.",
-                "Read the flags; for the rest, " + _OTHER_MODEL + ".",
+                "Read the flags; for the rest, " + advice + ".",
                 values))
     elif scored.any() and 1.0 - agree >= hidden_disagreement:
         # Below memorisation: the predictions contradict many labels, the neighbours none. The similarity is
@@ -185,7 +225,7 @@ def model_state_warnings(
                 "heart, wrong ones included, and sees each such sample as similar to others of the same label, so a "
                 "wrong label hides among neighbours that carry it too. The count of 0 (or nearly 0) suspected label "
                 "errors is no evidence that the labels are clean.",
-                _OTHER_MODEL[0].upper() + _OTHER_MODEL[1:] + "; meanwhile the rows of table.csv where the "
+                advice[0].upper() + advice[1:] + "; meanwhile the rows of table.csv where the "
                 "prediction differs from the label are the ones to look at first.",
                 {"agreement": agree, "flag_rate": flag_rate, "hidden_disagreement": hidden_disagreement,
                  "memorised_flag_rate": memorised_flag_rate}))
@@ -245,7 +285,8 @@ class ModelState(Check):
             inputs.labels, inputs.predictions, inputs.columns["label_issue_score"], inputs.columns["is_label_issue"],
             max(inputs.num_classes, 1), chance_margin=t.chance_margin, min_predicted_share=t.min_predicted_share,
             memorised_agreement=t.memorised_agreement, memorised_flag_rate=t.memorised_flag_rate,
-            max_unscored_share=t.max_unscored_share, hidden_disagreement=t.hidden_disagreement)
+            max_unscored_share=t.max_unscored_share, hidden_disagreement=t.hidden_disagreement,
+            neighbor_layers=inputs.context.get("neighbor_layers"), cross_fitted=inputs.context.get("cross_fitted", 0))
         inputs.info[WARNINGS] = [w.to_dict() for w in found]
         return {}
 
