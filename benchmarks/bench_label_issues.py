@@ -38,7 +38,14 @@ Methods, each scoring every sample (AUROC against the planted flips) and flaggin
   retrains, so it does not depend on the given model's state (one row per data set);
 - cleanlab, 2-fold CV: cleanlab on the out-of-fold probabilities of the same two models;
 - cleanlab, K-fold CV (``--cv-folds K``, default 5; 0 skips it): cleanlab's recommended use,
-  K more trainings with the same recipe.
+  K more trainings with the same recipe;
+- nnsim, shipped recipe (``--recipe-datasets``): what ``nnsim audit --train E --folds 5
+  --augment A`` does, the fold models trained by :func:`nnsim_hooks.audit.fitting.fit_classifier`
+  (AdamW, lr 1e-3, weight decay 1e-4, batches of 64, E epochs, the data set's label-keeping
+  transforms A: flip, shift and channels for shapes and textures, shift for digits, none for
+  volumes, whose class is a position), then the cross-fitted vote; and cleanlab on the same
+  out-of-fold probabilities. (The model on all the data that ``--train`` also fits changes
+  neither number and is not trained here.)
 
 Writes the table, with the command and the environment, as Markdown (and every row as CSV
 beside it).
@@ -86,6 +93,8 @@ class Case:
     early_epochs: int
     max_epochs: int
     description: str
+    recipe_epochs: int = 40  # the shipped recipe's row: --train E --folds 5 --augment <augment>
+    augment: str = "none"
 
 
 def flip_labels(true: np.ndarray, share: float, classes: int, rng) -> np.ndarray:
@@ -98,7 +107,8 @@ def flip_labels(true: np.ndarray, share: float, classes: int, rng) -> np.ndarray
 def digits_case(seed: int) -> Case:
     data = demo.noisy_digits(0.15, seed=seed)
     return Case("digits", data.images, np.asarray(data.noisy_labels), np.asarray(data.flipped),
-                lambda s: demo.small_cnn(seed=s), 3e-3, 64, 1, 300, "1,797 8x8, small CNN (38 k parameters)")
+                lambda s: demo.small_cnn(seed=s), 3e-3, 64, 1, 300, "1,797 8x8, small CNN (38 k parameters)",
+                augment="shift")
 
 
 def shapes_case(seed: int) -> Case:
@@ -114,7 +124,7 @@ def shapes_case(seed: int) -> Case:
         return timm.create_model("resnet18", pretrained=False, num_classes=3)
 
     return Case("shapes", x, shapes["labels"], shapes["flipped"], model, 1e-3, 16, 2, 40,
-                "305 64x64 colour, timm resnet18 (11 M parameters)")
+                "305 64x64 colour, timm resnet18 (11 M parameters)", recipe_epochs=80, augment="flip,shift,channels")
 
 
 def textures_case(seed: int) -> Case:
@@ -141,7 +151,7 @@ def textures_case(seed: int) -> Case:
         return timm.create_model("resnet10t", pretrained=False, num_classes=classes)
 
     return Case("textures", torch.tensor(images), given, given != true, model, 1e-3, 32, 1, 60,
-                "600 32x32 colour (CIFAR-like), timm resnet10t (4.9 M parameters)")
+                "600 32x32 colour (CIFAR-like), timm resnet10t (4.9 M parameters)", augment="flip,shift,channels")
 
 
 def volumes_case(seed: int) -> Case:
@@ -236,6 +246,39 @@ def cleanlab_metrics(flipped, labels, probs) -> Dict:
     return metrics(flipped, -get_label_quality_scores(labels, probs), find_label_issues(labels, probs))
 
 
+def shipped_recipe_rows(case: Case, seed: int, log, folds: int = 5) -> List[Dict]:
+    """``nnsim audit --train E --folds 5 --augment A``'s fold models and cross-fitted vote,
+    and cleanlab on their out-of-fold probabilities."""
+    from nnsim_hooks.audit.fitting import fit_classifier
+    from nnsim_hooks.audit.output_choice import default_sketch_dim
+
+    t0 = time.time()
+    dataset = torch.utils.data.TensorDataset(case.inputs, torch.as_tensor(case.labels))
+    view = AuditView(dataset)
+    recipe = TrainingRecipe(epochs=case.recipe_epochs, folds=folds, augment=case.augment, seed=seed)
+    fold = fold_of_rows(case.labels, folds, recipe.seed)
+    fold_models = []
+    for f in range(folds):
+        model = case.make_model(seed)  # every fold model starts from the same weights, as --train does
+        fit_classifier(model, view, np.flatnonzero(fold != f), recipe, seed=recipe.seed + 1 + f)
+        fold_models.append(model)
+    trained = TrainedModels(model=fold_models[0], recipe=recipe, fold=fold, fold_models=fold_models)
+    classes = int(case.labels.max()) + 1
+    crossed = cross_fitted_neighbors(trained, view, 10, output=full_outputs,
+                                     sketch_dim=default_sketch_dim("full", classes), seed=0, batch_size=case.batch_size)
+    vote = neighbor_label_vote(crossed.ids, crossed.sims, case.labels, classes)
+    held_out = float((crossed.predictions == case.labels)[~case.flipped].mean())
+    log(f"  {case.name}: shipped recipe, {folds} fold models, accuracy on the clean samples they never saw "
+        f"{held_out:.3f}")
+    name = f"--train {case.recipe_epochs} --folds {folds} --augment {recipe.augment}"
+    base = {"dataset": case.name, "seed": seed, "state": "recipe", "epochs": case.recipe_epochs,
+            "train_accuracy": float("nan"), "held_out_accuracy": held_out, "warnings": "",
+            "seconds": time.time() - t0}
+    return [{**base, "method": f"nnsim, shipped recipe ({name})", **metrics(case.flipped, vote.score, vote.flagged)},
+            {**base, "method": f"cleanlab, same {folds} models", **cleanlab_metrics(case.flipped, case.labels,
+                                                                                crossed.probabilities)}]
+
+
 def run_case(case: Case, seed: int, cv_folds: int, log) -> List[Dict]:
     n = len(case.labels)
     dataset = torch.utils.data.TensorDataset(case.inputs, torch.as_tensor(case.labels))
@@ -307,7 +350,13 @@ def table(df) -> str:
 
     for (ds, state, method), sub in df.groupby(["dataset", "state", "method"], sort=False):
         ep, acc = sub["epochs"].iloc[0], sub["train_accuracy"].mean()
-        where = f"{state} ({ep}, {f(acc)})" if state != "retrained" else f"retrained ({ep} epochs at most)"
+        if state == "recipe":
+            held = sub["held_out_accuracy"].mean()
+            where = f"retrained, shipped recipe ({ep} epochs; clean held-out acc. {f(held)})"
+        elif state == "retrained":
+            where = f"retrained ({ep} epochs at most)"
+        else:
+            where = f"{state} ({ep}, {f(acc)})"
         auroc = sub["auroc"].to_numpy(dtype=float)
         a = f"{auroc.mean():.3f}" + (f" ± {auroc.std():.3f}" if len(auroc) > 1 else "")
         lines.append(f"| {ds} | {where} | {method} | {a} | {f(sub['precision'].mean())} | {f(sub['recall'].mean())} "
@@ -322,6 +371,11 @@ def main(argv=None):
     parser.add_argument("--cv-folds", type=int, default=5)
     parser.add_argument("--cv-datasets", default="digits,textures",
                         help="data sets that get the K-fold CV row (K more trainings each)")
+    parser.add_argument("--recipe-datasets", default="",
+                        help="data sets that get the shipped-recipe rows (--train E --folds 5 --augment A: five more "
+                        "trainings each)")
+    parser.add_argument("--recipe-only", action="store_true",
+                        help="only the shipped-recipe rows (add them to an earlier run's CSV with --combine)")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap every training (smoke runs)")
     parser.add_argument("--combine", nargs="+", default=None, metavar="ROWS.csv",
                         help="write the table from the CSV rows of earlier runs (run the data sets in parallel)")
@@ -342,11 +396,21 @@ def main(argv=None):
             if args.max_epochs is not None:
                 case.max_epochs = min(case.max_epochs, args.max_epochs)
                 case.early_epochs = min(case.early_epochs, case.max_epochs)
+                case.recipe_epochs = min(case.recipe_epochs, args.max_epochs)
             descriptions[name] = DESCRIPTIONS[name]
             print(f"{name}, seed {seed}: {len(case.labels)} samples, {int(case.flipped.sum())} flipped", flush=True)
-            rows += run_case(case, seed, args.cv_folds if name in args.cv_datasets.split(",") else 0, lambda m: print(m, flush=True))
+            log = lambda m: print(m, flush=True)  # noqa: E731
+            if not args.recipe_only:
+                rows += run_case(case, seed, args.cv_folds if name in args.cv_datasets.split(",") else 0, log)
+            if name in args.recipe_datasets.split(","):
+                rows += shipped_recipe_rows(case, seed, log)
+                for r in rows[-2:]:
+                    log(f"  {case.name} {r['method']:60s} AUROC {r['auroc']:.3f} recall {r['recall']:.2f} "
+                        f"flagged {r['flagged']} ({r['seconds']:.0f} s)")
             pd.DataFrame(rows).to_csv(out.with_suffix(".csv"), index=False)  # what ran so far survives a kill
     df = pd.DataFrame(rows)
+    order = {name: i for i, name in enumerate(dict.fromkeys(df["dataset"]))}  # combined runs: each data set together
+    df = df.iloc[np.argsort(df["dataset"].map(order).to_numpy(), kind="stable")]
     import cleanlab
 
     command = "python benchmarks/bench_label_issues.py " + " ".join(argv if argv is not None else sys.argv[1:])

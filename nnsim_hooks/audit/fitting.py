@@ -3,9 +3,10 @@ has no trained checkpoint, with one documented recipe.
 
 The recipe (:class:`TrainingRecipe`): AdamW (lr 1e-3, weight decay 1e-4), batches of 64
 reshuffled every epoch from a seeded generator, cross-entropy on the given labels,
-samples without a label left out, BatchNorm in train mode, no augmentation (the audit
-looks at the samples as given). Every model starts from the weights it was given
-(random init, or a pretrained backbone to fine-tune).
+samples without a label left out, BatchNorm in train mode, no augmentation unless asked
+(``augment``, ``--augment flip,shift,channels``: :mod:`nnsim_hooks.audit.augment`; the
+audit itself always looks at the samples as given). Every model starts from the weights
+it was given (random init, or a pretrained backbone to fine-tune).
 
 Cross-fitting (``folds >= 2``). A network trained long enough memorises its wrong labels,
 and then sees each mislabelled sample as similar to the class it was taught: its
@@ -52,8 +53,13 @@ class TrainingRecipe:
     #: cross-fitting: 0 or 1 for none, K >= 2 for K models, each blind to one K-th of the data
     folds: int = 0
     seed: int = 0
+    #: label-keeping transforms while training (:mod:`nnsim_hooks.audit.augment`): "none" or e.g. "flip,shift"
+    augment: str = "none"
 
     def __post_init__(self):
+        from .augment import parse_augment
+
+        object.__setattr__(self, "augment", ",".join(parse_augment(self.augment)) or "none")
         if not isinstance(self.epochs, (int, np.integer)) or isinstance(self.epochs, bool) or self.epochs < 1:
             raise InputError(f"--train {self.epochs!r}: the number of epochs must be an integer >= 1")
         if not isinstance(self.folds, (int, np.integer)) or isinstance(self.folds, bool) or self.folds < 0:
@@ -115,12 +121,14 @@ def fit_classifier(model: nn.Module, view, rows: np.ndarray, recipe: TrainingRec
 
     from ..data.batch_source import to_device
     from ..model_device import model_device_dtype
+    from .augment import augment_batch, parse_augment
 
     device, _ = model_device_dtype(model)
     generator = torch.Generator().manual_seed(seed)
     rows = np.asarray(rows, dtype=np.int64)
     # a last batch of one sample is dropped: BatchNorm cannot train on a single sample
     drop_last = len(rows) % recipe.batch_size == 1 and len(rows) > 1
+    transforms = parse_augment(recipe.augment)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     bar = None
@@ -139,7 +147,7 @@ def fit_classifier(model: nn.Module, view, rows: np.ndarray, recipe: TrainingRec
             keep = y >= 0
             if not bool(keep.any()):
                 continue
-            logits = model(x)
+            logits = model(augment_batch(x, transforms, generator))
             loss = F.cross_entropy(logits[keep], y[keep])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -181,6 +189,15 @@ class TrainedModels:
         return out
 
 
+def _same_recipe(saved: str, recipe: TrainingRecipe) -> bool:
+    """Whether ``saved`` (a recipe.json) is ``recipe``; fields it lacks (written before they
+    existed) take their defaults."""
+    try:
+        return TrainingRecipe(**json.loads(saved)) == recipe
+    except (ValueError, TypeError, InputError):
+        return False
+
+
 def train_for_audit(model: nn.Module, view, labels: np.ndarray, recipe: TrainingRecipe, *,
                     folder: Optional[Path] = None, progress: bool = False) -> TrainedModels:
     """Fit ``model`` (in place) on the view's labelled rows, and the fold models when the
@@ -195,7 +212,7 @@ def train_for_audit(model: nn.Module, view, labels: np.ndarray, recipe: Training
         make_folder(folder)
         saved = folder / "recipe.json"
         wanted = json.dumps(recipe.as_dict(), sort_keys=True)
-        if saved.exists() and saved.read_text(encoding="utf-8") != wanted:
+        if saved.exists() and not _same_recipe(saved.read_text(encoding="utf-8"), recipe):
             raise InputError(f"{folder} holds models trained with another recipe ({saved.read_text(encoding='utf-8')}); "
                              "use another --out, or --overwrite")
         write_text_atomic(saved, wanted)

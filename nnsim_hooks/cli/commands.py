@@ -94,6 +94,10 @@ def _add_audit(sub) -> None:
                       help="with --train: also train K models, each blind to one K-th of the data, and look at every "
                       "sample through the model that never saw it, so that memorised wrong labels still stand out "
                       "(default: 2; 0 turns it off: one model, K times faster)")
+    data.add_argument("--augment", default=None, metavar="TRANSFORMS",
+                      help="with --train: label-keeping transforms while training, comma-separated: flip (left-right), "
+                      "shift (up to 1/8 of the size), channels (shuffle colours); helps models trained from scratch "
+                      "on little data learn the classes instead of the labels (default: none)")
     data.add_argument("--neighbor-layers", default=None, metavar="first-half or NAMES",
                       help="the layers whose gradients give the neighbours (label issues, duplicates, rare samples): "
                       "first-half (the first half of the model's layers: when the model has memorised its labels), or "
@@ -362,11 +366,13 @@ def _train_recipe(args):
     if args.train is None:
         if args.folds is not None:
             raise CliError("--folds is for --train: it cross-fits the models that --train fits")
+        if args.augment is not None:
+            raise CliError("--augment is for --train: it transforms the samples the models that --train fits see")
         return None
     from ..audit.fitting import TrainingRecipe
 
     return TrainingRecipe(epochs=args.train, folds=DEFAULT_FOLDS if args.folds is None else args.folds,
-                          seed=args.seed)
+                          seed=args.seed, augment=args.augment or "none")
 
 
 def _sized(args) -> bool:
@@ -467,7 +473,7 @@ def cmd_audit(args) -> int:
                                           ("--id-column", args.id_column),
                                           ("--image-size", args.image_size), ("--spatial-size", args.spatial_size),
                                           ("--train", args.train), ("--folds", args.folds),
-                                          ("--neighbor-layers", args.neighbor_layers))
+                                          ("--augment", args.augment), ("--neighbor-layers", args.neighbor_layers))
                  if given is not None]
     if args.index is not None:
         return _audit_index(args, thresholds, demo_only)
