@@ -153,6 +153,21 @@ def test_audit_train_end_to_end_records_what_it_did(tmp_path):
     reloaded.load_state_dict(torch.load(tmp_path / "a" / "trained" / "model.pt"))
     torch.testing.assert_close(reloaded[0].weight, model[0].weight)
     assert result.table["label_issue_score"].notna().all()
+    header = result.report_html().split("</header>")[0]
+    assert "trained here: 3 epochs" in header and "one of 2 cross-fitted models that never trained on it" in header
+    assert "augmented" not in header and "through the layers" not in header
+
+
+def test_report_header_names_the_layers_and_the_augmentation():
+    x = torch.randn(24, 1, 6, 6)
+    data = TensorDataset(x, torch.arange(24) % 2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 2))
+    result = nnsim_hooks.audit(model, data, train={"epochs": 1, "folds": 0, "augment": "flip"}, k=3, progress=False,
+                               sketch_dim=16, neighbor_layers="first_half", save=False)
+    header = result.report_html().split("</header>")[0]
+    assert "trained here: 1 epoch, augmented (flip)" in header
+    assert "through the layers of the first half (2 of 3 modules, &#x27;0&#x27; to &#x27;3&#x27;)" in header
+    assert "cross-fitted" not in header
 
 
 def test_audit_train_refuses_one_class_before_training():

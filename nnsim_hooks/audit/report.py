@@ -172,7 +172,21 @@ def _header_line(s: Dict[str, Any], when: str) -> str:
     decided = s.get("decisions")
     decisions = (f" · your decisions applied: {decided['removed']:,} removed, {decided['relabelled']:,} relabelled"
                  if decided else "")
-    return (f"{s['samples']:,} samples · {c or '?'} classes · model {_e(s.get('model', '?'))}{decisions} · {when}<br>"
+    layers = s.get("neighbor_layers")
+    if isinstance(layers, str) and layers != "all":
+        neighbours += f", through the layers {layers.replace('first_half', 'of the first half')}"
+    plan = s.get("neighbors") or {}
+    if plan.get("method") == "cross-fitted":
+        neighbours += (f", each sample seen through the one of {plan.get('folds')} cross-fitted models that never "
+                       "trained on it (its prediction too)")
+    training = s.get("training") or {}
+    recipe = training.get("recipe") or {}
+    epochs = recipe.get("epochs")
+    trained = (f" · trained here: {epochs} epoch{'' if epochs == 1 else 's'}"
+               + (f", augmented ({recipe['augment']})" if recipe.get("augment", "none") != "none" else "")
+               if recipe else "")
+    return (f"{s['samples']:,} samples · {c or '?'} classes · model {_e(s.get('model', '?'))}{_e(trained)}{decisions}"
+            f" · {when}<br>"
             f"Neighbours: the {s['k']} most similar samples by {_e(neighbours)}.<br>"
             f"Density and effective neighbours (N_eff): by {_e(paper)}.")
 
