@@ -86,15 +86,17 @@ def test_recipe_field_is_canonical_and_old_recipe_files_still_match(tmp_path):
     assert TrainingRecipe.make({"epochs": 1, "augment": ["flip"]}).augment == "flip"
     with pytest.raises(InputError, match="unknown transform"):
         TrainingRecipe(epochs=1, augment="blur")
-    # a recipe.json written before the field existed is the same recipe without augmentation
+    # a recipe.json written before augment and schedule existed: no augmentation, a constant rate
     x = batch(n=12, c=1, spatial=(6, 6))
     view = AuditView(TensorDataset(x, torch.arange(12) % 2))
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 2))
-    (tmp_path / "recipe.json").write_text(json.dumps({k: v for k, v in TrainingRecipe(epochs=1).as_dict().items()
-                                                      if k != "augment"}, sort_keys=True))
-    train_for_audit(model, view, labels_of(view), TrainingRecipe(epochs=1), folder=tmp_path)
-    with pytest.raises(InputError, match="another recipe"):
-        train_for_audit(model, view, labels_of(view), TrainingRecipe(epochs=1, augment="flip"), folder=tmp_path)
+    old = TrainingRecipe(epochs=1, schedule="constant")
+    (tmp_path / "recipe.json").write_text(json.dumps({k: v for k, v in old.as_dict().items()
+                                                      if k not in ("augment", "schedule")}, sort_keys=True))
+    train_for_audit(model, view, labels_of(view), old, folder=tmp_path)
+    for other in (TrainingRecipe(epochs=1), TrainingRecipe(epochs=1, schedule="constant", augment="flip")):
+        with pytest.raises(InputError, match="another recipe"):
+            train_for_audit(model, view, labels_of(view), other, folder=tmp_path)
 
 
 def test_training_sees_augmented_batches_and_the_audit_does_not():
@@ -116,7 +118,9 @@ def test_training_sees_augmented_batches_and_the_audit_does_not():
     torch.manual_seed(5)
     opt = torch.optim.AdamW(oracle.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     g = torch.Generator().manual_seed(5)
-    for _ in range(2):
+    for epoch in range(2):
+        for group in opt.param_groups:  # the cosine schedule, written out
+            group["lr"] = recipe.lr * (1 + np.cos(np.pi * epoch / 2)) / 2
         for rows in torch.randperm(16, generator=g).split(8):
             loss = F.cross_entropy(oracle(augment_batch(x[rows], ("flip", "shift", "channels"), g)), y[rows])
             opt.zero_grad()

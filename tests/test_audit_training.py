@@ -41,6 +41,8 @@ def test_recipe_refuses_bad_values():
         TrainingRecipe(epochs=2, folds=1)
     with pytest.raises(InputError, match="lr"):
         TrainingRecipe(epochs=2, lr=0.0)
+    with pytest.raises(InputError, match="schedule 'linear' is not one of"):
+        TrainingRecipe(epochs=2, schedule="linear")
     assert TrainingRecipe.make(3) == TrainingRecipe(epochs=3)
     assert TrainingRecipe.make({"epochs": 2, "folds": 3}).cross_fitted
 
@@ -75,6 +77,7 @@ def test_fit_classifier_is_the_documented_recipe():
     view = AuditView(TensorDataset(data.tensors[0], labels))
     rows = np.arange(len(view))
     recipe = TrainingRecipe(epochs=3, lr=0.01, weight_decay=0.05, batch_size=8)
+    assert recipe.schedule == "cosine"
     ours = mlp()
     fit_classifier(ours, view, rows, recipe, seed=7)
 
@@ -83,7 +86,9 @@ def test_fit_classifier_is_the_documented_recipe():
     opt = torch.optim.AdamW(oracle.parameters(), lr=0.01, weight_decay=0.05)
     g = torch.Generator().manual_seed(7)
     x, y = data.tensors[0], labels
-    for _ in range(3):
+    for epoch in range(3):
+        for group in opt.param_groups:  # cosine decay to 0 over the epochs, stepped each epoch
+            group["lr"] = 0.01 * (1 + np.cos(np.pi * epoch / 3)) / 2
         for batch in torch.randperm(len(x), generator=g).split(8):
             keep = y[batch] >= 0
             loss = F.cross_entropy(oracle(x[batch])[keep], y[batch][keep])

@@ -88,7 +88,7 @@ def _add_audit(sub) -> None:
     data.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for the model")
     data.add_argument("--checkpoint", help="trained weights to load (a state_dict file)")
     data.add_argument("--train", type=int, default=None, metavar="EPOCHS",
-                      help="no trained model? fit --model on --data for EPOCHS epochs first (AdamW, lr 1e-3; from "
+                      help="no trained model? fit --model on --data for EPOCHS epochs first (AdamW, lr 1e-3 with a cosine decay; from "
                       "--checkpoint's weights when given), save it in OUT/trained/model.pt, then audit with it")
     data.add_argument("--folds", type=int, default=None, metavar="K",
                       help="with --train: also train K models, each blind to one K-th of the data, and look at every "
