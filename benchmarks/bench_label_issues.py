@@ -41,7 +41,7 @@ Methods, each scoring every sample (AUROC against the planted flips) and flaggin
   K more trainings with the same recipe;
 - nnsim, shipped recipe (``--recipe-datasets``): what ``nnsim audit --train E --folds 5
   --augment A`` does, the fold models trained by :func:`nnsim_hooks.audit.fitting.fit_classifier`
-  (AdamW, lr 1e-3 with a cosine decay, weight decay 1e-4, batches of 64, E epochs, the data set's label-keeping
+  (AdamW, lr 1e-3 with a cosine decay, weight decay 1e-4, batches of 64 or N/16, E epochs, the data set's label-keeping
   transforms A: flip, shift and channels for shapes and textures, shift for digits, none for
   volumes, whose class is a position), then the cross-fitted vote; and cleanlab on the same
   out-of-fold probabilities. (The model on all the data that ``--train`` also fits changes

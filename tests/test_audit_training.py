@@ -47,6 +47,15 @@ def test_recipe_refuses_bad_values():
     assert TrainingRecipe.make({"epochs": 2, "folds": 3}).cross_fitted
 
 
+def test_batch_size_is_64_or_smaller_for_small_data():
+    recipe = TrainingRecipe(epochs=1)
+    assert [recipe.batch_for(n) for n in (10_000, 1024, 1023, 480, 244, 100, 5)] == [64, 64, 63, 30, 15, 8, 8]
+    assert TrainingRecipe(epochs=1, batch_size=5).batch_for(10_000) == 5
+    data = blobs(40)
+    history = fit_classifier(mlp(), AuditView(data), np.arange(40), recipe, seed=0)
+    assert history["batch_size"] == 8
+
+
 def test_one_class_and_too_few_per_fold_are_refused_with_the_numbers():
     with pytest.raises(InputError, match="only class 1 \\(4 samples\\)"):
         check_trainable(np.array([1, 1, 1, 1, -1]), TrainingRecipe(epochs=1))
