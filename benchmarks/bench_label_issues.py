@@ -39,8 +39,8 @@ Methods, each scoring every sample (AUROC against the planted flips) and flaggin
 - cleanlab, 2-fold CV: cleanlab on the out-of-fold probabilities of the same two models;
 - cleanlab, K-fold CV (``--cv-folds K``, default 5; 0 skips it): cleanlab's recommended use,
   K more trainings with the same recipe;
-- nnsim, shipped recipe (``--recipe-datasets``): what ``nnsim audit --train E --folds 5
-  --augment A`` does, the fold models trained by :func:`nnsim_hooks.audit.fitting.fit_classifier`
+- nnsim, shipped recipe (``--recipe-datasets``, ``--recipe-folds K``, default 5): what
+  ``nnsim audit --train E --folds K --augment A`` does, the fold models trained by :func:`nnsim_hooks.audit.fitting.fit_classifier`
   (AdamW, lr 1e-3 with a cosine decay, weight decay 1e-4, batches of 64 or N/16, E epochs, the data set's label-keeping
   transforms A: flip, shift and channels for shapes and textures, shift for digits, none for
   volumes, whose class is a position), then the cross-fitted vote; and cleanlab on the same
@@ -374,6 +374,7 @@ def main(argv=None):
     parser.add_argument("--recipe-datasets", default="",
                         help="data sets that get the shipped-recipe rows (--train E --folds 5 --augment A: five more "
                         "trainings each)")
+    parser.add_argument("--recipe-folds", default="5", help="the shipped recipe's --folds, comma-separated (default 5)")
     parser.add_argument("--recipe-only", action="store_true",
                         help="only the shipped-recipe rows (add them to an earlier run's CSV with --combine)")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap every training (smoke runs)")
@@ -402,8 +403,8 @@ def main(argv=None):
             log = lambda m: print(m, flush=True)  # noqa: E731
             if not args.recipe_only:
                 rows += run_case(case, seed, args.cv_folds if name in args.cv_datasets.split(",") else 0, log)
-            if name in args.recipe_datasets.split(","):
-                rows += shipped_recipe_rows(case, seed, log)
+            for folds in [int(f) for f in args.recipe_folds.split(",")] if name in args.recipe_datasets.split(",") else []:
+                rows += shipped_recipe_rows(case, seed, log, folds=folds)
                 for r in rows[-2:]:
                     log(f"  {case.name} {r['method']:60s} AUROC {r['auroc']:.3f} recall {r['recall']:.2f} "
                         f"flagged {r['flagged']} ({r['seconds']:.0f} s)")
