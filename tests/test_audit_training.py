@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 import nnsim_hooks
 from nnsim_hooks.audit.cross_fit import cross_fitted_neighbors
 from nnsim_hooks.audit.fitting import (TrainedModels, TrainingRecipe, check_trainable, fit_classifier, fold_of_rows,
-                                       train_for_audit)
+                                       resolve_folds, train_for_audit)
 from nnsim_hooks.audit.output_choice import full_outputs
 from nnsim_hooks.audit.samples import AuditView, labels_of
 from nnsim_hooks.errors import InputError
@@ -64,6 +64,18 @@ def test_one_class_and_too_few_per_fold_are_refused_with_the_numbers():
     with pytest.raises(InputError, match="class 2 has only 2 labelled samples"):
         check_trainable(np.array([0, 0, 0, 1, 1, 1, 2, 2]), TrainingRecipe(epochs=1, folds=3))
     check_trainable(np.array([0, 0, 0, 1, 1, 1, 2, 2]), TrainingRecipe(epochs=1, folds=2))
+
+
+def test_auto_folds_are_five_or_the_smallest_class():
+    recipe = TrainingRecipe(epochs=1, folds="auto")
+    assert recipe.cross_fitted
+    assert resolve_folds(np.array([0] * 9 + [1] * 7 + [-1]), recipe).folds == 5
+    assert resolve_folds(np.array([0] * 9 + [1] * 3 + [-1] * 8), recipe).folds == 3
+    assert resolve_folds(np.array([0, 1]), TrainingRecipe(epochs=1, folds=2)).folds == 2  # a number stays
+    with pytest.raises(InputError, match="class 1 has 1 labelled sample; cross-fitting needs 2 of every class"):
+        resolve_folds(np.array([0, 0, 0, 1]), recipe)
+    with pytest.raises(InputError, match="an integer >= 2, or auto"):
+        TrainingRecipe(epochs=1, folds="five")
 
 
 def test_folds_are_stratified_seeded_and_cover_every_row():
@@ -205,6 +217,9 @@ def test_cli_train_flags_are_checked(tmp_path, capsys):
     assert "at least 2 classes" in capsys.readouterr().err
     assert cli.main(["audit", "--out", str(tmp_path / "c"), "--train", "2"]) == 1
     assert "--train given without --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["audit", *fast, "--out", str(tmp_path / "d"), "--train", "1", "--folds", "many"])
+    assert "'many' is not an integer or auto" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -214,7 +229,7 @@ def test_cli_train_fits_saves_and_audits(tmp_path, capsys):
     from nnsim_hooks.integrations.synthetic import make_image_folder
 
     data = tmp_path / "images"
-    make_image_folder(str(data), classes=("circle", "square"), per_class=6, size=(16, 16))
+    make_image_folder(str(data), classes=("circle", "square"), per_class=4, size=(16, 16))
     out = tmp_path / "audit"
     code = cli.main(["audit", "--no-progress", "--k", "3", "--sketch-dim", "32", "--model", "timm:test_resnet",
                      "--num-classes", "2", "--data", str(data), "--out", str(out), "--train", "2"])
@@ -222,4 +237,6 @@ def test_cli_train_fits_saves_and_audits(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Trained model:" in printed and str(out / "trained" / "model.pt") in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["training"]["folds"] == 2
+    assert summary["training"]["folds"] == 4  # auto: 5, but a class has only 4 samples
+    assert json.loads((out / "trained" / "recipe.json").read_text())["folds"] == 4
+    assert sorted(p.name for p in (out / "trained").glob("fold-*.pt")) == [f"fold-{f}-of-4.pt" for f in range(4)]

@@ -196,10 +196,12 @@ def audit(
         train: fit the model on the audited data before auditing it, for when there is
             no trained checkpoint: a number of epochs, a dict of
             :class:`~nnsim_hooks.audit.fitting.TrainingRecipe` fields (``epochs``, ``lr``,
-            ``weight_decay``, ``batch_size``, ``folds``, ``seed``) or a recipe. The model
-            is trained in place from the weights it has (AdamW, the recipe in
-            :mod:`nnsim_hooks.audit.fitting`); checkpoints go to ``out_dir/trained/``.
-            With ``folds >= 2`` (cross-fitting), ``folds`` more models are trained, each
+            ``weight_decay``, ``batch_size``, ``folds``, ``seed``, ``augment``, ``schedule``)
+            or a recipe. The model is trained in place from the weights it has (AdamW, the
+            recipe in :mod:`nnsim_hooks.audit.fitting`); checkpoints go to
+            ``out_dir/trained/``. A number of epochs alone does not cross-fit (``folds`` 0;
+            ``nnsim audit --train`` does, with ``folds="auto"``: 5, fewer for small classes).
+            With ``folds >= 2`` or ``"auto"`` (cross-fitting), ``folds`` more models are trained, each
             blind to one part of the data, and every sample's neighbours, prediction and
             probabilities come from the model that never saw it
             (:mod:`nnsim_hooks.audit.cross_fit`): wrong labels that the model trained on
