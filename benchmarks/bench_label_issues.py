@@ -389,7 +389,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, descriptions = [], {}
     if args.combine:
-        rows = [r for path in args.combine for r in pd.read_csv(path).fillna({"warnings": ""}).to_dict("records")]
+        rows = [r for path in args.combine for r in pd.read_csv(path, dtype={"warnings": str}).fillna({"warnings": ""}).to_dict("records")]
         descriptions = {name: DESCRIPTIONS[name] for name in dict.fromkeys(r["dataset"] for r in rows)}
     for name in [] if args.combine else args.datasets.split(","):
         for seed in range(args.seeds):

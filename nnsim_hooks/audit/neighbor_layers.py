@@ -6,7 +6,7 @@ and mostly in its last layers: through them a mislabelled sample looks like the 
 was taught, its neighbours share the wrong label, and the vote cannot contradict it.
 The gradients of the first layers keep what the samples look like. Measured on the
 label-issue benchmark's memorised models (``benchmarks/results/label_issues.md``): the
-neighbour vote's AUROC on 3-D volumes goes from 0.52 with every layer to 0.95 with the
+neighbour vote's AUROC on 3-D volumes goes from 0.52 with every layer to 0.88 with the
 first half, and digits stays at 0.999. The paper's density and denoising keep every layer:
 only the neighbours (label issues, duplicates, rare samples) change.
 """
