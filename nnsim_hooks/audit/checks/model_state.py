@@ -40,10 +40,10 @@ _LAYERS_ADVICE = ("look at the samples through the first half of the layers, whi
                   "first-half (audit(neighbor_layers='first_half'), no training)")
 _CHECKPOINT_ADVICE = "audit with a model that did not memorise these labels: an earlier checkpoint (before the training " \
                      "accuracy reached 100%)"
-_CROSS_FIT_ADVICE = ("cross-fitting: nnsim audit --train EPOCHS --folds K (or audit(train={'epochs': EPOCHS, "
-                     "'folds': K})) trains K more models, each blind to one K-th of the data, and looks at every "
-                     "sample through the one that never saw it (from scratch on a few hundred images, add --augment "
-                     "and --folds 5 so that they learn the classes)")
+_CROSS_FIT_ADVICE = ("cross-fitting: nnsim audit --train EPOCHS (or audit(train={'epochs': EPOCHS, 'folds': "
+                     "'auto'})) trains 5 more models, each blind to a fifth of the data, and looks at every "
+                     "sample through the one that never saw it (from scratch on a few hundred images, add --augment with "
+                     "transforms that keep your labels, and tens of epochs, so that they learn the classes)")
 
 
 def other_model_advice(neighbor_layers: Optional[str] = None, cross_fitted: int = 0) -> str:
