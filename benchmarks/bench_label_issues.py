@@ -246,11 +246,22 @@ def cleanlab_metrics(flipped, labels, probs) -> Dict:
     return metrics(flipped, -get_label_quality_scores(labels, probs), find_label_issues(labels, probs))
 
 
+def cross_fitted_vote(case: Case, view, fold: np.ndarray, fold_models, recipe):
+    """Every sample's neighbours (the audit's label-free output and sketch) and probabilities
+    through the fold model blind to it, and the neighbour vote on them."""
+    from nnsim_hooks.audit.output_choice import default_sketch_dim
+
+    trained = TrainedModels(model=fold_models[0], recipe=recipe, fold=fold, fold_models=fold_models)
+    classes = int(case.labels.max()) + 1
+    crossed = cross_fitted_neighbors(trained, view, 10, output=full_outputs,
+                                     sketch_dim=default_sketch_dim("full", classes), seed=0, batch_size=case.batch_size)
+    return crossed, neighbor_label_vote(crossed.ids, crossed.sims, case.labels, classes)
+
+
 def shipped_recipe_rows(case: Case, seed: int, log, folds: int = 5) -> List[Dict]:
     """``nnsim audit --train E --folds 5 --augment A``'s fold models and cross-fitted vote,
     and cleanlab on their out-of-fold probabilities."""
     from nnsim_hooks.audit.fitting import fit_classifier
-    from nnsim_hooks.audit.output_choice import default_sketch_dim
 
     t0 = time.time()
     dataset = torch.utils.data.TensorDataset(case.inputs, torch.as_tensor(case.labels))
@@ -262,11 +273,7 @@ def shipped_recipe_rows(case: Case, seed: int, log, folds: int = 5) -> List[Dict
         model = case.make_model(seed)  # every fold model starts from the same weights, as --train does
         fit_classifier(model, view, np.flatnonzero(fold != f), recipe, seed=recipe.seed + 1 + f)
         fold_models.append(model)
-    trained = TrainedModels(model=fold_models[0], recipe=recipe, fold=fold, fold_models=fold_models)
-    classes = int(case.labels.max()) + 1
-    crossed = cross_fitted_neighbors(trained, view, 10, output=full_outputs,
-                                     sketch_dim=default_sketch_dim("full", classes), seed=0, batch_size=case.batch_size)
-    vote = neighbor_label_vote(crossed.ids, crossed.sims, case.labels, classes)
+    crossed, vote = cross_fitted_vote(case, view, fold, fold_models, recipe)
     held_out = float((crossed.predictions == case.labels)[~case.flipped].mean())
     log(f"  {case.name}: shipped recipe, {folds} fold models, accuracy on the clean samples they never saw "
         f"{held_out:.3f}")
@@ -307,16 +314,9 @@ def run_case(case: Case, seed: int, cv_folds: int, log) -> List[Dict]:
     t0 = time.time()
     fold = fold_of_rows(case.labels, 2, seed)
     fold_models = [train_until_memorised(case, np.flatnonzero(fold != f), seed * 100 + f, log=log)[0] for f in (0, 1)]
-    trained = TrainedModels(model=fold_models[0], recipe=TrainingRecipe(epochs=case.max_epochs, folds=2), fold=fold,
-                            fold_models=fold_models)
-    view = AuditView(dataset)
-    from nnsim_hooks.audit.output_choice import default_sketch_dim
-
+    crossed, vote = cross_fitted_vote(case, AuditView(dataset), fold, fold_models,
+                                      TrainingRecipe(epochs=case.max_epochs, folds=2))
     classes = int(case.labels.max()) + 1
-    crossed = cross_fitted_neighbors(trained, view, 10, output=full_outputs,
-                                     sketch_dim=default_sketch_dim("full", classes), seed=0,
-                                     batch_size=case.batch_size)
-    vote = neighbor_label_vote(crossed.ids, crossed.sims, case.labels, classes)
     base = {"dataset": case.name, "seed": seed, "state": "retrained", "epochs": case.max_epochs,
             "train_accuracy": float("nan"), "warnings": ""}
     rows.append({**base, "method": "nnsim, cross-fitted (2 folds)", "seconds": time.time() - t0,

@@ -339,3 +339,5 @@ def test_an_audit_through_the_first_half_does_not_advise_the_first_half(memorise
     again = audit_index(tmp_path / "a", out_dir=tmp_path / "b", progress=False, k=10)
     warned = [w for w in again.summary["warnings"] if w["code"].startswith("memorised")]
     assert warned and all("--neighbor-layers" not in w["advice"] for w in warned)
+    assert again.summary["neighbor_layers"] == result.summary["neighbor_layers"]
+    assert "through the layers of the first half" in again.report_html().split("</header>")[0]

@@ -223,15 +223,6 @@ class TrainedModels:
     folder: Optional[Path] = None
     history: Optional[Dict] = None
 
-    def batch_for(self, samples: int) -> int:
-        """The batch size for ``samples`` training samples: the one given, else 64, or fewer
-        for small data so that an epoch still takes 16 steps (textures, 480 training samples
-        a fold: batches of 32 instead of 64 raised the fold models' held-out accuracy from
-        0.70 to 0.75, benchmarks/bench_recipe_steps.py)."""
-        if self.batch_size is not None:
-            return int(self.batch_size)
-        return int(min(DEFAULT_BATCH, max(MIN_AUTO_BATCH, samples // STEPS_PER_EPOCH)))
-
     @property
     def cross_fitted(self) -> bool:
         return self.fold_models is not None

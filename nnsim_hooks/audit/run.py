@@ -249,6 +249,7 @@ def audit(
     from .fitting import TrainingRecipe
 
     recipe = TrainingRecipe.make(train)
+    layers_used = describe_layers(model, neighbor_layers)  # the summary's, the run config's and the checks' name
     parse_memory(max_memory)  # a malformed budget fails now, not after the file checks
     n_total = check_dataset(dataset)
     user_labels = resolve_labels(dataset, labels, n_total)
@@ -282,7 +283,7 @@ def audit(
         if recipe is not None and "train" not in run_config:
             run_config["train"] = recipe.as_dict()
         if neighbor_layers is not None and "neighbor_layers" not in run_config:  # else: as runs before the option
-            run_config["neighbor_layers"] = describe_layers(model, neighbor_layers)
+            run_config["neighbor_layers"] = layers_used
         # under torchrun only rank 0 writes the audit's files; the ranks share the index build
         dist_.on_main(ctx, "preparing the audit folder", lambda: prepare_out_dir(out_path, run_config, overwrite=overwrite))
 
@@ -385,7 +386,7 @@ def audit(
         exact_neighbors=exact_neighbors,
         # resumable in blocks; under torchrun every rank searches alone (no shared progress file)
         neighbor_state=None if out_path is None or ctx is not None else out_path / NEIGHBOR_STATE,
-        context={"neighbor_layers": describe_layers(model, neighbor_layers),
+        context={"neighbor_layers": layers_used,
                  "cross_fitted": 0 if cross_fitted is None else cross_fitted.folds},
         **({} if cross_fitted is None else {"neighbors": (cross_fitted.ids, cross_fitted.sims),
                                             "predictions": cross_fitted.predictions,
@@ -404,7 +405,7 @@ def audit(
             "batch_size": int(batch_size),  # after fitting max_memory
             "denoising_output": "contrast_predicted" if denoise_index is not None and classifier else output_name,
             "denoising_sketch_dim": DEFAULT_SKETCH_DIM if denoise_index is not None and classifier else int(sketch_dim),
-            "neighbor_layers": describe_layers(model, neighbor_layers),
+            "neighbor_layers": layers_used,
             "seconds": round(time.time() - started, 2),
         }
     )

@@ -79,11 +79,14 @@ def audit_index(
     idx = load_index(main)
     paper = load_index(denoise) if denoise is not None else None
     state = out / NEIGHBOR_STATE if out is not None else None
+    layers = _layers_of(main)
     result = analyse(idx, k=usable_k(int(k), idx.n_valid), thresholds=limits, progress=progress,
                      denoise_index=paper, recall=recall, exact_neighbors=exact_neighbors,
                      max_memory=budget, neighbor_state=state, class_names=class_names,
-                     context={"neighbor_layers": _layers_of(main)})
+                     context={"neighbor_layers": layers})
     result.summary.update({"index_path": str(main.resolve()), "seconds": round(time.time() - started, 2)})
+    if layers is not None:  # the index's features hold these layers only: the report says so again
+        result.summary["neighbor_layers"] = layers
     if out is not None and save:
         result.save(out, _finish=True, copy_index=False)
         from ..index.all_neighbors import remove_state

@@ -38,8 +38,8 @@ MIN_CLASS_LABELS = 5
 # :func:`other_model_advice` leaves out what the audit already did.
 _LAYERS_ADVICE = ("look at the samples through the first half of the layers, which memorise less: --neighbor-layers "
                   "first-half (audit(neighbor_layers='first_half'), no training)")
-_CHECKPOINT_ADVICE = "audit with a model that did not memorise these labels: an earlier checkpoint (before the training " \
-                     "accuracy reached 100%)"
+_CHECKPOINT_ADVICE = ("audit with a model that did not memorise these labels: an earlier checkpoint (before the training "
+                      "accuracy reached 100%)")
 _CROSS_FIT_ADVICE = ("cross-fitting: nnsim audit --train EPOCHS (or audit(train={'epochs': EPOCHS, 'folds': "
                      "'auto'})) trains 5 more models, each blind to a fifth of the data, and looks at every "
                      "sample through the one that never saw it (from scratch on a few hundred images, add --augment with "
